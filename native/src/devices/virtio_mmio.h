@@ -1,0 +1,117 @@
+/* virtio_mmio.h — virtio-mmio transport, version 2 (virtio 1.x, section 4.2). One
+ * transport per device; the device (balloon, blk, vsock) plugs in through sm_virtio_ops. */
+#ifndef SM_VIRTIO_MMIO_H
+#define SM_VIRTIO_MMIO_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include "virtio_queue.h"
+#include "../../include/supermachine.h"
+
+struct sm_vm;
+
+#define SM_VIRTIO_MMIO_MAGIC_VALUE 0x74726976u /* "virt" */
+#define SM_VIRTIO_MMIO_VERSION 2
+#define SM_VIRTIO_VENDOR_ID 0x554d4551u         /* "QEMU", what Linux expects nothing of */
+#define SM_VIRTIO_MAX_QUEUES 4
+#define SM_VIRTIO_F_VERSION_1_BIT 32
+
+#define SM_VIRTIO_STATUS_ACKNOWLEDGE 0x01
+#define SM_VIRTIO_STATUS_DRIVER 0x02
+#define SM_VIRTIO_STATUS_DRIVER_OK 0x04
+#define SM_VIRTIO_STATUS_FEATURES_OK 0x08
+#define SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET 0x40
+#define SM_VIRTIO_STATUS_FAILED 0x80
+
+#define SM_VIRTIO_INTERRUPT_USED_RING 0x1
+#define SM_VIRTIO_INTERRUPT_CONFIG_CHANGE 0x2
+
+/* Transport named errors (device errors live with each device). */
+typedef enum sm_virtio_mmio_error {
+    SM_VIRTIO_MMIO_ERR_NONE = 0,
+    SM_VIRTIO_MMIO_ERR_BAD_ACCESS_SIZE,
+    SM_VIRTIO_MMIO_ERR_QUEUE_SELECT_OUT_OF_RANGE,
+    SM_VIRTIO_MMIO_ERR_QUEUE_CHANGED_WHILE_READY,
+    SM_VIRTIO_MMIO_ERR_FEATURES_WITHOUT_VERSION_1,
+    SM_VIRTIO_MMIO_ERR_UNOFFERED_FEATURES,
+    SM_VIRTIO_MMIO_ERR_STATUS_SEQUENCE,
+    SM_VIRTIO_MMIO_ERR_NOTIFY_BEFORE_DRIVER_OK,
+    SM_VIRTIO_MMIO_ERR_NOTIFY_QUEUE_OUT_OF_RANGE,
+    SM_VIRTIO_MMIO_ERR_QUEUE_INVALID,
+    SM_VIRTIO_MMIO_ERR_COUNT
+} sm_virtio_mmio_error;
+
+const char *sm_virtio_mmio_error_message(int err);
+
+typedef struct sm_virtio_mmio_counters {
+    uint64_t register_reads;
+    uint64_t register_writes;
+    uint64_t queue_notifications;
+    uint64_t interrupts_used_ring;
+    uint64_t interrupts_config;
+    uint64_t bad_register_accesses;   /* unknown offsets, wrong sizes: answered and counted */
+    uint64_t resets;
+    uint64_t activations;
+    uint64_t feature_negotiation_failures;
+    uint64_t notifications_while_broken;
+} sm_virtio_mmio_counters;
+
+struct sm_virtio_mmio;
+
+typedef struct sm_virtio_ops {
+    uint32_t device_id;
+    uint16_t num_queues;
+    uint64_t (*device_features)(void *dev);
+    void (*config_read)(void *dev, uint32_t offset, uint8_t *data, uint32_t len);
+    void (*config_write)(void *dev, uint32_t offset, const uint8_t *data, uint32_t len);
+    /* Called with the transport lock held, after DRIVER_OK. */
+    void (*activate)(void *dev);
+    void (*queue_notify)(void *dev, uint16_t queue);
+    void (*reset)(void *dev);
+    /* Adds device counters to info (names + values) starting at *n. */
+    void (*counters)(void *dev, sm_device_info *info, uint32_t *n);
+    void (*destroy)(void *dev);
+} sm_virtio_ops;
+
+typedef struct sm_virtio_mmio {
+    struct sm_vm *vm;
+    char name[32];
+    uint64_t base_gpa;
+    uint32_t irq;
+    pthread_mutex_t lock;   /* the transport and the device state behind it */
+    const sm_virtio_ops *ops;
+    void *dev;
+
+    uint32_t device_features_sel;
+    uint32_t driver_features_sel;
+    uint64_t driver_features;
+    uint64_t acked_features;   /* valid after FEATURES_OK */
+    uint32_t queue_sel;
+    uint32_t status;
+    uint32_t interrupt_status;
+    uint32_t config_generation;
+    int activated;
+    sm_virtqueue queues[SM_VIRTIO_MAX_QUEUES];
+
+    int broken;
+    char broken_reason[256];
+    sm_virtio_mmio_counters counters;
+} sm_virtio_mmio;
+
+sm_virtio_mmio *sm_virtio_mmio_create(struct sm_vm *vm, const char *name, uint64_t base_gpa,
+                                      uint32_t irq, const sm_virtio_ops *ops, void *dev);
+void sm_virtio_mmio_destroy(sm_virtio_mmio *t);
+void sm_virtio_mmio_access(sm_virtio_mmio *t, uint64_t offset, uint8_t *data, uint32_t len,
+                           int is_write);
+
+/* For devices, with t->lock held: */
+void sm_virtio_mmio_signal_used_locked(sm_virtio_mmio *t);
+void sm_virtio_mmio_signal_config_locked(sm_virtio_mmio *t);
+/* Mark the device broken (first reason wins), set DEVICE_NEEDS_RESET, stop processing. */
+void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+int sm_virtio_mmio_is_live_locked(const sm_virtio_mmio *t);
+
+void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out);
+
+#endif

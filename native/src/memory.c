@@ -1,0 +1,105 @@
+/* memory.c — guest RAM regions and bounds-checked access. */
+#define _GNU_SOURCE
+#include "memory.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+
+int sm_memory_init(sm_guest_memory *mem, uint64_t memory_bytes, uint64_t hole_start_gpa,
+                   uint64_t hole_end_gpa, char *err, size_t err_len)
+{
+    memset(mem, 0, sizeof(*mem));
+    if (memory_bytes == 0 || memory_bytes % SM_PAGE_SIZE_BYTES != 0) {
+        snprintf(err, err_len, "memory size %llu is not a positive multiple of 4 KiB",
+                 (unsigned long long)memory_bytes);
+        return -1;
+    }
+    uint64_t low = memory_bytes < hole_start_gpa ? memory_bytes : hole_start_gpa;
+    uint64_t high = memory_bytes - low;
+    uint64_t sizes[2] = {low, high};
+    uint64_t gpas[2] = {0, hole_end_gpa};
+    for (int i = 0; i < 2; i++) {
+        if (sizes[i] == 0)
+            continue;
+        void *p = mmap(NULL, sizes[i], PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            snprintf(err, err_len, "mmap of %llu MiB guest RAM failed: %s",
+                     (unsigned long long)(sizes[i] / SM_MIB_BYTES), strerror(errno));
+            sm_memory_destroy(mem);
+            return -1;
+        }
+        /* Guest RAM is not worth a core dump and must not leak into a fork. */
+        madvise(p, sizes[i], MADV_DONTDUMP);
+        madvise(p, sizes[i], MADV_DONTFORK);
+        mem->regions[mem->n_regions].gpa = gpas[i];
+        mem->regions[mem->n_regions].size_bytes = sizes[i];
+        mem->regions[mem->n_regions].host = p;
+        mem->n_regions++;
+    }
+    mem->total_bytes = memory_bytes;
+    return 0;
+}
+
+void sm_memory_destroy(sm_guest_memory *mem)
+{
+    for (uint32_t i = 0; i < mem->n_regions; i++) {
+        if (mem->regions[i].host)
+            munmap(mem->regions[i].host, mem->regions[i].size_bytes);
+        mem->regions[i].host = NULL;
+    }
+    mem->n_regions = 0;
+}
+
+uint8_t *sm_memory_ptr(const sm_guest_memory *mem, uint64_t gpa, uint64_t len)
+{
+    if (len == 0)
+        len = 1;
+    for (uint32_t i = 0; i < mem->n_regions; i++) {
+        const sm_memory_region *r = &mem->regions[i];
+        if (gpa < r->gpa)
+            continue;
+        uint64_t off = gpa - r->gpa;
+        if (off >= r->size_bytes)
+            continue;
+        if (len > r->size_bytes - off) /* no overflow: both sides bounded by size */
+            return NULL;
+        return r->host + off;
+    }
+    return NULL;
+}
+
+int sm_memory_read(const sm_guest_memory *mem, uint64_t gpa, void *dst, uint64_t len)
+{
+    uint8_t *p = sm_memory_ptr(mem, gpa, len);
+    if (!p)
+        return -1;
+    memcpy(dst, p, len);
+    return 0;
+}
+
+int sm_memory_write(const sm_guest_memory *mem, uint64_t gpa, const void *src, uint64_t len)
+{
+    uint8_t *p = sm_memory_ptr(mem, gpa, len);
+    if (!p)
+        return -1;
+    memcpy(p, src, len);
+    return 0;
+}
+
+int sm_memory_discard(const sm_guest_memory *mem, uint64_t gpa, uint64_t len)
+{
+    if (gpa % SM_PAGE_SIZE_BYTES || len % SM_PAGE_SIZE_BYTES || len == 0)
+        return -1;
+    uint8_t *p = sm_memory_ptr(mem, gpa, len);
+    if (!p)
+        return -1;
+    return madvise(p, len, MADV_DONTNEED) == 0 ? 0 : -1;
+}
+
+uint64_t sm_memory_low_end(const sm_guest_memory *mem)
+{
+    return mem->n_regions ? mem->regions[0].gpa + mem->regions[0].size_bytes : 0;
+}

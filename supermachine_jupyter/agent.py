@@ -1,0 +1,556 @@
+"""Host side of the guest agent protocol (``native/guest/PROTOCOL.md``), shared by all engines.
+
+:class:`AgentClient` speaks the protocol over any connected stream socket: a QEMU
+virtio-serial chardev, or the native core's vsock mux. It is thread-safe: one reader thread
+demultiplexes frames into per-stream queues, writers serialise on a lock, and any number of
+threads may run commands at once.
+
+Streamed output comes two ways::
+
+    with client.exec(script="seq 3") as proc:
+        for event in proc:            # iterator style: Output(...) ... then Exit(...)
+            print(event)
+
+    status = client.exec(script="seq 3").wait(on_stdout=sys.stdout.buffer.write)  # callbacks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import socket
+import struct
+import threading
+import time
+import zlib
+from typing import Callable, Iterator
+
+from .errors import AgentError, ProtocolVersionError
+
+PROTOCOL_VERSION = 1
+HOST_SOFTWARE = "supermachine_jupyter host 0.1"
+HEADER = struct.Struct("<2sBBII")      # magic, type, flags, stream, length (+ u32 crc)
+HEADER_BYTES = 16
+MAGIC = b"SM"
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_CHUNK_BYTES = 65536
+INITIAL_WINDOW_BYTES = 262144
+
+
+class FrameType:
+    HELLO = 0x01
+    PING = 0x02
+    PONG = 0x03
+    POWEROFF = 0x04
+    EXEC = 0x10
+    STARTED = 0x11
+    STDIN = 0x12
+    STDOUT = 0x13
+    STDERR = 0x14
+    EXIT = 0x15
+    SIGNAL = 0x16
+    CREDIT = 0x17
+    WRITE_FILE = 0x20
+    READ_FILE = 0x21
+    FILE_DATA = 0x22
+    OK = 0x23
+    ERROR = 0x7F
+
+
+class ErrorCode:
+    BAD_HEADER = 1
+    TOO_LONG = 2
+    BAD_TYPE = 3
+    BAD_STREAM = 4
+    BAD_PAYLOAD = 5
+    TOO_MANY = 6
+    EXEC_FAILED = 7
+    IO_FAILED = 8
+    FLOW = 9
+    NOT_READY = 10
+
+
+ERROR_NAMES = {v: k for k, v in vars(ErrorCode).items() if not k.startswith("_")}
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+def encode_frame(frame_type: int, stream: int, payload: bytes = b"") -> bytes:
+    head = HEADER.pack(MAGIC, frame_type, 0, stream, len(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
+def u32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+def pack_str(value: str | bytes) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    return u32(len(data)) + data
+
+
+def pack_strv(values: list[str]) -> bytes:
+    return u32(len(values)) + b"".join(pack_str(v) for v in values)
+
+
+def encode_exec(argv: list[str] | None, script: str | None, env: dict[str, str] | None,
+                cwd: str | None, keep_stdin: bool) -> bytes:
+    if (argv is None) == (script is None):
+        raise ValueError("exec needs exactly one of argv or script")
+    mode, words = (0, list(argv)) if argv is not None else (1, [script])
+    if not words:
+        raise ValueError("argv must not be empty")
+    env_list = [f"{k}={v}" for k, v in (env or {}).items()]
+    for item in [*words, *env_list, cwd or ""]:
+        if "\0" in item:
+            raise ValueError(f"NUL byte in exec argument {item!r}")
+    return (u32(mode) + pack_strv(words) + pack_strv(env_list) + pack_str(cwd or "")
+            + u32(1 if keep_stdin else 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    type: int
+    stream: int
+    payload: bytes
+
+
+class FrameReader:
+    """Incremental frame parser (the host half of PROTOCOL.md's framing rules)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER_BYTES:
+            magic, ftype, flags, stream, length = HEADER.unpack_from(self._buf)
+            (crc,) = struct.unpack_from("<I", self._buf, 12)
+            if magic != MAGIC or flags or crc != zlib.crc32(bytes(self._buf[:12])):
+                raise AgentError("guest agent sent a malformed frame header")
+            if length > MAX_PAYLOAD_BYTES:
+                raise AgentError(f"guest agent sent an oversized frame ({length} bytes)")
+            if len(self._buf) < HEADER_BYTES + length:
+                break
+            frames.append(Frame(ftype, stream, bytes(self._buf[HEADER_BYTES:HEADER_BYTES + length])))
+            del self._buf[:HEADER_BYTES + length]
+        return frames
+
+
+def decode_error(payload: bytes) -> tuple[int, str]:
+    if len(payload) < 8:
+        return 0, f"malformed ERROR frame {payload!r}"
+    code, n = struct.unpack_from("<II", payload)
+    return code, payload[8:8 + n].decode(errors="replace")
+
+
+# --- events --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """A chunk of a command's output: ``stream`` is ``"stdout"`` or ``"stderr"``."""
+    stream: str
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit:
+    """How a command ended: ``code`` when it exited, ``signal`` when a signal killed it."""
+    code: int | None
+    signal: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def describe(self) -> str:
+        if self.signal:
+            import signal as _signal
+            try:
+                name = _signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        return f"exit {self.code}"
+
+
+class RemoteError(AgentError):
+    """An ERROR frame from the agent."""
+
+    def __init__(self, code: int, message: str, stream: int = 0):
+        self.code, self.message, self.stream = code, message, stream
+        super().__init__(f"guest agent: {ERROR_NAMES.get(code, code)}: {message}")
+
+
+_END = object()
+
+
+class _Stream:
+    """Per-stream state kept by the reader thread."""
+
+    def __init__(self, client: "AgentClient", stream_id: int):
+        self.client = client
+        self.id = stream_id
+        self.events: "queue.Queue[object]" = queue.Queue()
+        self.started = threading.Event()
+        self.pid: int | None = None
+        self.finished = False
+        self.send_credit = INITIAL_WINDOW_BYTES     # stdin we may still send
+        self.credit_cond = threading.Condition()
+
+
+class ExecProcess:
+    """A command running in the guest. Iterate for events, or :meth:`wait` with callbacks."""
+
+    def __init__(self, client: "AgentClient", stream: _Stream, keep_stdin: bool):
+        self._client = client
+        self._stream = stream
+        self._keep_stdin = keep_stdin
+        self._consumed = 0
+        self.exit: Exit | None = None
+
+    @property
+    def stream_id(self) -> int:
+        return self._stream.id
+
+    @property
+    def pid(self) -> int | None:
+        """The command's pid (and process group) inside the guest, once it started."""
+        self._stream.started.wait(timeout=30)
+        return self._stream.pid
+
+    def __repr__(self) -> str:
+        state = self.exit.describe() if self.exit else "running"
+        return f"<ExecProcess stream={self._stream.id} pid={self._stream.pid} {state}>"
+
+    def __enter__(self) -> "ExecProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.exit is None:
+            self.kill()
+            try:
+                self.wait(timeout=5)
+            except (AgentError, TimeoutError):
+                pass
+
+    # -- output ------------------------------------------------------------------------
+    def next_event(self, timeout: float | None = None) -> Output | Exit:
+        """The next Output or the final Exit; TimeoutError when nothing came in time."""
+        if self.exit is not None:
+            return self.exit
+        try:
+            event = self._stream.events.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no output from the guest command within {timeout} s") from None
+        if isinstance(event, Output):
+            self._return_credit(len(event.data))
+        elif isinstance(event, Exit):
+            self.exit = event
+        elif isinstance(event, BaseException):
+            self.exit = Exit(None, None)
+            raise event
+        return event
+
+    def __iter__(self) -> Iterator[Output | Exit]:
+        while self.exit is None:
+            yield self.next_event()
+        return
+
+    def wait(self, timeout: float | None = None,
+             on_stdout: Callable[[bytes], object] | None = None,
+             on_stderr: Callable[[bytes], object] | None = None) -> Exit:
+        """Block until the command ends, handing output to the callbacks as it arrives."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exit is None:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            event = self.next_event(remaining)
+            if isinstance(event, Output):
+                callback = on_stdout if event.stream == "stdout" else on_stderr
+                if callback is not None:
+                    callback(event.data)
+        return self.exit
+
+    def _return_credit(self, nbytes: int) -> None:
+        # Returning credit in half-window steps keeps frames few and the agent busy.
+        self._consumed += nbytes
+        if self._consumed >= INITIAL_WINDOW_BYTES // 2 and not self._stream.finished:
+            grant, self._consumed = self._consumed, 0
+            self._client._send(FrameType.CREDIT, self._stream.id, u32(grant), quiet=True)
+
+    # -- input and control ---------------------------------------------------------------
+    def write_stdin(self, data: bytes, timeout: float | None = None) -> None:
+        """Send bytes to the command's stdin, waiting for credit (flow control)."""
+        if not self._keep_stdin:
+            raise AgentError("this command was started without stdin=True")
+        view = memoryview(data)
+        while view:
+            with self._stream.credit_cond:
+                if not self._stream.credit_cond.wait_for(
+                        lambda: self._stream.send_credit > 0 or self._stream.finished, timeout):
+                    raise TimeoutError("guest command is not reading its stdin")
+                if self._stream.finished:
+                    raise AgentError("guest command already ended; stdin not delivered")
+                n = min(len(view), self._stream.send_credit, MAX_CHUNK_BYTES)
+                self._stream.send_credit -= n
+            self._client._send(FrameType.STDIN, self._stream.id, bytes(view[:n]))
+            view = view[n:]
+
+    def close_stdin(self) -> None:
+        if self._keep_stdin and not self._stream.finished:
+            self._client._send(FrameType.STDIN, self._stream.id, b"", quiet=True)
+
+    def signal(self, signo: int) -> None:
+        """Deliver a signal to the command's process group in the guest."""
+        if not self._stream.finished:
+            self._client._send(FrameType.SIGNAL, self._stream.id, u32(int(signo)), quiet=True)
+
+    def kill(self) -> None:
+        self.signal(9)
+
+
+# --- client --------------------------------------------------------------------------------
+
+class AgentClient:
+    """Connection to one guest agent. Thread-safe."""
+
+    def __init__(self, sock: socket.socket, name: str = "guest"):
+        self._sock = sock
+        self._name = name
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._hello: "queue.Queue[tuple[int, str]]" = queue.Queue()
+        self._pongs: dict[int, "queue.Queue[bytes]"] = {}
+        self._session = False
+        self._closed = threading.Event()
+        self._close_reason = "connection closed"
+        self.agent_software: str | None = None
+        #: ERROR frames that belong to no open stream (framing errors, unknown streams).
+        self.unclaimed_errors: "queue.Queue[RemoteError]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read_loop, name=f"agent-reader-{name}",
+                                        daemon=True)
+        self._reader.start()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed.is_set() else ("ready" if self._session else "connecting")
+        return f"<AgentClient {self._name} {state} streams={len(self._streams)}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # -- session -----------------------------------------------------------------------
+    def handshake(self, timeout: float = 30.0) -> str:
+        """Exchange HELLO frames; returns the agent's software string."""
+        self._send(FrameType.HELLO, 0, u32(PROTOCOL_VERSION) + pack_str(HOST_SOFTWARE))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._closed.is_set():
+                raise AgentError(f"{self._name}: agent connection lost before HELLO: "
+                                 f"{self._close_reason}")
+            try:
+                version, software = self._hello.get(timeout=min(0.2, max(remaining, 0.001)))
+                break
+            except queue.Empty:
+                if remaining <= 0:
+                    raise TimeoutError(f"{self._name}: no HELLO from the guest agent "
+                                       f"within {timeout} s") from None
+        if version != PROTOCOL_VERSION:
+            raise ProtocolVersionError(
+                f"guest agent ({software}) speaks protocol version {version}, this host speaks "
+                f"version {PROTOCOL_VERSION}: rebuild the guest image with "
+                "`python -m supermachine_jupyter assets`")
+        self.agent_software = software
+        self._session = True
+        return software
+
+    def close(self, reason: str = "closed by the host") -> None:
+        if not self._closed.is_set():
+            self._close_reason = reason
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._reader.join(timeout=2)
+
+    # -- requests ------------------------------------------------------------------------
+    def exec(self, argv: list[str] | None = None, *, script: str | None = None,
+             env: dict[str, str] | None = None, cwd: str | None = None,
+             stdin: bool | bytes = False) -> ExecProcess:
+        """Start a command; ``stdin=True`` keeps stdin open, bytes are sent then closed."""
+        payload = encode_exec(argv, script, env, cwd, keep_stdin=stdin is not False)
+        stream = self._open_stream()
+        proc = ExecProcess(self, stream, keep_stdin=stdin is not False)
+        self._send(FrameType.EXEC, stream.id, payload)
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            def feed() -> None:
+                try:
+                    proc.write_stdin(bytes(stdin))
+                    proc.close_stdin()
+                except AgentError:
+                    pass
+            threading.Thread(target=feed, name="agent-stdin", daemon=True).start()
+        return proc
+
+    def ping(self, payload: bytes = b"", timeout: float = 10.0) -> float:
+        """Round trip through the agent; returns seconds."""
+        stream = self._open_stream()
+        started = time.monotonic()
+        self._send(FrameType.PING, stream.id, payload)
+        event = self._wait_final(stream, timeout)
+        if not isinstance(event, Frame) or event.payload != payload:
+            raise AgentError(f"bad PONG: {event!r}")
+        return time.monotonic() - started
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644, timeout: float = 60.0) -> int:
+        """Create or replace a guest file with ``data`` (sent in chunks)."""
+        chunk = MAX_PAYLOAD_BYTES - 4096
+        offset, first = 0, True
+        while first or offset < len(data):
+            piece = data[offset:offset + chunk]
+            stream = self._open_stream()
+            self._send(FrameType.WRITE_FILE, stream.id,
+                       u32(0 if first else 1) + u32(mode) + pack_str(path) + piece)
+            self._wait_final(stream, timeout)
+            offset += len(piece)
+            first = False
+        return len(data)
+
+    def read_file(self, path: str, timeout: float = 60.0) -> bytes:
+        stream = self._open_stream()
+        self._send(FrameType.READ_FILE, stream.id, pack_str(path))
+        chunks, consumed = [], 0
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = stream.events.get(timeout=max(0.001, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"read_file {path}: no answer within {timeout} s") from None
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, Output):
+                chunks.append(event.data)
+                consumed += len(event.data)
+                if consumed >= INITIAL_WINDOW_BYTES // 2:
+                    self._send(FrameType.CREDIT, stream.id, u32(consumed), quiet=True)
+                    consumed = 0
+            elif isinstance(event, Frame):   # OK
+                return b"".join(chunks)
+
+    def poweroff(self) -> None:
+        """Ask the guest to sync and end the VM (no answer: the guest goes away)."""
+        self._send(FrameType.POWEROFF, 0, b"")
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are (tests: malformed frames)."""
+        with self._write_lock:
+            self._sock.sendall(data)
+
+    # -- internals -----------------------------------------------------------------------
+    def _open_stream(self) -> _Stream:
+        if self._closed.is_set():
+            raise AgentError(f"{self._name}: agent connection is closed ({self._close_reason})")
+        with self._lock:
+            while True:
+                sid = next(self._ids) & 0xFFFFFFFF
+                if sid and sid not in self._streams:
+                    break
+            stream = _Stream(self, sid)
+            self._streams[sid] = stream
+        return stream
+
+    def _wait_final(self, stream: _Stream, timeout: float) -> object:
+        try:
+            event = stream.events.get(timeout=timeout)
+        except queue.Empty:
+            with self._lock:
+                self._streams.pop(stream.id, None)
+            raise TimeoutError(f"{self._name}: no answer from the guest agent within "
+                               f"{timeout} s") from None
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
+    def _send(self, frame_type: int, stream: int, payload: bytes, quiet: bool = False) -> None:
+        data = encode_frame(frame_type, stream, payload)
+        try:
+            with self._write_lock:
+                self._sock.sendall(data)
+        except OSError as exc:
+            if quiet:
+                return
+            raise AgentError(f"{self._name}: cannot send to the guest agent: {exc}") from exc
+
+    def _finish(self, stream: _Stream, event: object) -> None:
+        stream.finished = True
+        stream.started.set()
+        with stream.credit_cond:
+            stream.credit_cond.notify_all()
+        with self._lock:
+            self._streams.pop(stream.id, None)
+        stream.events.put(event)
+
+    def _read_loop(self) -> None:
+        reader = FrameReader()
+        try:
+            while True:
+                data = self._sock.recv(262144)
+                if not data:
+                    self._close_reason = "the guest agent closed the connection"
+                    break
+                for frame in reader.feed(data):
+                    self._dispatch(frame)
+        except (OSError, AgentError) as exc:
+            if not self._closed.is_set() and "closed by the host" not in self._close_reason:
+                self._close_reason = f"agent connection failed: {exc}"
+        finally:
+            self._closed.set()
+            with self._lock:
+                streams = list(self._streams.values())
+                self._streams.clear()
+            for stream in streams:
+                stream.finished = True
+                with stream.credit_cond:
+                    stream.credit_cond.notify_all()
+                stream.events.put(AgentError(f"{self._name}: {self._close_reason}"))
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.type == FrameType.HELLO:
+            if len(frame.payload) >= 8:
+                version, n = struct.unpack_from("<II", frame.payload)
+                self._hello.put((version, frame.payload[8:8 + n].decode(errors="replace")))
+            return
+        with self._lock:
+            stream = self._streams.get(frame.stream)
+        if frame.type == FrameType.ERROR:
+            code, message = decode_error(frame.payload)
+            error = RemoteError(code, message, frame.stream)
+            if stream is None:
+                self.unclaimed_errors.put(error)
+            else:
+                self._finish(stream, error)
+            return
+        if stream is None:
+            return  # output of a stream we gave up on (timeout) or of an earlier session
+        if frame.type in (FrameType.STDOUT, FrameType.STDERR, FrameType.FILE_DATA):
+            kind = "stderr" if frame.type == FrameType.STDERR else "stdout"
+            stream.events.put(Output(kind, frame.payload))
+        elif frame.type == FrameType.STARTED and len(frame.payload) == 4:
+            (stream.pid,) = struct.unpack("<I", frame.payload)
+            stream.started.set()
+        elif frame.type == FrameType.EXIT and len(frame.payload) == 8:
+            code, sig = struct.unpack("<ii", frame.payload)
+            stream.started.set()
+            self._finish(stream, Exit(None if sig else code, sig or None))
+        elif frame.type == FrameType.CREDIT and len(frame.payload) == 4:
+            with stream.credit_cond:
+                stream.send_credit += struct.unpack("<I", frame.payload)[0]
+                stream.credit_cond.notify_all()
+        elif frame.type in (FrameType.OK, FrameType.PONG):
+            self._finish(stream, frame)

@@ -1,0 +1,66 @@
+"""Engines behind one interface (``base.EngineInstance``), and how ``engine="auto"`` chooses.
+
+* ``native``: the project's own KVM core (C, cffi) — only where KVM runs at hardware speed
+  and the core is built.
+* ``qemu``: QEMU with KVM where KVM runs at hardware speed, else TCG (software emulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import EngineError
+
+ENGINE_NAMES = ("auto", "native", "qemu")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineChoice:
+    name: str       # "qemu" | "native"
+    accel: str      # "kvm" | "tcg"
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.name}/{self.accel}: {self.reason}"
+
+
+def native_available() -> tuple[bool, str]:
+    try:
+        from . import native  # noqa: F401
+    except ImportError as exc:
+        return False, f"native core not importable ({exc})"
+    return native.available()
+
+
+def choose_engine(requested: str = "auto") -> EngineChoice:
+    """Pick the engine and accelerator for a VM, with the reason shown to users."""
+    from ..accel import kvm_status
+    if requested not in ENGINE_NAMES:
+        raise EngineError(f"unknown engine {requested!r}: choose one of {', '.join(ENGINE_NAMES)}")
+    kvm = kvm_status()
+    if requested == "native":
+        ok, why = native_available()
+        if not ok:
+            raise EngineError(f"engine='native' is not available here: {why}; "
+                              "use engine='qemu' (or 'auto')")
+        note = "" if kvm.hardware else f" (warning: KVM is {kvm.speed} here: {kvm.reason})"
+        return EngineChoice("native", "kvm", "requested" + note)
+    if requested == "auto":
+        ok, why = native_available()
+        if kvm.hardware and ok:
+            return EngineChoice("native", "kvm", f"auto: KVM runs at hardware speed ({kvm.reason})")
+        auto_why = (f"auto: KVM is {kvm.speed} ({kvm.reason})" if not kvm.hardware
+                    else f"auto: {why}")
+    else:
+        auto_why = "requested"
+    if kvm.hardware:
+        return EngineChoice("qemu", "kvm", f"{auto_why}; KVM at hardware speed")
+    return EngineChoice("qemu", "tcg", f"{auto_why}; using QEMU TCG (software emulation)")
+
+
+def start_engine(choice: EngineChoice, spec):
+    if choice.name == "qemu":
+        from . import qemu
+        return qemu.start(spec, choice.accel, choice.reason)
+    from . import native
+    return native.start(spec, choice.reason)

@@ -1,0 +1,91 @@
+"""The interface every engine implements, and what engines share.
+
+An engine turns a :class:`LaunchSpec` (engine-neutral: memory, vCPUs, guest image, kernel
+command line, devices from the ``VmConfig``) into a running :class:`EngineInstance`. The
+:class:`~supermachine_jupyter.vm.Vm` above it is the same whatever the engine: it talks to
+the guest through the agent protocol over the socket the instance hands it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..console import ConsoleBuffer
+from ..errors import VmError
+
+if TYPE_CHECKING:
+    from ..agent import AgentClient
+    from ..config import VmConfig
+
+#: The agent's virtio-serial port name (QEMU) and vsock port (native core).
+AGENT_PORT_NAME = "sm.agent"
+AGENT_VSOCK_PORT = 1024
+#: Printed by the guest's init just before it starts the agent.
+GUEST_READY_LINE = "supermachine-init: ready"
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSpec:
+    """Everything an engine needs to start one VM."""
+    name: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path                 # bzImage
+    vmlinux: Path                # PVH ELF of the same kernel
+    initrd: Path
+    cmdline: str                 # engine-neutral kernel command line
+    config: "VmConfig"
+    run_dir: Path                # private directory for this VM's sockets and files
+    console: ConsoleBuffer
+
+
+class BalloonNotEnabled(VmError):
+    """A balloon call on a VM started without ``balloon=True``."""
+
+
+class EngineInstance(abc.ABC):
+    """One running VM inside one engine."""
+
+    #: "qemu" or "native"
+    engine_name: str = ""
+    #: how the guest's instructions run: "kvm" or "tcg" (QEMU), "kvm" (native)
+    accel: str = ""
+    #: why this engine and accelerator were chosen, for reprs and panels
+    reason: str = ""
+
+    @abc.abstractmethod
+    def connect_agent(self, timeout: float) -> socket.socket:
+        """A connected stream socket to the guest agent's transport."""
+
+    @abc.abstractmethod
+    def is_running(self) -> bool:
+        """True while the engine runs the guest."""
+
+    @abc.abstractmethod
+    def exit_description(self) -> str | None:
+        """Why the VM ended (None while it runs): exit status, engine error, guest reboot."""
+
+    @abc.abstractmethod
+    def shutdown(self, agent: "AgentClient | None", timeout: float) -> None:
+        """End the VM, escalating from a clean guest poweroff to killing the engine."""
+
+    @abc.abstractmethod
+    def process_ids(self) -> list[int]:
+        """Host processes that belong to this VM (empty when it runs in-process)."""
+
+    def host_rss_bytes(self) -> int | None:
+        """Resident memory the VM costs the host, where the engine can tell."""
+        total = 0
+        for pid in self.process_ids():
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    for line in status:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total or None

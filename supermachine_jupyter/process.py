@@ -1,0 +1,80 @@
+"""Child processes that never outlive their owner.
+
+Engine processes (QEMU, virtiofsd) get ``PR_SET_PDEATHSIG(SIGKILL)``: the kernel kills them
+when their parent dies, even by SIGKILL. The death signal follows the *thread* that forked,
+not the process, so every spawn happens on one long-lived daemon thread: a VM started from a
+short-lived worker thread (a widget callback, a thread pool) keeps running after it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import subprocess
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    # Runs in the child between fork and exec.
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)
+    if os.getppid() != parent_pid:   # the parent died before prctl took effect
+        os._exit(127)
+
+
+class _Spawner:
+    def __init__(self) -> None:
+        self._requests: "queue.Queue[tuple[Future, tuple, dict]]" = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            future, args, kwargs = self._requests.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(subprocess.Popen(*args, **kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+
+    def popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen:
+        with self._lock:
+            # A forked Python (multiprocessing) needs its own spawner thread.
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._requests = queue.Queue()
+                self._thread = threading.Thread(target=self._run, name="supermachine-spawner",
+                                                daemon=True)
+                self._thread.start()
+        parent = os.getpid()
+        kwargs["preexec_fn"] = lambda: _die_with_parent(parent)
+        future: Future = Future()
+        self._requests.put((future, args, kwargs))
+        return future.result()
+
+
+_spawner = _Spawner()
+
+
+def spawn_owned(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen`` whose child is killed when this process dies."""
+    return _spawner.popen(*args, **kwargs)
+
+
+def terminate(proc: subprocess.Popen, grace: float = 2.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; returns the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
