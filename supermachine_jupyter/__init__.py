@@ -1,2 +1,47 @@
-"""supermachine_jupyter: run notebook cells inside hardware-isolated Linux microVMs."""
+"""supermachine_jupyter: run notebook cells inside hardware-isolated Linux microVMs.
+
+In a notebook::
+
+    %load_ext supermachine_jupyter
+    %%vm --memory 512 --name lab1
+    uname -a
+
+From Python::
+
+    from supermachine_jupyter import Image, VmConfig
+    with Image.default().start(VmConfig(memory_mib=512)) as vm:
+        print(vm.run("uname -a").stdout)
+"""
+
 __version__ = "0.1.0"
+
+from .config import AssetPaths, MountSpec, VmConfig, VolumeSpec  # noqa: E402
+from .errors import (AgentError, AssetError, EngineError, ProtocolVersionError,  # noqa: E402
+                     VmError, VmStoppedError)
+
+
+def __getattr__(name: str):
+    # Image/Vm pull in the engines; import them on first use to keep `import` light.
+    if name == "Image":
+        from .image import Image
+        return Image
+    if name in ("Vm", "ExecResult"):
+        from . import vm
+        return getattr(vm, name)
+    raise AttributeError(name)
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext supermachine_jupyter``: registers ``%%vm`` and ``%vm``."""
+    from .magics import load_ipython_extension as load
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from .magics import unload_ipython_extension as unload
+    unload(ipython)
+
+
+__all__ = ["VmConfig", "VolumeSpec", "MountSpec", "AssetPaths", "Image", "Vm", "ExecResult",
+           "VmError", "AgentError", "AssetError", "EngineError", "ProtocolVersionError",
+           "VmStoppedError", "load_ipython_extension"]

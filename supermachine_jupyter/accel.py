@@ -18,7 +18,7 @@ from pathlib import Path
 
 KVM_DEVICE = Path("/dev/kvm")
 CALIBRATION_DEADLINE_S = 8.0
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,11 @@ class KvmStatus:
     @property
     def hardware(self) -> bool:
         return self.speed == "hardware"
+
+    def summary(self) -> str:
+        """One line for doctor and panels: verdict, reason and the hints behind it."""
+        hints = f" [{'; '.join(self.hints)}]" if self.hints else ""
+        return f"{self.speed}: {self.reason}{hints}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +116,5 @@ def _calibrate() -> KvmStatus:
     if reached:
         return KvmStatus("hardware", f"guest reached init under KVM in {seconds:.2f} s",
                          seconds, hints)
-    return KvmStatus("emulated", f"guest did not reach init under KVM within "
-                     f"{CALIBRATION_DEADLINE_S:.0f} s (KVM is emulated or broken here"
-                     + (": " + "; ".join(hints) if hints else "") + ")", None, hints)
+    return KvmStatus("emulated", f"the guest did not reach init under KVM within "
+                     f"{CALIBRATION_DEADLINE_S:.0f} s", None, hints)

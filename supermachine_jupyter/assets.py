@@ -12,7 +12,9 @@ their inputs, so a second build is a no-op:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import io
@@ -29,7 +31,7 @@ from typing import Callable, Iterable
 from .errors import AssetError
 
 # Bump when the build recipe changes in a way the hashed inputs do not show.
-KERNEL_RECIPE_VERSION = "1"
+KERNEL_RECIPE_VERSION = "2"
 INITRAMFS_RECIPE_VERSION = "1"
 
 KERNEL_SOURCE_PACKAGE = "linux-source-6.1"
@@ -149,8 +151,25 @@ def _check_config(config_text: str, wanted: dict[str, str]) -> list[str]:
             if have.get(k, "n") != v]
 
 
+@contextlib.contextmanager
+def _build_lock(name: str, progress: Progress):
+    """One builder per cache entry across processes (parallel tests, two notebooks)."""
+    with open(cache_dir() / f"{name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"{name}: waiting for another process that is building it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_kernel(progress: Progress = _quiet, jobs: int | None = None) -> KernelBuild:
     """Return the cached kernel, building it first when the cache lacks it."""
+    with _build_lock("kernel", progress):
+        return _ensure_kernel_locked(progress, jobs)
+
+
+def _ensure_kernel_locked(progress: Progress, jobs: int | None) -> KernelBuild:
     out_dir = cache_dir() / f"kernel-{kernel_key()}"
     bzimage, vmlinux = out_dir / "bzImage", out_dir / "vmlinux"
     if bzimage.is_file() and vmlinux.is_file():
@@ -182,7 +201,8 @@ def ensure_kernel(progress: Progress = _quiet, jobs: int | None = None) -> Kerne
             raise AssetError("kernel config fragment options did not take effect: "
                              + ", ".join(dropped))
         progress(f"kernel: building bzImage + vmlinux with {jobs} jobs (several minutes)")
-        _run(["make", "-C", str(src), f"-j{jobs}", "bzImage", "vmlinux"], "kernel build")
+        _run(["make", "-C", str(src), f"-j{jobs}", "bzImage", "vmlinux"], "kernel build",
+             env=REPRODUCIBLE_KBUILD_ENV)
         staging = Path(tempfile.mkdtemp(prefix="kernel-", dir=cache_dir()))
         shutil.copy2(src / "arch/x86/boot/bzImage", staging / "bzImage")
         # vmlinux keeps its ELF notes (the PVH entry point); drop symbols to save space.
@@ -200,8 +220,15 @@ def ensure_kernel(progress: Progress = _quiet, jobs: int | None = None) -> Kerne
     return KernelBuild(out_dir, bzimage, vmlinux, built_now=True, seconds=seconds)
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+# Fixed build identity so that the same inputs give the same kernel (and `uname -v`).
+REPRODUCIBLE_KBUILD_ENV = {"KBUILD_BUILD_TIMESTAMP": "2024-01-01 00:00:00 UTC",
+                           "KBUILD_BUILD_USER": "supermachine", "KBUILD_BUILD_HOST": "builder"}
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None,
+         env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, **env} if env else None)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr)[-3000:]
         raise AssetError(f"{what} failed (exit {result.returncode}): {' '.join(cmd)}\n{tail}")
@@ -313,6 +340,11 @@ class InitramfsBuild:
 def ensure_initramfs(progress: Progress = _quiet) -> InitramfsBuild:
     """Return the cached initramfs, building agent + archive first when missing."""
     _apt_install(AGENT_BUILD_PACKAGES, progress)
+    with _build_lock("initramfs", progress):
+        return _ensure_initramfs_locked(progress)
+
+
+def _ensure_initramfs_locked(progress: Progress) -> InitramfsBuild:
     path = cache_dir() / f"initramfs-{initramfs_key()}.cpio.gz"
     if path.is_file():
         return InitramfsBuild(path, built_now=False)

@@ -19,9 +19,6 @@
 #define SUPERMACHINE_H
 #include <stddef.h>
 #include <stdint.h>
-#ifdef __cplusplus
-extern "C" {
-#endif
 
 typedef struct sm_vm sm_vm;
 
@@ -175,7 +172,7 @@ int sm_vm_wait(sm_vm *vm, int timeout_ms);
 /* Joins every thread, closes every fd, unmaps guest memory, frees vm. NULL is fine. */
 void sm_vm_destroy(sm_vm *vm);
 
-int sm_vm_state(sm_vm *vm);
+int sm_vm_get_state(sm_vm *vm);
 const char *sm_vm_state_name(int state);
 /* Copies the message of the last failed call on vm into buf; returns its length. */
 size_t sm_vm_last_error(sm_vm *vm, char *buf, size_t len);
@@ -204,10 +201,11 @@ int sm_vm_balloon_stats(sm_vm *vm, sm_balloon_stats *out);
 int sm_vm_device_count(sm_vm *vm);
 int sm_vm_device_info(sm_vm *vm, uint32_t index, sm_device_info *out);
 
-/* vCPU speed calibration support: host-side nanosecond monotonic clock. */
+/* vCPU speed calibration: the calib probe runs this loop in the guest and prints the TSC
+ * cycles it took; the host runs the same code here. Returns TSC cycles; *checksum gets the
+ * loop result (the guest prints it too, so both sides provably ran the same work). */
+uint64_t sm_calib_loop(uint64_t iterations, uint64_t *checksum);
+/* Host monotonic clock in nanoseconds. */
 uint64_t sm_monotonic_ns(void);
 
-#ifdef __cplusplus
-}
-#endif
 #endif /* SUPERMACHINE_H */

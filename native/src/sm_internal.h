@@ -10,6 +10,7 @@
 
 #include "../include/supermachine.h"
 #include "memory.h"
+#include "devices/i8042.h"
 
 #define SM_VERSION_STRING "0.1.0"
 
@@ -90,6 +91,7 @@ struct sm_vm {
     char last_error[SM_ERROR_MESSAGE_BYTES];
 
     struct sm_uart *uart;
+    sm_i8042_counters i8042;  /* updated under the vCPU exits; advisory */
     struct sm_event_loop *loop;
     struct sm_virtio_mmio *virtio[SM_MAX_VIRTIO_DEVICES];
     uint32_t n_virtio;
@@ -126,6 +128,9 @@ int sm_kvm_create_vcpus(struct sm_vm *vm, char *err, size_t err_len);
 int sm_vcpu_configure(sm_vcpu *vcpu, char *err, size_t err_len);
 int sm_vcpu_start_threads(struct sm_vm *vm, char *err, size_t err_len);
 void sm_vcpu_kick_all(struct sm_vm *vm);
+/* End the VM from inside an exit handler: on a vCPU thread RIP and instruction bytes are
+ * recorded too. */
+void sm_vcpu_fail_current(struct sm_vm *vm, int reason, const char *what);
 void sm_vcpu_join_all(struct sm_vm *vm);
 
 /* boot_x86.c */

@@ -25,6 +25,7 @@
 #define SM_X86_MAX_INSN_BYTES 15
 
 static __thread struct kvm_run *tls_kvm_run;
+static __thread sm_vcpu *tls_vcpu;
 static pthread_once_t kick_signal_once = PTHREAD_ONCE_INIT;
 static int kick_signal_number;
 
@@ -227,6 +228,14 @@ static void fatal_exit(sm_vcpu *vcpu, int reason, uint32_t suberror, const uint8
     sm_vm_end_detail(vcpu->vm, &d, SM_STATE_FAILED);
 }
 
+void sm_vcpu_fail_current(struct sm_vm *vm, int reason, const char *what)
+{
+    if (tls_vcpu && tls_vcpu->vm == vm)
+        fatal_exit(tls_vcpu, reason, 0, NULL, 0, what);
+    else
+        sm_vm_end(vm, SM_STATE_FAILED, reason, "%s", what);
+}
+
 static void handle_internal_error(sm_vcpu *vcpu)
 {
     struct kvm_run *run = vcpu->run;
@@ -350,6 +359,7 @@ static void *vcpu_thread(void *arg)
     sm_vcpu *vcpu = arg;
     struct sm_vm *vm = vcpu->vm;
     tls_kvm_run = vcpu->run;
+    tls_vcpu = vcpu;
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, kick_signal_number);
@@ -375,6 +385,7 @@ static void *vcpu_thread(void *arg)
             break;
     }
     tls_kvm_run = NULL;
+    tls_vcpu = NULL;
     pthread_mutex_lock(&vm->lock);
     vm->vcpus_running--;
     pthread_cond_broadcast(&vm->cond);

@@ -43,19 +43,18 @@ def choose_engine(requested: str = "auto") -> EngineChoice:
         if not ok:
             raise EngineError(f"engine='native' is not available here: {why}; "
                               "use engine='qemu' (or 'auto')")
-        note = "" if kvm.hardware else f" (warning: KVM is {kvm.speed} here: {kvm.reason})"
+        note = "" if kvm.hardware else f" (warning: KVM is {kvm.speed} here)"
         return EngineChoice("native", "kvm", "requested" + note)
     if requested == "auto":
         ok, why = native_available()
         if kvm.hardware and ok:
-            return EngineChoice("native", "kvm", f"auto: KVM runs at hardware speed ({kvm.reason})")
-        auto_why = (f"auto: KVM is {kvm.speed} ({kvm.reason})" if not kvm.hardware
-                    else f"auto: {why}")
+            return EngineChoice("native", "kvm", "auto: KVM runs at hardware speed")
+        auto_why = f"auto: KVM is {kvm.speed} here" if not kvm.hardware else f"auto: {why}"
     else:
-        auto_why = "requested"
+        auto_why = "requested" if kvm.hardware else f"requested; KVM is {kvm.speed} here"
     if kvm.hardware:
         return EngineChoice("qemu", "kvm", f"{auto_why}; KVM at hardware speed")
-    return EngineChoice("qemu", "tcg", f"{auto_why}; using QEMU TCG (software emulation)")
+    return EngineChoice("qemu", "tcg", f"{auto_why}, so TCG (software emulation)")
 
 
 def start_engine(choice: EngineChoice, spec):

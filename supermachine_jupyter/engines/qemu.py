@@ -1,6 +1,6 @@
 """The QEMU engine: ``qemu-system-x86_64`` driven over QMP, the engine that runs anywhere.
 
-The guest console is QEMU's stdout (a pipe we read into a :class:`ConsoleBuffer`), the agent
+The machine is ``microvm`` with virtio-mmio devices. The guest console is QEMU's stdout (a pipe we read into a :class:`ConsoleBuffer`), the agent
 is a virtio-serial port backed by a unix socket chardev, and QMP sits on another unix socket.
 QEMU runs with ``-no-reboot``: the guest ending (init's ``reboot -f``, the agent's
 ``POWEROFF``, a kernel panic with ``panic=-1``) ends the QEMU process.
@@ -51,7 +51,10 @@ def base_args(memory_mib: int, vcpus: int, kernel: Path, initrd: Path, cmdline: 
     binary = qemu_binary()
     if binary is None:
         raise EngineError(f"qemu-system-x86_64 not found: apt-get install {QEMU_PACKAGE}")
-    return [binary, "-M", "pc", *accel_args(accel), "-m", str(memory_mib),
+    # microvm: no PCI, no ACPI, no firmware detour; virtio-mmio devices declared on the
+    # kernel command line by QEMU itself, the same transport the native core uses. Unlike
+    # "-M pc" without ACPI, it also writes an MP table listing every vCPU.
+    return [binary, "-M", "microvm,acpi=off", *accel_args(accel), "-m", str(memory_mib),
             "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-no-reboot",
             "-display", "none", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", cmdline,
@@ -110,7 +113,7 @@ class QemuInstance(EngineInstance):
         args = base_args(spec.memory_mib, spec.vcpus, spec.kernel, spec.initrd, cmdline, accel)
         args += ["-name", spec.name,
                  "-chardev", f"socket,id=agent,path={self._agent_path},server=on,wait=off",
-                 "-device", "virtio-serial-pci,id=vser0",
+                 "-device", "virtio-serial-device,id=vser0",
                  "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
                  "-qmp", f"unix:{self._qmp_path},server=on,wait=off"]
         self.args = args

@@ -161,6 +161,11 @@ int sm_vq_pop(sm_virtqueue *q, sm_vq_chain *chain)
     return SM_VQ_OK;
 }
 
+void sm_vq_undo_pop(sm_virtqueue *q)
+{
+    q->next_avail--;
+}
+
 int sm_vq_push_used(sm_virtqueue *q, uint16_t head, uint32_t written)
 {
     if (!q->ready)

@@ -80,6 +80,8 @@ void sm_vq_reset(sm_virtqueue *q);
 int sm_vq_activate(sm_virtqueue *q);
 /* Pops the next available chain: SM_VQ_OK, SM_VQ_EMPTY, or an error. */
 int sm_vq_pop(sm_virtqueue *q, sm_vq_chain *chain);
+/* Gives back the chain popped last (nothing was pushed for it). */
+void sm_vq_undo_pop(sm_virtqueue *q);
 /* Nonzero if the driver has made chains available that we have not popped. */
 int sm_vq_has_available(sm_virtqueue *q);
 /* Returns the chain with `written` bytes written into its device-writable buffers. */

@@ -1,0 +1,142 @@
+/* balloon probe: drives virtio-balloon like Linux's virtio_balloon driver — negotiates
+ * STATS_VQ (+ DEFLATE_ON_OOM), hands the device a statistics buffer, inflates to the
+ * target in the config space (PFNs of pages it dirtied first), checks the host released
+ * them (they read back as zero), reports `actual`, refills statistics when the device asks,
+ * deflates half and reports again. */
+#include "probe.h"
+
+#define VIRTIO_ID_BALLOON 5
+#define BALLOON_F_STATS_VQ (1ull << 1)
+#define BALLOON_F_DEFLATE_ON_OOM (1ull << 2)
+#define CONFIG_NUM_PAGES 0x100
+#define CONFIG_ACTUAL 0x104
+#define PFNS_PER_REQUEST 256
+#define STAT_ENTRIES 10
+#define PROBE_FREE_MEMORY_BYTES 0x1234000ull
+
+struct __attribute__((packed)) stat_entry {
+    uint16_t tag;
+    uint64_t val;
+};
+
+static struct virtq inflate_q, deflate_q, stats_q;
+static struct stat_entry stats[STAT_ENTRIES];
+static uint32_t pfns[PFNS_PER_REQUEST];
+
+static void fill_stats(uint64_t round)
+{
+    for (uint16_t i = 0; i < STAT_ENTRIES; i++) {
+        stats[i].tag = i;
+        stats[i].val = 1000 * (i + 1) + round;
+    }
+    stats[4].val = PROBE_FREE_MEMORY_BYTES;   /* free_memory */
+    stats[5].val = g_mem_bytes;               /* total_memory */
+}
+
+static void give_stats(void)
+{
+    stats_q.desc[0].addr = (uint64_t)stats;
+    stats_q.desc[0].len = sizeof(stats);
+    stats_q.desc[0].flags = 0;
+    virtq_publish(&stats_q, 0);
+}
+
+static int send_pfns(struct virtq *q, uint32_t n)
+{
+    q->desc[0].addr = (uint64_t)pfns;
+    q->desc[0].len = n * 4;
+    q->desc[0].flags = 0;
+    virtq_publish(q, 0);
+    return virtq_wait_used(q, 0, 0);
+}
+
+int probe_main(void)
+{
+    uint64_t base = virtio_find(VIRTIO_ID_BALLOON, 0);
+    if (!base) {
+        put_line("PROBE balloon FAIL no balloon device on the command line");
+        return 1;
+    }
+    uint64_t features = virtio_negotiate(base, BALLOON_F_STATS_VQ | BALLOON_F_DEFLATE_ON_OOM);
+    if (!(features & BALLOON_F_STATS_VQ)) {
+        put_line("PROBE balloon FAIL feature negotiation");
+        return 1;
+    }
+    put_str("features accepted ");
+    put_hex(features);
+    put_char('\n');
+    if (virtq_setup(&inflate_q, base, 0, 64) || virtq_setup(&deflate_q, base, 1, 64) ||
+        virtq_setup(&stats_q, base, 2, 64)) {
+        put_line("PROBE balloon FAIL queue setup");
+        return 1;
+    }
+    virtio_driver_ok(base);
+    fill_stats(0);
+    give_stats();
+
+    uint32_t target = mmio_read32(base + CONFIG_NUM_PAGES);
+    put_str("target pages ");
+    put_dec(target);
+    put_char('\n');
+    if (target == 0 || target > 4096) {
+        put_line("PROBE balloon FAIL target must be in 1..4096 pages for this probe");
+        return 1;
+    }
+    uint8_t *pages = alloc_pages(target);
+    for (uint32_t i = 0; i < target; i++)
+        memset(pages + (uint64_t)i * PROBE_PAGE_BYTES, 0xab, PROBE_PAGE_BYTES);
+    uint32_t done = 0;
+    while (done < target) {
+        uint32_t n = target - done > PFNS_PER_REQUEST ? PFNS_PER_REQUEST : target - done;
+        for (uint32_t i = 0; i < n; i++)
+            pfns[i] = (uint32_t)(((uint64_t)pages >> 12) + done + i);
+        if (send_pfns(&inflate_q, n)) {
+            put_line("PROBE balloon FAIL inflate not acknowledged");
+            return 1;
+        }
+        done += n;
+    }
+    uint32_t nonzero = 0;
+    for (uint64_t i = 0; i < (uint64_t)target * PROBE_PAGE_BYTES; i += 512)
+        nonzero += pages[i] != 0;
+    put_str("inflated pages ");
+    put_dec(done);
+    put_str(" nonzero-after-release ");
+    put_dec(nonzero);
+    put_char('\n');
+    if (nonzero) {
+        put_line("PROBE balloon FAIL inflated pages were not released by the host");
+        return 1;
+    }
+    mmio_write32(base + CONFIG_ACTUAL, target);
+
+    /* The device returns the statistics buffer when it wants fresh numbers. */
+    uint32_t id, len;
+    if (virtq_wait_used(&stats_q, &id, &len)) {
+        put_line("PROBE balloon FAIL no statistics request from the device");
+        return 1;
+    }
+    fill_stats(1);
+    give_stats();
+    put_line("statistics refilled");
+
+    uint32_t half = target / 2;
+    for (uint32_t i = 0; i < half; i++)
+        pfns[i % PFNS_PER_REQUEST] = (uint32_t)(((uint64_t)pages >> 12) + i);
+    if (half && send_pfns(&deflate_q, half > PFNS_PER_REQUEST ? PFNS_PER_REQUEST : half)) {
+        put_line("PROBE balloon FAIL deflate not acknowledged");
+        return 1;
+    }
+    uint32_t deflated = half > PFNS_PER_REQUEST ? PFNS_PER_REQUEST : half;
+    mmio_write32(base + CONFIG_ACTUAL, target - deflated);
+    put_str("deflated pages ");
+    put_dec(deflated);
+    put_char('\n');
+    /* Wait for the device to have read the second statistics buffer (it holds it). */
+    if (cmdline_get_u64("hold", 0)) {
+        put_line("PROBE balloon OK (holding)");
+        halt_forever();
+    }
+    put_line("PROBE balloon OK");
+    return 0;
+}

@@ -1,0 +1,257 @@
+/* probe_lib.c — runtime for freestanding probe guests (see probe.h). */
+#include "probe.h"
+
+#define COM1_PORT 0x3f8
+#define COM1_LSR_OFFSET 5
+#define LSR_DATA_READY 0x01
+#define LSR_THR_EMPTY 0x20
+#define I8042_COMMAND_PORT 0x64
+#define I8042_RESET 0xfe
+
+const char *g_cmdline;
+uint64_t g_mem_bytes;
+extern char _end[];
+static uint64_t g_next_free;
+
+void *memset(void *d, int c, size_t n) { unsigned char *p = d; while (n--) *p++ = (unsigned char)c; return d; }
+void *memcpy(void *d, const void *s, size_t n) { unsigned char *p = d; const unsigned char *q = s; while (n--) *p++ = *q++; return d; }
+int memcmp(const void *a, const void *b, size_t n)
+{
+    const unsigned char *p = a, *q = b;
+    for (; n; n--, p++, q++)
+        if (*p != *q)
+            return *p - *q;
+    return 0;
+}
+size_t strlen(const char *s) { size_t n = 0; while (s[n]) n++; return n; }
+
+void put_char(char c)
+{
+    while (!(inb(COM1_PORT + COM1_LSR_OFFSET) & LSR_THR_EMPTY))
+        ;
+    outb(COM1_PORT, (uint8_t)c);
+}
+
+void put_str(const char *s) { while (*s) put_char(*s++); }
+void put_line(const char *s) { put_str(s); put_char('\n'); }
+
+void put_hex(uint64_t v)
+{
+    char buf[19];
+    buf[0] = '0';
+    buf[1] = 'x';
+    int n = 0;
+    char tmp[16];
+    do { tmp[n++] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
+    for (int i = 0; i < n; i++) buf[2 + i] = tmp[n - 1 - i];
+    buf[2 + n] = 0;
+    put_str(buf);
+}
+
+void put_dec(uint64_t v)
+{
+    char tmp[21];
+    int n = 0;
+    do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) put_char(tmp[--n]);
+}
+
+int get_char(void)
+{
+    for (uint64_t i = 0; i < PROBE_SPIN_LIMIT; i++)
+        if (inb(COM1_PORT + COM1_LSR_OFFSET) & LSR_DATA_READY)
+            return inb(COM1_PORT);
+    return -1;
+}
+
+uint64_t parse_u64(const char *s)
+{
+    uint64_t v = 0;
+    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+        for (s += 2;; s++) {
+            char c = *s;
+            if (c >= '0' && c <= '9') v = v * 16 + (uint64_t)(c - '0');
+            else if (c >= 'a' && c <= 'f') v = v * 16 + (uint64_t)(c - 'a' + 10);
+            else if (c >= 'A' && c <= 'F') v = v * 16 + (uint64_t)(c - 'A' + 10);
+            else break;
+        }
+        return v;
+    }
+    for (; *s >= '0' && *s <= '9'; s++) v = v * 10 + (uint64_t)(*s - '0');
+    return v;
+}
+
+int cmdline_get(const char *key, char *out, size_t out_len)
+{
+    size_t klen = strlen(key);
+    const char *p = g_cmdline;
+    while (*p) {
+        while (*p == ' ') p++;
+        const char *w = p;
+        while (*p && *p != ' ') p++;
+        if ((size_t)(p - w) > klen && memcmp(w, key, klen) == 0 && w[klen] == '=') {
+            size_t n = (size_t)(p - w) - klen - 1;
+            if (n >= out_len) n = out_len - 1;
+            memcpy(out, w + klen + 1, n);
+            out[n] = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+uint64_t cmdline_get_u64(const char *key, uint64_t dflt)
+{
+    char buf[32];
+    return cmdline_get(key, buf, sizeof(buf)) ? parse_u64(buf) : dflt;
+}
+
+void *alloc_pages(size_t pages)
+{
+    if (!g_next_free)
+        g_next_free = ((uint64_t)_end + PROBE_PAGE_BYTES - 1) & ~(uint64_t)(PROBE_PAGE_BYTES - 1);
+    void *p = (void *)g_next_free;
+    g_next_free += pages * PROBE_PAGE_BYTES;
+    memset(p, 0, pages * PROBE_PAGE_BYTES);
+    return p;
+}
+
+void halt_forever(void)
+{
+    for (;;)
+        __asm__ volatile("cli; hlt");
+}
+
+void guest_reset(void)
+{
+    outb(I8042_COMMAND_PORT, I8042_RESET);
+    halt_forever();
+}
+
+/* "virtio_mmio.device=4K@0xd0000000:5" entries, in command line order. */
+uint64_t virtio_find(uint32_t device_id, uint32_t nth)
+{
+    const char *key = "virtio_mmio.device=";
+    size_t klen = strlen(key);
+    const char *p = g_cmdline;
+    while (*p) {
+        while (*p == ' ') p++;
+        const char *w = p;
+        while (*p && *p != ' ') p++;
+        if ((size_t)(p - w) > klen && memcmp(w, key, klen) == 0) {
+            const char *at = w + klen;
+            while (at < p && *at != '@') at++;
+            if (at >= p) continue;
+            uint64_t base = parse_u64(at + 1);
+            if (mmio_read32(base + VIRTIO_MMIO_MAGIC) == 0x74726976 &&
+                mmio_read32(base + VIRTIO_MMIO_DEVICE_ID) == device_id) {
+                if (nth == 0)
+                    return base;
+                nth--;
+            }
+        }
+    }
+    return 0;
+}
+
+uint64_t virtio_negotiate(uint64_t base, uint64_t wanted)
+{
+    mmio_write32(base + VIRTIO_MMIO_STATUS, 0);
+    mmio_write32(base + VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE);
+    mmio_write32(base + VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER);
+    mmio_write32(base + VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    uint64_t offered = mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES);
+    mmio_write32(base + VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    offered |= (uint64_t)mmio_read32(base + VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+    uint64_t accept = (wanted | VIRTIO_F_VERSION_1) & offered;
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES, (uint32_t)accept);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    mmio_write32(base + VIRTIO_MMIO_DRIVER_FEATURES, (uint32_t)(accept >> 32));
+    mmio_write32(base + VIRTIO_MMIO_STATUS,
+                 VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
+    if (!(mmio_read32(base + VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_FEATURES_OK))
+        return 0;
+    return accept;
+}
+
+int virtq_setup(struct virtq *q, uint64_t base, uint32_t index, uint16_t size)
+{
+    memset(q, 0, sizeof(*q));
+    q->base = base;
+    q->index = index;
+    q->size = size;
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_SEL, index);
+    if (mmio_read32(base + VIRTIO_MMIO_QUEUE_READY))
+        return -1;
+    uint32_t max = mmio_read32(base + VIRTIO_MMIO_QUEUE_NUM_MAX);
+    if (max == 0 || size > max)
+        return -1;
+    q->desc = alloc_pages(1 + (size * 16u) / PROBE_PAGE_BYTES);
+    q->avail = alloc_pages(1);
+    q->used = alloc_pages(1 + (size * 8u) / PROBE_PAGE_BYTES);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_NUM, size);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_DESC_LOW, (uint32_t)(uint64_t)q->desc);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_DESC_HIGH, (uint32_t)((uint64_t)q->desc >> 32));
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_DRIVER_LOW, (uint32_t)(uint64_t)q->avail);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (uint32_t)((uint64_t)q->avail >> 32));
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_DEVICE_LOW, (uint32_t)(uint64_t)q->used);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (uint32_t)((uint64_t)q->used >> 32));
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_READY, 1);
+    return mmio_read32(base + VIRTIO_MMIO_QUEUE_READY) == 1 ? 0 : -1;
+}
+
+void virtio_driver_ok(uint64_t base)
+{
+    mmio_write32(base + VIRTIO_MMIO_STATUS, VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER |
+                                                VIRTIO_STATUS_FEATURES_OK | VIRTIO_STATUS_DRIVER_OK);
+}
+
+void virtq_publish(struct virtq *q, uint16_t head)
+{
+    q->avail[2 + (q->avail_idx % q->size)] = head;
+    barrier();
+    q->avail_idx++;
+    q->avail[1] = q->avail_idx;
+    barrier();
+    mmio_write32(q->base + VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+}
+
+int virtq_used_pending(struct virtq *q)
+{
+    barrier();
+    return *(volatile uint16_t *)(q->used + 2) != q->last_used;
+}
+
+int virtq_wait_used(struct virtq *q, uint32_t *id, uint32_t *len)
+{
+    for (uint64_t i = 0; i < PROBE_SPIN_LIMIT; i++) {
+        if (virtq_used_pending(q)) {
+            volatile uint8_t *e = q->used + 4 + 8u * (q->last_used % q->size);
+            if (id) *id = *(volatile uint32_t *)e;
+            if (len) *len = *(volatile uint32_t *)(e + 4);
+            q->last_used++;
+            return 0;
+        }
+        __asm__ volatile("pause");
+    }
+    return -1;
+}
+
+void virtio_ack_interrupts(uint64_t base)
+{
+    uint32_t s = mmio_read32(base + VIRTIO_MMIO_INTERRUPT_STATUS);
+    mmio_write32(base + VIRTIO_MMIO_INTERRUPT_ACK, s);
+}
+
+/* Entry: the core jumps here in 64-bit mode. */
+__attribute__((section(".text._start"), used, noreturn)) void _start(const char *cmdline, uint64_t mem_bytes)
+{
+    g_cmdline = cmdline;
+    g_mem_bytes = mem_bytes;
+    int rc = probe_main();
+    put_str("PROBE-EXIT ");
+    put_dec((uint64_t)rc);
+    put_char('\n');
+    guest_reset();
+}

@@ -1,0 +1,383 @@
+/* virtio_mmio.c — the virtio-mmio v2 register file, status state machine, feature
+ * negotiation, queue setup and notification dispatch. */
+#define _GNU_SOURCE
+#include "virtio_mmio.h"
+#include "../sm_internal.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define REG_MAGIC_VALUE 0x000
+#define REG_VERSION 0x004
+#define REG_DEVICE_ID 0x008
+#define REG_VENDOR_ID 0x00c
+#define REG_DEVICE_FEATURES 0x010
+#define REG_DEVICE_FEATURES_SEL 0x014
+#define REG_DRIVER_FEATURES 0x020
+#define REG_DRIVER_FEATURES_SEL 0x024
+#define REG_QUEUE_SEL 0x030
+#define REG_QUEUE_NUM_MAX 0x034
+#define REG_QUEUE_NUM 0x038
+#define REG_QUEUE_READY 0x044
+#define REG_QUEUE_NOTIFY 0x050
+#define REG_INTERRUPT_STATUS 0x060
+#define REG_INTERRUPT_ACK 0x064
+#define REG_STATUS 0x070
+#define REG_QUEUE_DESC_LOW 0x080
+#define REG_QUEUE_DESC_HIGH 0x084
+#define REG_QUEUE_DRIVER_LOW 0x090
+#define REG_QUEUE_DRIVER_HIGH 0x094
+#define REG_QUEUE_DEVICE_LOW 0x0a0
+#define REG_QUEUE_DEVICE_HIGH 0x0a4
+#define REG_SHM_SEL 0x0ac
+#define REG_CONFIG_GENERATION 0x0fc
+#define REG_CONFIG_SPACE 0x100
+#define REG_ACCESS_BYTES 4
+
+static const char *const MMIO_ERROR_MESSAGES[SM_VIRTIO_MMIO_ERR_COUNT] = {
+    [SM_VIRTIO_MMIO_ERR_NONE] = "ok",
+    [SM_VIRTIO_MMIO_ERR_BAD_ACCESS_SIZE] = "Guest accessed a transport register with a size other than 4 bytes",
+    [SM_VIRTIO_MMIO_ERR_QUEUE_SELECT_OUT_OF_RANGE] = "Guest configured a queue the device does not have",
+    [SM_VIRTIO_MMIO_ERR_QUEUE_CHANGED_WHILE_READY] = "Guest changed a queue's size or address while it was ready",
+    [SM_VIRTIO_MMIO_ERR_FEATURES_WITHOUT_VERSION_1] = "Guest did not accept VIRTIO_F_VERSION_1",
+    [SM_VIRTIO_MMIO_ERR_UNOFFERED_FEATURES] = "Guest accepted features the device did not offer",
+    [SM_VIRTIO_MMIO_ERR_STATUS_SEQUENCE] = "Guest set DRIVER_OK without FEATURES_OK",
+    [SM_VIRTIO_MMIO_ERR_NOTIFY_BEFORE_DRIVER_OK] = "Guest notified a queue before DRIVER_OK",
+    [SM_VIRTIO_MMIO_ERR_NOTIFY_QUEUE_OUT_OF_RANGE] = "Guest notified a queue the device does not have",
+    [SM_VIRTIO_MMIO_ERR_QUEUE_INVALID] = "Guest made a queue ready with an invalid layout",
+};
+
+const char *sm_virtio_mmio_error_message(int err)
+{
+    if (err < 0 || err >= SM_VIRTIO_MMIO_ERR_COUNT || !MMIO_ERROR_MESSAGES[err])
+        return "unknown virtio-mmio error";
+    return MMIO_ERROR_MESSAGES[err];
+}
+
+sm_virtio_mmio *sm_virtio_mmio_create(struct sm_vm *vm, const char *name, uint64_t base_gpa,
+                                      uint32_t irq, const sm_virtio_ops *ops, void *dev)
+{
+    sm_virtio_mmio *t = calloc(1, sizeof(*t));
+    if (!t)
+        return NULL;
+    t->vm = vm;
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    t->base_gpa = base_gpa;
+    t->irq = irq;
+    t->ops = ops;
+    t->dev = dev;
+    pthread_mutex_init(&t->lock, NULL);
+    for (uint16_t i = 0; i < SM_VIRTIO_MAX_QUEUES; i++)
+        sm_vq_init(&t->queues[i], &vm->mem, i < ops->num_queues ? SM_VQ_MAX_SIZE : 0);
+    return t;
+}
+
+void sm_virtio_mmio_destroy(sm_virtio_mmio *t)
+{
+    if (!t)
+        return;
+    if (t->ops->destroy)
+        t->ops->destroy(t->dev);
+    pthread_mutex_destroy(&t->lock);
+    free(t);
+}
+
+void sm_virtio_mmio_signal_used_locked(sm_virtio_mmio *t)
+{
+    t->interrupt_status |= SM_VIRTIO_INTERRUPT_USED_RING;
+    t->counters.interrupts_used_ring++;
+    sm_irq_pulse(t->vm, t->irq);
+}
+
+void sm_virtio_mmio_signal_config_locked(sm_virtio_mmio *t)
+{
+    t->config_generation++;
+    t->interrupt_status |= SM_VIRTIO_INTERRUPT_CONFIG_CHANGE;
+    t->counters.interrupts_config++;
+    if (t->status & SM_VIRTIO_STATUS_DRIVER_OK)
+        sm_irq_pulse(t->vm, t->irq);
+}
+
+void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
+{
+    if (t->broken)
+        return;
+    t->broken = 1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->broken_reason, sizeof(t->broken_reason), fmt, ap);
+    va_end(ap);
+    t->status |= SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET;
+    sm_vm_console_note(t->vm, "device %s is broken: %s", t->name, t->broken_reason);
+    sm_virtio_mmio_signal_config_locked(t);
+}
+
+int sm_virtio_mmio_is_live_locked(const sm_virtio_mmio *t)
+{
+    return !t->broken && t->activated;
+}
+
+static void reset_locked(sm_virtio_mmio *t)
+{
+    if (t->ops->reset)
+        t->ops->reset(t->dev);
+    for (uint16_t i = 0; i < SM_VIRTIO_MAX_QUEUES; i++)
+        sm_vq_reset(&t->queues[i]);
+    t->device_features_sel = 0;
+    t->driver_features_sel = 0;
+    t->driver_features = 0;
+    t->acked_features = 0;
+    t->queue_sel = 0;
+    t->status = t->broken ? SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET : 0;
+    t->interrupt_status = 0;
+    t->activated = 0;
+    t->counters.resets++;
+}
+
+static uint64_t offered_features(sm_virtio_mmio *t)
+{
+    return t->ops->device_features(t->dev) | (1ULL << SM_VIRTIO_F_VERSION_1_BIT);
+}
+
+static void write_status_locked(sm_virtio_mmio *t, uint32_t v)
+{
+    if (v == 0) {
+        reset_locked(t);
+        return;
+    }
+    uint32_t needs_reset = t->status & SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET;
+    if ((v & SM_VIRTIO_STATUS_FEATURES_OK) && !(t->status & SM_VIRTIO_STATUS_FEATURES_OK)) {
+        uint64_t offered = offered_features(t);
+        if (!(t->driver_features & (1ULL << SM_VIRTIO_F_VERSION_1_BIT)) ||
+            (t->driver_features & ~offered)) {
+            /* Leave FEATURES_OK clear: the driver reads it back and gives up (spec 3.1.1). */
+            t->counters.feature_negotiation_failures++;
+            v &= ~(uint32_t)SM_VIRTIO_STATUS_FEATURES_OK;
+        } else {
+            t->acked_features = t->driver_features;
+        }
+    }
+    if ((v & SM_VIRTIO_STATUS_DRIVER_OK) && !(v & SM_VIRTIO_STATUS_FEATURES_OK)) {
+        sm_virtio_mmio_mark_broken_locked(t, "%s",
+                                          MMIO_ERROR_MESSAGES[SM_VIRTIO_MMIO_ERR_STATUS_SEQUENCE]);
+        t->status = v | SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET;
+        return;
+    }
+    int activate = (v & SM_VIRTIO_STATUS_DRIVER_OK) && !(t->status & SM_VIRTIO_STATUS_DRIVER_OK);
+    t->status = v | needs_reset;
+    if (activate && !t->broken) {
+        t->activated = 1;
+        t->counters.activations++;
+        if (t->ops->activate)
+            t->ops->activate(t->dev);
+    }
+}
+
+static sm_virtqueue *selected_queue(sm_virtio_mmio *t)
+{
+    if (t->queue_sel >= t->ops->num_queues)
+        return NULL;
+    return &t->queues[t->queue_sel];
+}
+
+static void set_queue_field_locked(sm_virtio_mmio *t, uint32_t reg, uint32_t v)
+{
+    sm_virtqueue *q = selected_queue(t);
+    if (!q) {
+        t->counters.bad_register_accesses++;
+        return;
+    }
+    if (q->ready) {
+        sm_virtio_mmio_mark_broken_locked(
+            t, "%s (queue %u)", MMIO_ERROR_MESSAGES[SM_VIRTIO_MMIO_ERR_QUEUE_CHANGED_WHILE_READY],
+            t->queue_sel);
+        return;
+    }
+    switch (reg) {
+    case REG_QUEUE_NUM: q->size = v > 0xffff ? 0xffff : (uint16_t)v; break; /* checked on QueueReady */
+    case REG_QUEUE_DESC_LOW: q->desc_gpa = (q->desc_gpa & ~0xffffffffULL) | v; break;
+    case REG_QUEUE_DESC_HIGH: q->desc_gpa = (q->desc_gpa & 0xffffffffULL) | ((uint64_t)v << 32); break;
+    case REG_QUEUE_DRIVER_LOW: q->avail_gpa = (q->avail_gpa & ~0xffffffffULL) | v; break;
+    case REG_QUEUE_DRIVER_HIGH: q->avail_gpa = (q->avail_gpa & 0xffffffffULL) | ((uint64_t)v << 32); break;
+    case REG_QUEUE_DEVICE_LOW: q->used_gpa = (q->used_gpa & ~0xffffffffULL) | v; break;
+    case REG_QUEUE_DEVICE_HIGH: q->used_gpa = (q->used_gpa & 0xffffffffULL) | ((uint64_t)v << 32); break;
+    default: break;
+    }
+}
+
+static void write_queue_ready_locked(sm_virtio_mmio *t, uint32_t v)
+{
+    sm_virtqueue *q = selected_queue(t);
+    if (!q) {
+        t->counters.bad_register_accesses++;
+        return;
+    }
+    if (v == 0) {
+        q->ready = 0;
+        return;
+    }
+    if (q->ready)
+        return;
+    int rc = sm_vq_activate(q);
+    if (rc != SM_VQ_OK)
+        sm_virtio_mmio_mark_broken_locked(t, "%s: queue %u: %s (size %u, desc 0x%llx, avail 0x%llx, used 0x%llx)",
+                                          MMIO_ERROR_MESSAGES[SM_VIRTIO_MMIO_ERR_QUEUE_INVALID],
+                                          t->queue_sel, sm_vq_error_message(rc), q->size,
+                                          (unsigned long long)q->desc_gpa,
+                                          (unsigned long long)q->avail_gpa,
+                                          (unsigned long long)q->used_gpa);
+}
+
+static void notify_locked(sm_virtio_mmio *t, uint32_t queue)
+{
+    t->counters.queue_notifications++;
+    if (t->broken) {
+        t->counters.notifications_while_broken++;
+        return;
+    }
+    if (queue >= t->ops->num_queues) {
+        sm_virtio_mmio_mark_broken_locked(
+            t, "%s (queue %u)", MMIO_ERROR_MESSAGES[SM_VIRTIO_MMIO_ERR_NOTIFY_QUEUE_OUT_OF_RANGE], queue);
+        return;
+    }
+    if (!t->activated)
+        return; /* buffers are looked at on DRIVER_OK */
+    if (!t->queues[queue].ready) {
+        sm_virtio_mmio_mark_broken_locked(t, "%s (queue %u)", sm_vq_error_message(SM_VQ_ERR_NOT_READY), queue);
+        return;
+    }
+    t->ops->queue_notify(t->dev, (uint16_t)queue);
+}
+
+static uint32_t read_register_locked(sm_virtio_mmio *t, uint64_t offset)
+{
+    sm_virtqueue *q;
+    switch (offset) {
+    case REG_MAGIC_VALUE: return SM_VIRTIO_MMIO_MAGIC_VALUE;
+    case REG_VERSION: return SM_VIRTIO_MMIO_VERSION;
+    case REG_DEVICE_ID: return t->ops->device_id;
+    case REG_VENDOR_ID: return SM_VIRTIO_VENDOR_ID;
+    case REG_DEVICE_FEATURES:
+        if (t->device_features_sel > 1)
+            return 0;
+        return (uint32_t)(offered_features(t) >> (32 * t->device_features_sel));
+    case REG_QUEUE_NUM_MAX:
+        q = selected_queue(t);
+        return q ? q->max_size : 0;
+    case REG_QUEUE_READY:
+        q = selected_queue(t);
+        return q ? (uint32_t)q->ready : 0;
+    case REG_INTERRUPT_STATUS: return t->interrupt_status;
+    case REG_STATUS: return t->status;
+    case REG_CONFIG_GENERATION: return t->config_generation;
+    case REG_SHM_SEL + 4: /* SHMLenLow/High: no shared memory regions */
+    case REG_SHM_SEL + 8:
+        return 0xffffffffu;
+    default:
+        t->counters.bad_register_accesses++;
+        return 0;
+    }
+}
+
+static void write_register_locked(sm_virtio_mmio *t, uint64_t offset, uint32_t v)
+{
+    switch (offset) {
+    case REG_DEVICE_FEATURES_SEL: t->device_features_sel = v; break;
+    case REG_DRIVER_FEATURES:
+        if (t->status & SM_VIRTIO_STATUS_FEATURES_OK) {
+            t->counters.bad_register_accesses++;
+        } else if (t->driver_features_sel == 0) {
+            t->driver_features = (t->driver_features & ~0xffffffffULL) | v;
+        } else if (t->driver_features_sel == 1) {
+            t->driver_features = (t->driver_features & 0xffffffffULL) | ((uint64_t)v << 32);
+        } else if (v) {
+            t->driver_features |= 1ULL << 63; /* unofferable: fails FEATURES_OK */
+        }
+        break;
+    case REG_DRIVER_FEATURES_SEL: t->driver_features_sel = v; break;
+    case REG_QUEUE_SEL: t->queue_sel = v; break;
+    case REG_QUEUE_NUM:
+    case REG_QUEUE_DESC_LOW:
+    case REG_QUEUE_DESC_HIGH:
+    case REG_QUEUE_DRIVER_LOW:
+    case REG_QUEUE_DRIVER_HIGH:
+    case REG_QUEUE_DEVICE_LOW:
+    case REG_QUEUE_DEVICE_HIGH:
+        set_queue_field_locked(t, (uint32_t)offset, v);
+        break;
+    case REG_QUEUE_READY: write_queue_ready_locked(t, v); break;
+    case REG_QUEUE_NOTIFY: notify_locked(t, v); break;
+    case REG_INTERRUPT_ACK: t->interrupt_status &= ~v; break;
+    case REG_STATUS: write_status_locked(t, v); break;
+    case REG_SHM_SEL: break;
+    default: t->counters.bad_register_accesses++; break;
+    }
+}
+
+void sm_virtio_mmio_access(sm_virtio_mmio *t, uint64_t offset, uint8_t *data, uint32_t len,
+                           int is_write)
+{
+    pthread_mutex_lock(&t->lock);
+    if (is_write)
+        t->counters.register_writes++;
+    else
+        t->counters.register_reads++;
+    if (offset >= REG_CONFIG_SPACE) {
+        uint32_t off = (uint32_t)(offset - REG_CONFIG_SPACE);
+        if (is_write) {
+            if (t->ops->config_write)
+                t->ops->config_write(t->dev, off, data, len);
+        } else {
+            memset(data, 0, len);
+            if (t->ops->config_read)
+                t->ops->config_read(t->dev, off, data, len);
+        }
+    } else if (len != REG_ACCESS_BYTES || offset % REG_ACCESS_BYTES) {
+        t->counters.bad_register_accesses++;
+        if (!is_write)
+            memset(data, 0, len);
+    } else if (is_write) {
+        uint32_t v;
+        memcpy(&v, data, 4);
+        write_register_locked(t, offset, v);
+    } else {
+        uint32_t v = read_register_locked(t, offset);
+        memcpy(data, &v, 4);
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out)
+{
+    memset(out, 0, sizeof(*out));
+    pthread_mutex_lock(&t->lock);
+    snprintf(out->name, sizeof(out->name), "%s", t->name);
+    out->virtio_device_id = t->ops->device_id;
+    out->mmio_base = t->base_gpa;
+    out->irq = t->irq;
+    out->broken = t->broken;
+    snprintf(out->broken_reason, sizeof(out->broken_reason), "%s", t->broken_reason);
+    out->driver_status = t->status;
+    uint32_t n = 0;
+#define SM_ADD_COUNTER(field)                                                             \
+    do {                                                                                  \
+        snprintf(out->counter_names[n], sizeof(out->counter_names[n]), "%s", #field);     \
+        out->counters[n++] = t->counters.field;                                           \
+    } while (0)
+    SM_ADD_COUNTER(register_reads);
+    SM_ADD_COUNTER(register_writes);
+    SM_ADD_COUNTER(queue_notifications);
+    SM_ADD_COUNTER(interrupts_used_ring);
+    SM_ADD_COUNTER(interrupts_config);
+    SM_ADD_COUNTER(bad_register_accesses);
+    SM_ADD_COUNTER(resets);
+    SM_ADD_COUNTER(activations);
+    SM_ADD_COUNTER(feature_negotiation_failures);
+    SM_ADD_COUNTER(notifications_while_broken);
+#undef SM_ADD_COUNTER
+    if (t->ops->counters)
+        t->ops->counters(t->dev, out, &n);
+    pthread_mutex_unlock(&t->lock);
+}

@@ -1,0 +1,184 @@
+"""Command line: ``python -m supermachine_jupyter {assets,run,doctor}``.
+
+* ``assets``: build the guest kernel and initramfs when missing; print their paths.
+* ``run 'SCRIPT'``: run a shell script in a fresh VM, stream its output, exit with its status.
+* ``doctor [--json]``: what this machine offers (KVM, QEMU, assets) and which engine ``auto``
+  picks, and why.
+* ``notebook PATH``: execute a notebook headless and print each cell's output (``make demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def cmd_assets(args: argparse.Namespace) -> int:
+    from .assets import main_assets
+    return main_assets()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import VmConfig
+    from .image import Image
+    from .vm import stop_command
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"[vm] {line}", file=sys.stderr, flush=True)
+
+    config = VmConfig(memory_mib=args.memory, vcpus=args.vcpus, engine=args.engine)
+    with Image.default(say).start(config, progress=say) as vm:
+        say(f"{vm.name} ready in {vm.boot_seconds:.1f} s")
+        proc = vm.exec(args.script)
+        out, err = sys.stdout.buffer, sys.stderr.buffer
+
+        def write(stream):
+            def take(data: bytes) -> None:
+                stream.write(data)
+                stream.flush()
+            return take
+        try:
+            status = proc.wait(timeout=args.timeout, on_stdout=write(out), on_stderr=write(err))
+        except TimeoutError:
+            proc.kill()
+            status = proc.wait(timeout=10)
+            say(f"timed out after {args.timeout} s; command killed")
+            return 124
+        except KeyboardInterrupt:
+            status = stop_command(proc)
+            say("interrupted")
+            return 130
+    if status.signal:
+        return 128 + status.signal
+    return status.code or 0
+
+
+def cmd_notebook(args: argparse.Namespace) -> int:
+    """Execute a notebook headless (nbclient), printing each cell's output as it completes."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(args.path, as_version=4)
+
+    def show(cell, cell_index, execute_reply) -> None:
+        if cell.cell_type != "code":
+            return
+        print(f"\n── cell {cell_index}: {cell.source.splitlines()[0] if cell.source else ''}",
+              flush=True)
+        for output in cell.get("outputs", []):
+            if output.output_type == "stream":
+                # Both streams go to stdout so the transcript keeps the cell's order.
+                sys.stdout.write(output.text)
+            elif output.output_type in ("execute_result", "display_data"):
+                print(output.get("data", {}).get("text/plain", ""))
+            elif output.output_type == "error":
+                print(f"{output.ename}: {output.evalue}")
+        sys.stdout.flush()
+
+    client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.dirname(os.path.abspath(args.path))}},
+                            on_cell_executed=show)
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        print(f"notebook failed: {str(exc).splitlines()[-1] if str(exc) else exc}", file=sys.stderr)
+        return 1
+    if args.write:
+        nbformat.write(nb, args.path)
+    return 0
+
+
+def doctor_report() -> dict:
+    from . import __version__
+    from .accel import kvm_status
+    from .assets import find_assets
+    from .engines import choose_engine, native_available
+    from .engines.qemu import qemu_binary
+
+    kvm = kvm_status()
+    assets = find_assets()
+    report: dict = {
+        "version": __version__,
+        "kvm": {"device": os.path.exists("/dev/kvm"), **kvm.to_dict()},
+        "qemu": {"binary": qemu_binary()},
+        "assets": ({"kernel": str(assets.kernel), "vmlinux": str(assets.vmlinux),
+                    "initrd": str(assets.initrd)} if assets else None),
+    }
+    ok, why = native_available()
+    report["native"] = {"available": ok, "detail": why}
+    try:
+        from .engines import native as native_engine
+        report["native"].update(native_engine.doctor())
+    except (ImportError, AttributeError):
+        pass
+    try:
+        choice = choose_engine("auto")
+        report["auto"] = {"engine": choice.name, "accel": choice.accel, "reason": choice.reason}
+    except Exception as exc:  # noqa: BLE001 - the doctor reports, it does not fail
+        report["auto"] = {"engine": None, "reason": str(exc)}
+    return report
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    report = doctor_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    kvm = report["kvm"]
+    hints = f" [{'; '.join(kvm['hints'])}]" if kvm["hints"] else ""
+    kvm_summary = f"{kvm['speed']}: {kvm['reason']}{hints}"
+    lines = [
+        f"supermachine_jupyter {report['version']}",
+        f"/dev/kvm      {'present' if kvm['device'] else 'absent'}; {kvm_summary}",
+        f"QEMU          {report['qemu']['binary'] or 'not found (apt-get install qemu-system-x86)'}",
+        f"guest assets  {report['assets']['kernel'] + ' + initramfs' if report['assets'] else 'not built (python -m supermachine_jupyter assets)'}",
+        f"native core   {'available' if report['native']['available'] else 'unavailable'}: "
+        f"{report['native']['detail']}",
+        f"engine=auto   → {report['auto']['engine']}"
+        + (f"/{report['auto'].get('accel')}" if report['auto'].get('accel') else "")
+        + f": {report['auto']['reason']}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m supermachine_jupyter",
+                                     description="Run commands in supermachine microVMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("assets", help="build (when missing) and print the guest kernel and initramfs")
+    run = sub.add_parser("run", help="run a shell script in a fresh VM")
+    run.add_argument("script")
+    run.add_argument("--memory", type=int, default=None, metavar="MIB")
+    run.add_argument("--vcpus", type=int, default=None)
+    run.add_argument("--engine", default="auto", choices=["auto", "native", "qemu"])
+    run.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    doctor = sub.add_parser("doctor", help="what this machine can run, and which engine auto picks")
+    doctor.add_argument("--json", action="store_true")
+    notebook = sub.add_parser("notebook", help="execute a notebook headless, printing its output")
+    notebook.add_argument("path")
+    notebook.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    notebook.add_argument("--write", action="store_true", help="save the outputs into the notebook")
+    args = parser.parse_args(argv)
+    handler = {"assets": cmd_assets, "run": cmd_run, "doctor": cmd_doctor,
+               "notebook": cmd_notebook}[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a CLI prints one clear line, not a traceback
+        from traitlets import TraitError
+        from .errors import VmError
+        if isinstance(exc, (VmError, TraitError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""The native KVM core (C, bound with cffi): a thin Python layer over ``native/include/supermachine.h``.
+
+Two levels:
+
+* :class:`NativeVm` — one KVM VM of the core: create, start, pause/resume, stop, console ring,
+  balloon, per-device counters and broken flags, the exit record. Used directly by the probe
+  tests and the calibration.
+* the engine (:func:`available`, :func:`start`) — the ``EngineInstance`` of ``engines/base.py``
+  on top of :class:`NativeVm`, with the agent reached through the hybrid-vsock mux socket.
+
+Guest faults (emulation failure, internal error, triple fault, unhandled I/O or MMIO in strict
+mode) end the VM; the next call on it raises :class:`GuestFaultError` naming the exit, and the
+console carries a ``[supermachine] VM failed …`` line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ..errors import EngineError, VmStoppedError
+
+#: Module the cffi build produces; SUPERMACHINE_NATIVE_MODULE=_native_asan selects the
+#: sanitizer build (needs LD_PRELOAD of libasan).
+NATIVE_MODULE_ENV = "SUPERMACHINE_NATIVE_MODULE"
+PROBE_DIR = Path(__file__).resolve().parent.parent / "_probes"
+PAGE_BYTES = 4096
+MIB_TO_4K_PAGES = 256
+CONSOLE_CHUNK_BYTES = 64 * 1024
+#: guest/host cycle ratio below which KVM counts as running guests at hardware speed
+CALIB_HARDWARE_MAX_RATIO = 3.0
+BALLOON_STAT_FIELDS = ("swap_in", "swap_out", "major_faults", "minor_faults", "free_memory",
+                       "total_memory", "available_memory", "disk_caches", "hugetlb_allocations",
+                       "hugetlb_failures")
+
+_lib = None
+_ffi = None
+_import_error: Exception | None = None
+
+
+class NativeCoreError(EngineError):
+    """A call into the native core failed; ``status`` is the sm_status name."""
+
+    def __init__(self, message: str, status: str = ""):
+        super().__init__(message)
+        self.status = status
+
+
+class GuestFaultError(NativeCoreError):
+    """The VM ended because of the guest: ``reason`` (e.g. ``emulation_failure``), ``rip``,
+    ``insn_bytes`` and ``kvm_exit_reason`` come from the core's exit record."""
+
+    def __init__(self, info: dict):
+        super().__init__(f"VM failed ({info['reason']}): {info['message']}", "SM_ERR_VM_FAILED")
+        self.info = info
+        self.reason = info["reason"]
+        self.rip = info["rip"]
+        self.insn_bytes = info["insn_bytes"]
+        self.kvm_exit_reason = info["kvm_exit_reason"]
+
+
+def _load():
+    global _lib, _ffi, _import_error
+    if _lib is not None:
+        return _ffi, _lib
+    name = os.environ.get(NATIVE_MODULE_ENV, "_native")
+    try:
+        mod = importlib.import_module(f"supermachine_jupyter.{name}")
+    except ImportError as exc:
+        _import_error = exc
+        raise
+    _ffi, _lib = mod.ffi, mod.lib
+    return _ffi, _lib
+
+
+def library():
+    """(ffi, lib) of the compiled core; ImportError if it was not built."""
+    return _load()
+
+
+def kvm_check() -> tuple[bool, str]:
+    """Can the core use /dev/kvm here? (ok, message naming what is missing)."""
+    ffi, lib = _load()
+    err = ffi.new("char[512]")
+    rc = lib.sm_kvm_check(err, 512)
+    return rc == 0, ffi.string(err).decode(errors="replace")
+
+
+def probe_path(name: str) -> Path:
+    """Path of a built probe guest (``uart``, ``balloon``, ``blk``, ``vsock``, ``bad_guest``,
+    ``calib``, ``exits``)."""
+    path = PROBE_DIR / f"{name}.elf"
+    if not path.exists():
+        raise NativeCoreError(f"probe guest {path} is missing: build with "
+                              "`python native/build_native.py` or reinstall the package")
+    return path
+
+
+def _status_name(lib, rc: int) -> str:
+    return _ffi.string(lib.sm_status_name(rc)).decode()
+
+
+class NativeVm:
+    """One VM of the native core."""
+
+    def __init__(self, kernel: str | os.PathLike, *, memory_mib: int = 64, vcpus: int = 1,
+                 initrd: str | os.PathLike | None = None, cmdline: str = "",
+                 balloon: bool = False, balloon_deflate_on_oom: bool = False,
+                 balloon_stats_interval_s: int = 0,
+                 volumes: Sequence[tuple[str | os.PathLike, bool]] = (),
+                 vsock_uds_path: str | os.PathLike | None = None, vsock_guest_cid: int = 3,
+                 strict_unhandled_exits: bool = False):
+        ffi, lib = _load()
+        self._ffi, self._lib = ffi, lib
+        cfg = ffi.new("sm_vm_config *")
+        keep = []  # cffi char[] objects must outlive sm_vm_create
+
+        def cstr(value):
+            if value is None:
+                return ffi.NULL
+            buf = ffi.new("char[]", os.fsencode(value))
+            keep.append(buf)
+            return buf
+
+        cfg.memory_mib = int(memory_mib)
+        cfg.vcpus = int(vcpus)
+        cfg.kernel_path = cstr(kernel)
+        cfg.initrd_path = cstr(initrd)
+        cfg.cmdline = cstr(cmdline)
+        cfg.balloon = int(bool(balloon))
+        cfg.balloon_deflate_on_oom = int(bool(balloon_deflate_on_oom))
+        cfg.balloon_stats_interval_s = int(balloon_stats_interval_s)
+        volumes = list(volumes)
+        if len(volumes) > lib.SM_MAX_BLK_DEVICES:
+            raise NativeCoreError(f"at most {lib.SM_MAX_BLK_DEVICES} block devices", "SM_ERR_INVALID_ARGUMENT")
+        for i, (path, read_only) in enumerate(volumes):
+            cfg.blk[i].path = cstr(path)
+            cfg.blk[i].read_only = int(bool(read_only))
+        cfg.n_blk = len(volumes)
+        cfg.vsock_uds_path = cstr(vsock_uds_path)
+        cfg.vsock_guest_cid = int(vsock_guest_cid)
+        cfg.strict_unhandled_exits = int(bool(strict_unhandled_exits))
+        out = ffi.new("sm_vm **")
+        err = ffi.new("char[512]")
+        rc = lib.sm_vm_create(cfg, out, err, 512)
+        if rc != 0:
+            raise NativeCoreError(f"sm_vm_create: {ffi.string(err).decode(errors='replace')}",
+                                  _status_name(lib, rc))
+        self._vm = out[0]
+        self._cursor = ffi.new("uint64_t *")
+        self._started_ns: int | None = None
+        self.vsock_uds_path = os.fspath(vsock_uds_path) if vsock_uds_path else None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _handle(self):
+        if self._vm is None:
+            raise VmStoppedError("this native VM was destroyed")
+        return self._vm
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc >= 0:
+            return
+        buf = self._ffi.new("char[512]")
+        self._lib.sm_vm_last_error(self._vm, buf, 512)
+        status = _status_name(self._lib, rc)
+        if status == "SM_ERR_VM_FAILED" or self.state == "failed":
+            self.raise_if_failed()
+        raise NativeCoreError(f"{what}: {self._ffi.string(buf).decode(errors='replace')} ({status})", status)
+
+    def raise_if_failed(self) -> None:
+        """Raise GuestFaultError if the VM ended because of the guest."""
+        info = self.exit_info()
+        if info["state"] == "failed":
+            raise GuestFaultError(info)
+
+    def start(self) -> None:
+        self._started_ns = time.monotonic_ns()
+        self._check(self._lib.sm_vm_start(self._handle()), "start")
+
+    def pause(self) -> None:
+        self.raise_if_failed()
+        self._check(self._lib.sm_vm_pause(self._handle()), "pause")
+
+    def resume(self) -> None:
+        self.raise_if_failed()
+        self._check(self._lib.sm_vm_resume(self._handle()), "resume")
+
+    def stop(self) -> None:
+        """End the VM (joins the vCPU threads). Safe to call on an ended VM."""
+        if self._vm is not None:
+            self._lib.sm_vm_stop(self._vm)
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Wait until the VM ended; returns the state name, or the current one on timeout."""
+        ms = -1 if timeout is None else int(timeout * 1000)
+        self._lib.sm_vm_wait(self._handle(), ms)
+        return self.state
+
+    def close(self) -> None:
+        """Destroy: joins every thread, closes every fd, unmaps guest memory."""
+        if self._vm is not None:
+            self._lib.sm_vm_destroy(self._vm)
+            self._vm = None
+
+    destroy = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        s = self._lib.sm_vm_get_state(self._handle())
+        return self._ffi.string(self._lib.sm_vm_state_name(s)).decode()
+
+    def exit_info(self) -> dict:
+        ffi, lib = self._ffi, self._lib
+        info = ffi.new("sm_exit_info *")
+        lib.sm_vm_exit_info(self._handle(), info)
+        return {
+            "state": ffi.string(lib.sm_vm_state_name(info.state)).decode(),
+            "reason": ffi.string(lib.sm_exit_reason_name(info.reason)).decode(),
+            "kvm_exit_reason": info.kvm_exit_reason,
+            "kvm_suberror": info.kvm_suberror,
+            "vcpu": info.vcpu,
+            "rip": info.rip,
+            "insn_bytes": bytes(info.insn_bytes[0:info.insn_len]),
+            "message": ffi.string(info.message).decode(errors="replace"),
+            "unhandled_io_count": info.unhandled_io_count,
+            "unhandled_mmio_count": info.unhandled_mmio_count,
+            "first_unhandled": ffi.string(info.first_unhandled).decode(errors="replace"),
+        }
+
+    @property
+    def cmdline(self) -> str:
+        buf = self._ffi.new("char[4096]")
+        self._lib.sm_vm_cmdline(self._handle(), buf, 4096)
+        return self._ffi.string(buf).decode()
+
+    @property
+    def virtio_cmdline_fragment(self) -> str:
+        buf = self._ffi.new("char[1024]")
+        self._lib.sm_vm_virtio_cmdline_fragment(self._handle(), buf, 1024)
+        return self._ffi.string(buf).decode()
+
+    # -- console ---------------------------------------------------------------------------
+    def console_read(self) -> bytes:
+        """Bytes the guest wrote since the previous console_read()."""
+        ffi, lib = self._ffi, self._lib
+        buf = ffi.new(f"uint8_t[{CONSOLE_CHUNK_BYTES}]")
+        out = []
+        while True:
+            n = lib.sm_vm_console_read(self._handle(), buf, CONSOLE_CHUNK_BYTES, self._cursor, ffi.NULL)
+            if not n:
+                return b"".join(out)
+            out.append(bytes(ffi.buffer(buf, n)))
+
+    def console_output(self) -> bytes:
+        """Everything still in the console ring (the last 1 MiB)."""
+        ffi, lib = self._ffi, self._lib
+        cursor = ffi.new("uint64_t *")
+        buf = ffi.new(f"uint8_t[{CONSOLE_CHUNK_BYTES}]")
+        out = []
+        while True:
+            n = lib.sm_vm_console_read(self._handle(), buf, CONSOLE_CHUNK_BYTES, cursor, ffi.NULL)
+            if not n:
+                return b"".join(out)
+            out.append(bytes(ffi.buffer(buf, n)))
+
+    def console_write(self, data: bytes) -> int:
+        self.raise_if_failed()
+        rc = self._lib.sm_vm_console_write(self._handle(), data, len(data))
+        self._check(rc, "console_write")
+        return rc
+
+    def wait_for_console(self, needle: bytes, timeout: float) -> bytes:
+        """Poll the console until needle appears (returns the whole output) or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.console_output()
+            if needle in out:
+                return out
+            if time.monotonic() > deadline or self.state in ("stopped", "failed"):
+                return out
+            time.sleep(0.005)
+
+    # -- balloon ---------------------------------------------------------------------------
+    def balloon_set_target_pages(self, pages: int) -> None:
+        self.raise_if_failed()
+        self._check(self._lib.sm_vm_balloon_set_target_pages(self._handle(), int(pages)), "balloon target")
+
+    def balloon_set_target_mib(self, mib: int) -> None:
+        self.balloon_set_target_pages(int(mib) * MIB_TO_4K_PAGES)
+
+    def balloon_set_stats_interval(self, seconds: int) -> None:
+        self._check(self._lib.sm_vm_balloon_set_stats_interval(self._handle(), int(seconds)),
+                    "balloon statistics interval")
+
+    def balloon_stats(self) -> dict:
+        """Firecracker's field names; fields the guest did not report are None."""
+        s = self._ffi.new("sm_balloon_stats *")
+        self._check(self._lib.sm_vm_balloon_stats(self._handle(), s), "balloon stats")
+        out = {"target_pages": s.target_pages, "actual_pages": s.actual_pages,
+               "target_mib": s.target_mib, "actual_mib": s.actual_mib,
+               "stats_updates": s.stats_updates}
+        for bit, field in enumerate(BALLOON_STAT_FIELDS):
+            out[field] = getattr(s, field) if s.present & (1 << bit) else None
+        return out
+
+    # -- devices ---------------------------------------------------------------------------
+    def devices(self) -> list[dict]:
+        ffi, lib = self._ffi, self._lib
+        out = []
+        for i in range(lib.sm_vm_device_count(self._handle())):
+            d = ffi.new("sm_device_info *")
+            self._check(lib.sm_vm_device_info(self._vm, i, d), "device info")
+            counters = {}
+            for j in range(len(d.counters)):
+                name = ffi.string(d.counter_names[j]).decode()
+                if not name:
+                    break
+                counters[name] = d.counters[j]
+            out.append({
+                "name": ffi.string(d.name).decode(),
+                "virtio_device_id": d.virtio_device_id,
+                "mmio_base": d.mmio_base,
+                "irq": d.irq,
+                "broken": bool(d.broken),
+                "broken_reason": ffi.string(d.broken_reason).decode(errors="replace"),
+                "driver_status": d.driver_status,
+                "counters": counters,
+            })
+        return out
+
+    def device(self, name: str) -> dict:
+        for d in self.devices():
+            if d["name"] == name:
+                return d
+        raise KeyError(name)
+
+
+def run_probe(name: str, *, timeout: float = 30.0, cmdline: str = "", **kwargs) -> tuple[NativeVm, bytes]:
+    """Boot probe guest ``name`` and wait until it ends (or timeout); returns (vm, console).
+    The caller closes the VM."""
+    kwargs.setdefault("strict_unhandled_exits", True)
+    vm = NativeVm(probe_path(name), cmdline=cmdline, **kwargs)
+    vm.start()
+    vm.wait(timeout)
+    return vm, vm.console_output()
+
+
+def calibrate(iterations: int = 100_000, timeout: float = 60.0) -> dict:
+    """Run the calib probe's integer loop in a guest and the same loop on the host, both timed
+    with the TSC. ratio = guest cycles / host cycles: ~1 where KVM runs guests at hardware
+    speed, thousands where this "KVM" emulates instructions."""
+    ffi, lib = _load()
+    checksum = ffi.new("uint64_t *")
+    host_cycles = min(lib.sm_calib_loop(iterations, checksum) for _ in range(3))
+    vm = NativeVm(probe_path("calib"), cmdline=f"iterations={iterations}", strict_unhandled_exits=True)
+    try:
+        t0 = time.monotonic()
+        vm.start()
+        vm.wait(timeout)
+        wall = time.monotonic() - t0
+        out = vm.console_output().decode(errors="replace")
+        vm.raise_if_failed()
+    finally:
+        vm.close()
+    m = re.search(r"CALIB done iterations=(\d+) cycles=(\d+) checksum=0x([0-9a-f]+)", out)
+    if not m:
+        raise NativeCoreError(f"calib probe did not report within {timeout:.0f} s; console: {out[-500:]}")
+    if int(m.group(3), 16) != checksum[0]:
+        raise NativeCoreError("calib probe checksum differs from the host's: not the same loop")
+    guest_cycles = int(m.group(2))
+    ratio = guest_cycles / max(host_cycles, 1)
+    return {"iterations": iterations, "host_cycles": host_cycles, "guest_cycles": guest_cycles,
+            "ratio": ratio, "wall_seconds": wall,
+            "speed": "hardware" if ratio < CALIB_HARDWARE_MAX_RATIO else "emulated"}
+
+
+# -- engine ------------------------------------------------------------------------------------
+def available() -> tuple[bool, str]:
+    """Is the native engine usable here? (ok, why not)."""
+    try:
+        _load()
+    except ImportError as exc:
+        return False, f"native core not built ({exc})"
+    ok, msg = kvm_check()
+    if not ok:
+        return False, msg
+    return True, "native core built and /dev/kvm usable"

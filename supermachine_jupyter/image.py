@@ -1,0 +1,103 @@
+"""``Image``: what a VM boots — a kernel and an initramfs with their baked defaults.
+
+``Image.default()`` is the embedded busybox guest (built on first use into the user cache,
+see ``assets.py``). ``image.start(config)`` boots it on the engine the config asks for and
+returns a running :class:`~supermachine_jupyter.vm.Vm` once the guest agent has answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from .agent import AgentClient
+from .assets import GuestAssets, ensure_assets
+from .config import VmConfig
+from .console import ConsoleBuffer
+from .engines import EngineChoice, choose_engine, start_engine
+from .engines.base import LaunchSpec
+from .errors import AgentError, EngineError, VmError
+from .vm import Vm
+
+DEFAULT_BOOT_TIMEOUT_S = 120.0
+# reboot=t: a guest reboot is a triple fault, which ends the VM at once on every engine.
+BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t loglevel=4"
+
+Progress = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """A bootable guest: kernel, PVH ``vmlinux``, initramfs, and its default size."""
+    kernel: Path
+    vmlinux: Path
+    initrd: Path
+    default_memory_mib: int = 256
+    default_vcpus: int = 1
+    description: str = "busybox guest with the supermachine agent"
+
+    @classmethod
+    def default(cls, progress: Progress = _silent) -> "Image":
+        """The embedded default image, building its kernel and initramfs when missing."""
+        assets: GuestAssets = ensure_assets(progress)
+        return cls(assets.kernel, assets.vmlinux, assets.initrd)
+
+    def __repr__(self) -> str:
+        return (f"Image({self.description!r}, kernel={str(self.kernel)!r}, "
+                f"memory={self.default_memory_mib}MiB, vcpus={self.default_vcpus})")
+
+    def start(self, config: VmConfig | None = None, *, name: str | None = None,
+              progress: Progress = _silent,
+              boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S) -> Vm:
+        """Boot a VM from this image and wait until its agent answers."""
+        config = config or VmConfig()
+        name = name or config.name or f"vm-{secrets.token_hex(3)}"
+        kernel, vmlinux, initrd = self.kernel, self.vmlinux, self.initrd
+        if config.assets is not None:
+            kernel, initrd = Path(config.assets.kernel), Path(config.assets.initrd)
+            vmlinux = kernel
+        choice: EngineChoice = choose_engine(config.engine)
+        memory = config.memory_mib or self.default_memory_mib
+        vcpus = config.vcpus or self.default_vcpus
+        run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=config.vsock_mux_dir))
+        spec = LaunchSpec(
+            name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel, vmlinux=vmlinux,
+            initrd=initrd, cmdline=f"{BASE_CMDLINE} sm.hostname={name}", config=config,
+            run_dir=run_dir, console=ConsoleBuffer())
+        progress(f"starting {name} on {choice.name}/{choice.accel} "
+                 f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
+        started = time.monotonic()
+        instance = start_engine(choice, spec)
+        agent = None
+        try:
+            sock = instance.connect_agent(timeout=boot_timeout)
+            agent = AgentClient(sock, name=name)
+            progress(f"booting {name}…")
+            agent.handshake(timeout=boot_timeout)
+        except (AgentError, EngineError, TimeoutError, OSError) as exc:
+            if agent is not None:
+                agent.close()
+            instance.shutdown(None, timeout=3)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            tail = "\n".join(spec.console.text().splitlines()[-15:])
+            why = instance.exit_description() or str(exc)
+            raise VmError(f"VM {name!r} did not boot: {why}\n--- last console lines ---\n"
+                          f"{tail}") from exc
+        except BaseException:
+            # KeyboardInterrupt during boot: never leave the engine behind.
+            if agent is not None:
+                agent.close()
+            instance.shutdown(None, timeout=3)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        boot_seconds = time.monotonic() - started
+        return Vm(spec, instance, agent, boot_seconds)

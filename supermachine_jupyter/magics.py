@@ -1,0 +1,413 @@
+"""``%%vm`` and ``%vm``: run notebook cells inside microVMs.
+
+::
+
+    %load_ext supermachine_jupyter
+    %%vm --memory 512 --vcpus 2 --name lab1
+    uname -a; free -m
+
+Output streams into the cell as the guest produces it (stdout to stdout, stderr to stderr);
+the last line gives the exit status and timings. A VM started with ``--name`` stays up for
+later cells (until ``%vm stop NAME`` or the kernel shuts down); an unnamed VM is stopped when
+its cell ends. Interrupting the kernel sends SIGINT, then SIGTERM, then SIGKILL to the guest
+command; the VM survives.
+
+Line magic: ``%vm list``, ``%vm stop NAME|--all``, ``%vm console NAME``, ``%vm config NAME``.
+Defaults are traitlets: ``%config VmMagics.default_memory_mib = 512``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import shlex
+import sys
+import threading
+import time
+from typing import Callable
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from traitlets import Bool, Enum, Float, Int, TraitError
+
+from .config import ENGINES, MountSpec, VmConfig, VolumeSpec
+from .errors import VmError
+from .vm import ExecResult, Vm, stop_command
+
+
+class VmCommandError(VmError):
+    """``%%vm --raise``: the guest command exited non-zero."""
+
+    def __init__(self, result: ExecResult, name: str):
+        self.result = result
+        status = (f"killed by signal {result.signal}" if result.signal
+                  else f"exit status {result.exit_code}")
+        super().__init__(f"command in VM {name!r} failed with {status}")
+
+
+class StatusLine:
+    """The last line of a ``%%vm`` cell; renders as text and as HTML."""
+
+    def __init__(self, name: str, engine: str, result: ExecResult | None, boot_s: float | None,
+                 note: str = ""):
+        self.name, self.engine, self.result, self.boot_s, self.note = name, engine, result, boot_s, note
+
+    def _parts(self) -> tuple[str, bool]:
+        r = self.result
+        if r is None:
+            return self.note, False
+        if r.timed_out:
+            status, ok = "timed out (command killed)", False
+        elif r.signal:
+            status, ok = f"killed by signal {r.signal}", False
+        else:
+            status, ok = f"exit {r.exit_code}", r.exit_code == 0
+        boot = f" · boot {self.boot_s:.1f} s" if self.boot_s is not None else ""
+        note = f" · {self.note}" if self.note else ""
+        return f"[{self.name} · {self.engine}] {status} · {r.duration:.2f} s{boot}{note}", ok
+
+    def __repr__(self) -> str:
+        return self._parts()[0]
+
+    def _repr_html_(self) -> str:
+        from html import escape
+        text, ok = self._parts()
+        colour = "#2e7d32" if ok else "#c62828"
+        return (f"<div style='font-family:monospace;font-size:85%;color:{colour}'>"
+                f"{escape(text)}</div>")
+
+
+class _Progress:
+    """A one-line progress display that updates in place while a VM boots."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.handle = None
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        text = _PlainText(f"⏳ {message}")
+        if self.handle is None:
+            self.handle = display(text, display_id=True)
+        else:
+            self.handle.update(text)
+
+    def done(self, message: str) -> None:
+        if self.enabled and self.handle is not None:
+            self.handle.update(_PlainText(f"✓ {message}"))
+
+
+class _PlainText:
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _StreamWriter:
+    """Decodes guest output incrementally (UTF-8 split across chunks) and writes it through,
+    keeping the first ``keep_bytes`` for ``VmMagics.last_result``."""
+
+    def __init__(self, stream_name: str, keep_bytes: int = 8 * 1024 * 1024):
+        self._stream_name = stream_name
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._kept = bytearray()
+        self._keep_bytes = keep_bytes
+
+    @property
+    def text(self) -> str:
+        return self._kept.decode(errors="replace")
+
+    def __call__(self, data: bytes) -> None:
+        if len(self._kept) < self._keep_bytes:
+            self._kept += data[:self._keep_bytes - len(self._kept)]
+        text = self._decoder.decode(data)
+        if text:
+            target = getattr(sys, self._stream_name)
+            target.write(text)
+            target.flush()
+
+    def finish(self) -> None:
+        tail = self._decoder.decode(b"", final=True)
+        if tail:
+            getattr(sys, self._stream_name).write(tail)
+
+
+def _parse_volume(text: str) -> VolumeSpec:
+    parts = text.split(":")
+    if len(parts) not in (2, 3, 4):
+        raise TraitError(f"--volume {text!r}: expected HOST:GUEST[:SIZE_MIB][:ro]")
+    read_only = parts[-1] == "ro"
+    if read_only:
+        parts = parts[:-1]
+    size = 1024
+    if len(parts) == 3:
+        try:
+            size = int(parts[2])
+        except ValueError:
+            raise TraitError(f"--volume {text!r}: SIZE_MIB must be an integer") from None
+    return VolumeSpec(parts[0], parts[1], size_mib=size, read_only=read_only)
+
+
+def _parse_mount(text: str) -> MountSpec:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in ("ro", "rw")):
+        raise TraitError(f"--mount {text!r}: expected HOST:TAG:GUEST[:ro]")
+    return MountSpec(parts[0], parts[1], parts[2], read_only=len(parts) == 4 and parts[3] == "ro")
+
+
+@magics_class
+class VmMagics(Magics):
+    """The ``%%vm`` cell magic and ``%vm`` line magic. Configurable with ``%config``."""
+
+    default_memory_mib = Int(None, allow_none=True,
+                             help="Memory (MiB) of VMs started without --memory; None: "
+                                  "the image's default").tag(config=True)
+    default_vcpus = Int(None, allow_none=True,
+                        help="vCPUs of VMs started without --vcpus; None: the image's "
+                             "default").tag(config=True)
+    default_engine = Enum(list(ENGINES), "auto",
+                          help="Engine of VMs started without --engine").tag(config=True)
+    default_timeout = Float(None, allow_none=True,
+                            help="Seconds a cell's command may run before it is killed; "
+                                 "None: no limit").tag(config=True)
+    boot_timeout = Float(120.0, help="Seconds to wait for a VM to boot").tag(config=True)
+    show_progress = Bool(True, help="Show a progress line while a VM boots and a status "
+                                    "line when the command ends").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._vms: dict[str, Vm] = {}
+        self._lock = threading.Lock()
+        self._image = None
+        #: the result of the last ``%%vm`` cell
+        self.last_result: ExecResult | None = None
+
+    # -- VM bookkeeping --------------------------------------------------------------------
+    @property
+    def vms(self) -> dict[str, Vm]:
+        """Named VMs of this kernel (running or ended), by name."""
+        return dict(self._vms)
+
+    def image(self, progress: Callable[[str], None]):
+        if self._image is None:
+            from .image import Image
+            self._image = Image.default(progress)
+        return self._image
+
+    def _build_config(self, args: argparse.Namespace) -> VmConfig:
+        if args.config:
+            base = self.shell.user_ns.get(args.config) if self.shell else None
+            if not isinstance(base, VmConfig):
+                raise TraitError(f"--config {args.config}: no VmConfig of that name in the "
+                                 "notebook's namespace")
+        else:
+            base = VmConfig(memory_mib=self.default_memory_mib, vcpus=self.default_vcpus,
+                            engine=self.default_engine)
+        changes: dict = {}
+        if args.memory is not None:
+            changes["memory_mib"] = args.memory
+        if args.vcpus is not None:
+            changes["vcpus"] = args.vcpus
+        if args.balloon:
+            changes["balloon"] = True
+        if args.engine:
+            changes["engine"] = args.engine
+        if args.volume:
+            changes["volumes"] = list(base.volumes) + [_parse_volume(v) for v in args.volume]
+        if args.mount:
+            changes["mounts"] = list(base.mounts) + [_parse_mount(m) for m in args.mount]
+        if args.name:
+            changes["name"] = args.name
+        return base.replace(**changes) if changes else base
+
+    def _get_or_start(self, config: VmConfig, progress: _Progress) -> tuple[Vm, bool, str]:
+        """The VM for this cell: a running named VM, or a new one. Returns (vm, new, note)."""
+        name = config.name
+        with self._lock:
+            existing = self._vms.get(name) if name else None
+        note = ""
+        if existing is not None:
+            if existing.state == "running":
+                differs = [f for f in ("memory_mib", "vcpus", "balloon", "volumes", "mounts", "engine")
+                           if getattr(config, f) != getattr(existing.config, f)
+                           and getattr(config, f) not in (None, [], False, "auto")]
+                if differs:
+                    note = (f"{name} was already running: {', '.join(differs)} from this cell "
+                            f"not applied (%vm stop {name} to restart it)")
+                return existing, False, note
+            note = f"{name} had {existing.state}" + (f" ({existing.failure})" if existing.failure else "") + "; restarted"
+        vm = self.image(progress).start(config, progress=progress, boot_timeout=self.boot_timeout)
+        if name:
+            with self._lock:
+                self._vms[name] = vm
+        return vm, True, note
+
+    # -- %%vm -----------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--memory", type=int, metavar="MIB", help="guest memory in MiB")
+    @argument("--vcpus", type=int, metavar="N", help="number of vCPUs")
+    @argument("--balloon", action="store_true", help="attach a virtio-balloon device")
+    @argument("--volume", action="append", metavar="HOST:GUEST[:SIZE_MIB][:ro]",
+              help="attach a persistent ext4 volume (repeatable)")
+    @argument("--mount", action="append", metavar="HOST:TAG:GUEST[:ro]",
+              help="share a host directory over virtio-fs (repeatable)")
+    @argument("--name", metavar="NAME", help="keep the VM running under this name for later cells")
+    @argument("--timeout", type=float, metavar="SECONDS", help="kill the command after this long")
+    @argument("--engine", choices=list(ENGINES), help="auto (default), native or qemu")
+    @argument("--config", metavar="VAR", help="start from the VmConfig in this notebook variable")
+    @argument("--raise", dest="raise_error", action="store_true",
+              help="raise an error when the command exits non-zero")
+    @argument("--quiet", action="store_true", help="no progress or status line")
+    @cell_magic
+    def vm(self, line: str, cell: str):
+        """Run the cell's shell script inside a microVM.
+
+        Output streams as it is produced; interrupt stops the command (SIGINT, SIGTERM,
+        SIGKILL) and keeps a named VM running.
+        """
+        args = parse_argstring(self.vm, line)
+        config = self._build_config(args)
+        progress = _Progress(self.show_progress and not args.quiet)
+        vm, new, note = self._get_or_start(config, progress)
+        if new:
+            progress.done(f"{vm.name} ready on {vm.engine}/{vm.accel} in {vm.boot_seconds:.1f} s")
+        keep = bool(config.name)
+        timeout = args.timeout if args.timeout is not None else self.default_timeout
+        out, err = _StreamWriter("stdout"), _StreamWriter("stderr")
+        try:
+            result = self._run_cell(vm, cell, timeout, out, err)
+        finally:
+            out.finish()
+            err.finish()
+            if not keep:
+                vm.stop()
+        self.last_result = result
+        if self.show_progress and not args.quiet:
+            display(StatusLine(vm.name, f"{vm.engine}/{vm.accel}", result,
+                               vm.boot_seconds if new else None, note))
+        if args.raise_error and not result.ok:
+            raise VmCommandError(result, vm.name)
+
+    def _run_cell(self, vm: Vm, script: str, timeout: float | None,
+                  out: _StreamWriter, err: _StreamWriter) -> ExecResult:
+        started = time.monotonic()
+        proc = vm.exec(script)
+        try:
+            deadline = None if timeout is None else started + timeout
+            while proc.exit is None:
+                # Short slices keep KeyboardInterrupt prompt whatever the platform's locks do.
+                slice_s = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+                try:
+                    proc.wait(timeout=slice_s, on_stdout=out, on_stderr=err)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        proc.kill()
+                        status = proc.wait(timeout=10, on_stdout=out, on_stderr=err)
+                        return ExecResult(out.text, err.text, status.code,
+                                          time.monotonic() - started, True, status.signal)
+            status = proc.exit
+        except KeyboardInterrupt:
+            status = stop_command(proc)
+            sys.stderr.write(f"\n^C interrupted: guest command stopped "
+                             f"({status.describe() if status else 'no answer'}); "
+                             f"VM {vm.name} {'kept' if vm.config.name else 'stopped'}\n")
+            status = status or proc.exit
+            return ExecResult(out.text, err.text, status.code if status else None,
+                              time.monotonic() - started, False,
+                              status.signal if status else None)
+        return ExecResult(out.text, err.text, status.code, time.monotonic() - started, False,
+                          status.signal)
+
+    # -- %vm ------------------------------------------------------------------------------
+    @line_magic("vm")
+    def vm_line(self, line: str):
+        """%vm list | stop NAME... | stop --all | console NAME | config NAME"""
+        words = shlex.split(line)
+        if not words or words[0] in ("-h", "--help", "help"):
+            print(self.vm_line.__doc__)
+            return None
+        command, rest = words[0], words[1:]
+        if command == "list":
+            return VmTable(list(self._vms.values()))
+        if command == "stop":
+            if rest == ["--all"]:
+                names = list(self._vms)
+            elif rest:
+                names = rest
+            else:
+                raise VmError("%vm stop needs a VM name or --all")
+            for name in names:
+                vm = self._lookup(name)
+                vm.stop()
+                with self._lock:
+                    self._vms.pop(name, None)
+                print(f"stopped {name}")
+            return None
+        if command == "console":
+            print(self._lookup(self._one(rest, "console")).console_output())
+            return None
+        if command == "config":
+            return self._lookup(self._one(rest, "config")).config
+        raise VmError(f"unknown %vm command {command!r}: use list, stop, console or config")
+
+    @staticmethod
+    def _one(rest: list[str], command: str) -> str:
+        if len(rest) != 1:
+            raise VmError(f"%vm {command} needs exactly one VM name")
+        return rest[0]
+
+    def _lookup(self, name: str) -> Vm:
+        try:
+            return self._vms[name]
+        except KeyError:
+            known = ", ".join(self._vms) or "none"
+            raise VmError(f"no VM named {name!r} in this kernel (named VMs: {known})") from None
+
+    def stop_all(self) -> None:
+        for name, vm in list(self._vms.items()):
+            vm.stop(timeout=5)
+            self._vms.pop(name, None)
+
+
+class VmTable:
+    """``%vm list``: a table of this kernel's named VMs."""
+
+    def __init__(self, vms: list[Vm]):
+        self.vms = vms
+
+    def rows(self) -> list[tuple[str, str, str, int, int, str]]:
+        return [(vm.name, vm.state, f"{vm.engine}/{vm.accel}", vm.memory_mib, vm.vcpus,
+                 time.strftime("%H:%M:%S", time.localtime(vm.started_at))) for vm in self.vms]
+
+    def __repr__(self) -> str:
+        if not self.vms:
+            return "no named VMs (start one with %%vm --name NAME)"
+        header = ("NAME", "STATE", "ENGINE", "MiB", "vCPU", "STARTED")
+        lines = [header] + [tuple(str(c) for c in row) for row in self.rows()]
+        widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
+        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+        if not self.vms:
+            return "<i>no named VMs (start one with <code>%%vm --name NAME</code>)</i>"
+        head = "".join(f"<th>{h}</th>" for h in ("name", "state", "engine", "MiB", "vCPU", "started"))
+        body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
+                       for row in self.rows())
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def load_ipython_extension(ipython) -> None:
+    magics = VmMagics(ipython)
+    ipython.register_magics(magics)
+    ipython._supermachine_magics = magics
+
+
+def unload_ipython_extension(ipython) -> None:
+    magics = getattr(ipython, "_supermachine_magics", None)
+    if magics is not None:
+        magics.stop_all()
