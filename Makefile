@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages: QEMU, the guest's sources (kernel, busybox, musl) and the kernel build tools.
+# libasan8/libubsan1: the sanitizer build of the native core that the tests run once.
 APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc flex bison \
-	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates
+	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1
 
 .PHONY: all setup system-deps venv assets demo test doctor bench clean
 all: demo
@@ -21,7 +22,7 @@ system-deps:
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard native/include/*.h native/src/*.c native/src/*/*.c native/build_native.py)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard native/include/*.h native/src/*.c native/src/*/*.c native/build_native.py native/guest/probes/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] pip install -e .[test] into $(VENV)"
 	@$(PY) -m pip install -q --upgrade pip >/dev/null

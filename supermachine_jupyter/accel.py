@@ -4,7 +4,9 @@ Some machines expose a /dev/kvm that is itself emulated (nested KVM without VMX/
 the ``kvm_pvm`` module): tiny guests run, but Linux guests fail or crawl, so QEMU must use
 TCG there. We decide by calibration, not by flags: boot the real guest under ``-accel kvm``
 with a short deadline. A hardware-speed KVM reaches the guest's init in well under a second;
-an emulated one does not. The verdict is cached per host boot (``/proc/sys/kernel/random/
+an emulated one does not. With the native core built, the calibration is finer and faster (~1 s): its ``calib`` probe
+runs a fixed integer loop in a KVM guest, timed against the same loop on the host. The verdict
+is cached per host boot (``/proc/sys/kernel/random/
 boot_id``) because it cannot change before the next reboot.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 KVM_DEVICE = Path("/dev/kvm")
 CALIBRATION_DEADLINE_S = 8.0
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +102,27 @@ def kvm_status(refresh: bool = False) -> KvmStatus:
 
 
 def _calibrate() -> KvmStatus:
-    """Boot the default guest under QEMU with ``-accel kvm`` and time it to init."""
+    """Time the native core's calib probe against the host; without the core, boot the
+    default guest under QEMU with ``-accel kvm`` and time it to init."""
+    hints = _hints()
+    try:
+        from .engines import native
+        result = native.calibrate()
+    except ImportError:
+        return _calibrate_with_qemu(hints)
+    except Exception as exc:  # noqa: BLE001 - a probe that cannot run is a verdict too
+        return KvmStatus("emulated", f"the calibration probe failed under KVM: {exc}",
+                         hints=hints)
+    speed = result["speed"]
+    return KvmStatus(speed, f"an integer loop ran {result['ratio']:.0f}x slower in a KVM guest "
+                     f"than on the host (hardware speed: under {native.CALIB_HARDWARE_MAX_RATIO}x)",
+                     None, hints)
+
+
+def _calibrate_with_qemu(hints: tuple[str, ...]) -> KvmStatus:
     from .assets import find_assets
     from .engines import qemu
 
-    hints = _hints()
     assets = find_assets()
     if assets is None or qemu.qemu_binary() is None:
         # Without a guest we cannot measure; do not bet a user's VM on an unmeasured KVM.

@@ -16,6 +16,7 @@ Streamed output comes two ways::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import queue
@@ -121,6 +122,9 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        #: Skip bytes up to the next valid header instead of failing: right after connecting,
+        #: the port may still hold the tail of a frame an earlier session began.
+        self.resync = True
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
@@ -129,6 +133,9 @@ class FrameReader:
             magic, ftype, flags, stream, length = HEADER.unpack_from(self._buf)
             (crc,) = struct.unpack_from("<I", self._buf, 12)
             if magic != MAGIC or flags or crc != zlib.crc32(bytes(self._buf[:12])):
+                if self.resync:
+                    del self._buf[:1]
+                    continue
                 raise AgentError("guest agent sent a malformed frame header")
             if length > MAX_PAYLOAD_BYTES:
                 raise AgentError(f"guest agent sent an oversized frame ({length} bytes)")
@@ -322,6 +329,9 @@ class AgentClient:
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[int, _Stream] = {}
+        # Streams that ended recently: a CREDIT we sent as the agent sent EXIT comes back
+        # as BAD_STREAM, which is no news to anyone.
+        self._recently_finished: collections.deque[int] = collections.deque(maxlen=64)
         self._ids = itertools.count(1)
         self._hello: "queue.Queue[tuple[int, str]]" = queue.Queue()
         self._pongs: dict[int, "queue.Queue[bytes]"] = {}
@@ -459,7 +469,7 @@ class AgentClient:
         with self._lock:
             while True:
                 sid = next(self._ids) & 0xFFFFFFFF
-                if sid and sid not in self._streams:
+                if sid and sid not in self._streams and sid not in self._recently_finished:
                     break
             stream = _Stream(self, sid)
             self._streams[sid] = stream
@@ -494,6 +504,7 @@ class AgentClient:
             stream.credit_cond.notify_all()
         with self._lock:
             self._streams.pop(stream.id, None)
+            self._recently_finished.append(stream.id)
         stream.events.put(event)
 
     def _read_loop(self) -> None:
@@ -505,6 +516,8 @@ class AgentClient:
                     self._close_reason = "the guest agent closed the connection"
                     break
                 for frame in reader.feed(data):
+                    if frame.type == FrameType.HELLO:
+                        reader.resync = False   # from here on the stream must be clean
                     self._dispatch(frame)
         except (OSError, AgentError) as exc:
             if not self._closed.is_set() and "closed by the host" not in self._close_reason:
@@ -532,6 +545,8 @@ class AgentClient:
             code, message = decode_error(frame.payload)
             error = RemoteError(code, message, frame.stream)
             if stream is None:
+                if code == ErrorCode.BAD_STREAM and frame.stream in self._recently_finished:
+                    return
                 self.unclaimed_errors.put(error)
             else:
                 self._finish(stream, error)

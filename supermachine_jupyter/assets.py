@@ -32,7 +32,7 @@ from .errors import AssetError
 
 # Bump when the build recipe changes in a way the hashed inputs do not show.
 KERNEL_RECIPE_VERSION = "2"
-INITRAMFS_RECIPE_VERSION = "1"
+INITRAMFS_RECIPE_VERSION = "2"
 
 KERNEL_SOURCE_PACKAGE = "linux-source-6.1"
 KERNEL_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
@@ -166,6 +166,9 @@ def _build_lock(name: str, progress: Progress):
 def ensure_kernel(progress: Progress = _quiet, jobs: int | None = None) -> KernelBuild:
     """Return the cached kernel, building it first when the cache lacks it."""
     with _build_lock("kernel", progress):
+        # Work trees of builds that were killed midway (we hold the lock: none is running).
+        for stale in cache_dir().glob("kernel-build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return _ensure_kernel_locked(progress, jobs)
 
 
@@ -257,6 +260,7 @@ class CpioEntry:
     path: str               # relative, no leading slash
     mode: int               # full st_mode (type + permissions)
     data: bytes = b""       # file contents or symlink target
+    rdev: tuple[int, int] = (0, 0)   # (major, minor) of a device node
 
 
 def pack_cpio(entries: Iterable[CpioEntry]) -> bytes:
@@ -267,8 +271,9 @@ def pack_cpio(entries: Iterable[CpioEntry]) -> bytes:
     """
     raw = io.BytesIO()
 
-    def header(ino: int, mode: int, nlink: int, size: int, name: bytes) -> bytes:
-        fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, len(name) + 1, 0]
+    def header(ino: int, mode: int, nlink: int, size: int, name: bytes,
+               rdev: tuple[int, int] = (0, 0)) -> bytes:
+        fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
         return b"070701" + b"".join(b"%08X" % f for f in fields)
 
     def pad(n: int) -> bytes:
@@ -277,7 +282,7 @@ def pack_cpio(entries: Iterable[CpioEntry]) -> bytes:
     for ino, entry in enumerate(sorted(entries, key=lambda e: e.path), start=1):
         name = entry.path.encode()
         nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-        hdr = header(ino, entry.mode, nlink, len(entry.data), name) + name + b"\0"
+        hdr = header(ino, entry.mode, nlink, len(entry.data), name, entry.rdev) + name + b"\0"
         raw.write(hdr + pad(len(hdr)))
         raw.write(entry.data + pad(len(entry.data)))
     trailer = header(0, 0, 1, 0, b"TRAILER!!!") + b"TRAILER!!!\0"
@@ -320,7 +325,7 @@ def initramfs_entries(agent_binary: bytes) -> list[CpioEntry]:
     entries = [CpioEntry(d, stat.S_IFDIR | 0o755) for d in dirs]
     entries[dirs.index("tmp")] = CpioEntry("tmp", stat.S_IFDIR | 0o1777)
     # /dev/console must exist before devtmpfs is mounted so PID 1 has a stdout.
-    entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600))
+    entries.append(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
     entries.append(CpioEntry("bin/busybox", stat.S_IFREG | 0o755, BUSYBOX_PATH.read_bytes()))
     entries += [CpioEntry(f"bin/{name}", stat.S_IFLNK | 0o777, b"busybox")
                 for name in BUSYBOX_LINKS]

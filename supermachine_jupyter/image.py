@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import mounts, volumes
 from .agent import AgentClient
 from .assets import GuestAssets, ensure_assets
 from .config import VmConfig
@@ -26,7 +27,7 @@ from .vm import Vm
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
 # reboot=t: a guest reboot is a triple fault, which ends the VM at once on every engine.
-BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t loglevel=4"
+BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t"
 
 Progress = Callable[[str], None]
 
@@ -68,15 +69,26 @@ class Image:
         choice: EngineChoice = choose_engine(config.engine)
         memory = config.memory_mib or self.default_memory_mib
         vcpus = config.vcpus or self.default_vcpus
+        prepared = tuple(volumes.prepare(v, i) for i, v in enumerate(config.volumes))
+        for volume in prepared:
+            if volume.formatted_now:
+                progress(f"formatted volume {volume.path} ({volume.spec.size_mib} MiB, ext4)")
+        cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",
+                                         volumes.cmdline(list(prepared)),
+                                         mounts.cmdline(list(config.mounts))]))
         run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=config.vsock_mux_dir))
         spec = LaunchSpec(
             name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel, vmlinux=vmlinux,
-            initrd=initrd, cmdline=f"{BASE_CMDLINE} sm.hostname={name}", config=config,
-            run_dir=run_dir, console=ConsoleBuffer())
+            initrd=initrd, cmdline=cmdline, config=config, run_dir=run_dir,
+            console=ConsoleBuffer(), volumes=prepared)
         progress(f"starting {name} on {choice.name}/{choice.accel} "
                  f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
         started = time.monotonic()
-        instance = start_engine(choice, spec)
+        try:
+            instance = start_engine(choice, spec)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         agent = None
         try:
             sock = instance.connect_agent(timeout=boot_timeout)

@@ -18,6 +18,8 @@ import weakref
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .agent import AgentClient, ExecProcess, Exit, Output
+from .balloon import BalloonNotEnabled, BalloonStats
+from .mounts import MountStatus
 from .console import ConsoleBuffer
 from .errors import AgentError, EngineError, VmError, VmStoppedError
 
@@ -91,6 +93,7 @@ class Vm:
         self._state = "running"
         self._failure: str | None = None
         self._on_stop = [on_stop] if on_stop else []
+        self._balloon_target_mib = 0
         self.boot_seconds = boot_seconds
         self.started_at = time.time()
         _live_vms.add(self)
@@ -268,6 +271,52 @@ class Vm:
     def read_file(self, path: str) -> bytes:
         self._check_running()
         return self._agent.read_file(path)
+
+    # -- devices -----------------------------------------------------------------------
+    def _balloon_instance(self) -> "EngineInstance":
+        self._check_running()
+        if not self.config.balloon:
+            raise BalloonNotEnabled(self.name)
+        return self._instance
+
+    def set_balloon_target(self, balloon_mib: int) -> None:
+        """Set the balloon's size in MiB: memory taken away from the guest (0: none)."""
+        if not isinstance(balloon_mib, int) or isinstance(balloon_mib, bool) \
+                or not 0 <= balloon_mib < self.memory_mib:
+            raise ValueError(f"balloon size must be an integer from 0 to {self.memory_mib - 1} "
+                             f"MiB (the VM has {self.memory_mib} MiB), got {balloon_mib!r}")
+        instance = self._balloon_instance()
+        with self._lock:
+            self._balloon_target_mib = balloon_mib
+            instance.balloon_set_target_mib(balloon_mib)
+
+    def request_balloon_inflate(self, mib: int) -> int:
+        """Grow the balloon by ``mib`` MiB (the guest gives that memory back to the host).
+        Returns the new target size in MiB."""
+        target = min(self._balloon_target_mib + int(mib), self.memory_mib - 1)
+        self.set_balloon_target(target)
+        return target
+
+    def request_balloon_deflate(self, mib: int) -> int:
+        """Shrink the balloon by ``mib`` MiB (the guest gets memory back)."""
+        target = max(self._balloon_target_mib - int(mib), 0)
+        self.set_balloon_target(target)
+        return target
+
+    def balloon_stats(self) -> BalloonStats:
+        """Balloon size (target/actual) and the guest's memory statistics."""
+        return self._balloon_instance().balloon_stats()
+
+    def mounts(self) -> list[MountStatus]:
+        """The VM's virtio-fs mounts with their counters."""
+        return self._instance.mount_status()
+
+    def volumes(self) -> list[dict]:
+        """The VM's volumes: paths, serial, read-only, size and host blocks used."""
+        from .volumes import usage
+        return [{"host_path": str(v.path), "guest_path": v.spec.guest_path,
+                 "serial": v.serial, "read_only": v.spec.read_only, **usage(v.path)}
+                for v in self._spec.volumes]
 
     # -- console -----------------------------------------------------------------------
     @property

@@ -69,6 +69,7 @@ typedef enum sm_exit_reason {
 typedef struct sm_blk_config {
     const char *path;   /* backing file (regular file; size must be a multiple of 512) */
     int read_only;      /* nonzero: VIRTIO_BLK_F_RO and the file is opened O_RDONLY */
+    const char *serial; /* GET_ID answer (<= 20 bytes, /sys/block/vdX/serial); NULL: "sm-blk<n>" */
 } sm_blk_config;
 
 typedef struct sm_vm_config {
@@ -153,6 +154,14 @@ typedef struct sm_device_info {
     char counter_names[24][32];
 } sm_device_info;
 
+/* A vCPU's main registers, readable while the VM is paused, stopped or failed. */
+typedef struct sm_vcpu_regs {
+    uint64_t rip, rsp, rflags, rax, rbx, rcx, rdx, rsi, rdi;
+    uint64_t cr0, cr2, cr3, cr4, efer;
+    uint16_t cs_selector;
+    uint8_t cs_long_mode;
+} sm_vcpu_regs;
+
 /* Library. */
 const char *sm_version(void);
 const char *sm_status_name(int status);
@@ -177,6 +186,8 @@ const char *sm_vm_state_name(int state);
 /* Copies the message of the last failed call on vm into buf; returns its length. */
 size_t sm_vm_last_error(sm_vm *vm, char *buf, size_t len);
 int sm_vm_exit_info(sm_vm *vm, sm_exit_info *out);
+/* Registers of vCPU `index`; SM_ERR_BAD_STATE while the VM runs (pause it first). */
+int sm_vm_vcpu_regs(sm_vm *vm, uint32_t index, sm_vcpu_regs *out);
 /* The command line the guest actually gets (user part + virtio-mmio declarations). */
 size_t sm_vm_cmdline(sm_vm *vm, char *buf, size_t len);
 /* Only the virtio-mmio declarations, e.g. "virtio_mmio.device=4K@0xd0000000:5". */
@@ -196,6 +207,10 @@ int sm_vm_console_write(sm_vm *vm, const uint8_t *buf, size_t len);
 int sm_vm_balloon_set_target_pages(sm_vm *vm, uint32_t target_pages);
 int sm_vm_balloon_set_stats_interval(sm_vm *vm, uint32_t seconds);
 int sm_vm_balloon_stats(sm_vm *vm, sm_balloon_stats *out);
+
+/* Guest RAM pages resident in host memory, in bytes (mincore over guest RAM): the VM's
+ * memory cost to the host, which balloon inflation lowers. */
+uint64_t sm_vm_guest_resident_bytes(sm_vm *vm);
 
 /* Devices. */
 int sm_vm_device_count(sm_vm *vm);

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -102,4 +103,21 @@ int sm_memory_discard(const sm_guest_memory *mem, uint64_t gpa, uint64_t len)
 uint64_t sm_memory_low_end(const sm_guest_memory *mem)
 {
     return mem->n_regions ? mem->regions[0].gpa + mem->regions[0].size_bytes : 0;
+}
+
+uint64_t sm_memory_resident_bytes(const sm_guest_memory *mem)
+{
+    uint64_t resident = 0;
+    for (uint32_t i = 0; i < mem->n_regions; i++) {
+        const sm_memory_region *r = &mem->regions[i];
+        size_t pages = r->size_bytes / SM_PAGE_SIZE_BYTES;
+        unsigned char *vec = malloc(pages);
+        if (!vec)
+            continue;
+        if (mincore(r->host, r->size_bytes, vec) == 0)
+            for (size_t p = 0; p < pages; p++)
+                resident += (vec[p] & 1) ? SM_PAGE_SIZE_BYTES : 0;
+        free(vec);
+    }
+    return resident;
 }

@@ -38,6 +38,9 @@ int sm_memory_write(const sm_guest_memory *mem, uint64_t gpa, const void *src, u
  * Returns 0, or -1 if the range is not page aligned guest RAM. */
 int sm_memory_discard(const sm_guest_memory *mem, uint64_t gpa, uint64_t len);
 
+/* Bytes of guest RAM resident in host memory (mincore). */
+uint64_t sm_memory_resident_bytes(const sm_guest_memory *mem);
+
 /* Highest guest physical address + 1 of RAM below the MMIO hole. */
 uint64_t sm_memory_low_end(const sm_guest_memory *mem);
 

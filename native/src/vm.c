@@ -159,16 +159,15 @@ void sm_vm_end_detail(struct sm_vm *vm, const sm_exit_info *detail, int state)
     vm->exit.unhandled_mmio_count = mmio;
     memcpy(vm->exit.first_unhandled, first, sizeof(first));
     vm->exit.state = state;
+    /* The console note goes in before anyone can see the new state (lock order: vm, uart). */
+    sm_vm_console_note(vm, "VM %s (%s): %s", state == SM_STATE_FAILED ? "failed" : "stopped",
+                       sm_exit_reason_name(detail->reason), detail->message);
     vm->state = state;
     vm->stop_requested = 1;
     if (state == SM_STATE_FAILED)
         snprintf(vm->last_error, sizeof(vm->last_error), "%s", detail->message);
     pthread_cond_broadcast(&vm->cond);
-    char msg[sizeof(detail->message)];
-    memcpy(msg, detail->message, sizeof(msg));
     pthread_mutex_unlock(&vm->lock);
-    sm_vm_console_note(vm, "VM %s (%s): %s", state == SM_STATE_FAILED ? "failed" : "stopped",
-                       sm_exit_reason_name(detail->reason), msg);
     sm_vcpu_kick_all(vm);
 }
 
@@ -192,7 +191,7 @@ void sm_vm_flag_unhandled(struct sm_vm *vm, int is_mmio, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     if (vm->strict_unhandled_exits) {
-        char what[300];
+        char what[sizeof(msg) + 96];
         snprintf(what, sizeof(what), "%s (exit %s; strict mode ends the VM on unhandled exits)",
                  msg, is_mmio ? "KVM_EXIT_MMIO" : "KVM_EXIT_IO");
         sm_vcpu_fail_current(vm, is_mmio ? SM_EXIT_UNHANDLED_MMIO : SM_EXIT_UNHANDLED_IO, what);
@@ -335,7 +334,7 @@ static int create_devices(struct sm_vm *vm, const sm_vm_config *c, char *err, si
         vm->balloon = b;
     }
     for (uint32_t i = 0; i < c->n_blk; i++) {
-        sm_blk *b = sm_blk_create(c->blk[i].path, c->blk[i].read_only, i, err, err_len);
+        sm_blk *b = sm_blk_create(c->blk[i].path, c->blk[i].read_only, c->blk[i].serial, i, err, err_len);
         if (!b)
             return SM_ERR_DEVICE_SETUP;
         char name[32];
@@ -629,6 +628,40 @@ int sm_vm_exit_info(sm_vm *vm, sm_exit_info *out)
     return SM_OK;
 }
 
+int sm_vm_vcpu_regs(sm_vm *vm, uint32_t index, sm_vcpu_regs *out)
+{
+    if (!vm || !out)
+        return SM_ERR_INVALID_ARGUMENT;
+    if (index >= vm->n_vcpus)
+        return fail_call(vm, SM_ERR_INVALID_ARGUMENT, "no vCPU %u", index);
+    int state = sm_vm_get_state(vm);
+    if (state == SM_STATE_RUNNING)
+        return fail_call(vm, SM_ERR_BAD_STATE, "vCPU registers: pause the VM first");
+    struct kvm_regs r;
+    struct kvm_sregs sr;
+    int fd = vm->vcpus[index].fd;
+    if (ioctl(fd, KVM_GET_REGS, &r) < 0 || ioctl(fd, KVM_GET_SREGS, &sr) < 0)
+        return fail_call(vm, SM_ERR_KVM_IOCTL, "KVM_GET_REGS/SREGS failed: %s", strerror(errno));
+    memset(out, 0, sizeof(*out));
+    out->rip = r.rip;
+    out->rsp = r.rsp;
+    out->rflags = r.rflags;
+    out->rax = r.rax;
+    out->rbx = r.rbx;
+    out->rcx = r.rcx;
+    out->rdx = r.rdx;
+    out->rsi = r.rsi;
+    out->rdi = r.rdi;
+    out->cr0 = sr.cr0;
+    out->cr2 = sr.cr2;
+    out->cr3 = sr.cr3;
+    out->cr4 = sr.cr4;
+    out->efer = sr.efer;
+    out->cs_selector = sr.cs.selector;
+    out->cs_long_mode = sr.cs.l;
+    return SM_OK;
+}
+
 size_t sm_vm_cmdline(sm_vm *vm, char *buf, size_t len)
 {
     if (!vm || !buf || !len)
@@ -696,6 +729,11 @@ int sm_vm_balloon_stats(sm_vm *vm, sm_balloon_stats *out)
         return fail_call(vm, SM_ERR_NO_SUCH_DEVICE, "this VM has no balloon device");
     sm_balloon_get_stats(vm->balloon, out);
     return SM_OK;
+}
+
+uint64_t sm_vm_guest_resident_bytes(sm_vm *vm)
+{
+    return vm ? sm_memory_resident_bytes(&vm->mem) : 0;
 }
 
 int sm_vm_device_count(sm_vm *vm)

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..console import ConsoleBuffer
-from ..errors import VmError
 
 if TYPE_CHECKING:
     from ..agent import AgentClient
+    from ..balloon import BalloonStats
     from ..config import VmConfig
+    from ..mounts import MountStatus
+    from ..volumes import PreparedVolume
 
 #: The agent's virtio-serial port name (QEMU) and vsock port (native core).
 AGENT_PORT_NAME = "sm.agent"
@@ -41,10 +43,7 @@ class LaunchSpec:
     config: "VmConfig"
     run_dir: Path                # private directory for this VM's sockets and files
     console: ConsoleBuffer
-
-
-class BalloonNotEnabled(VmError):
-    """A balloon call on a VM started without ``balloon=True``."""
+    volumes: tuple["PreparedVolume", ...] = ()   # formatted files, in VmConfig order
 
 
 class EngineInstance(abc.ABC):
@@ -76,6 +75,18 @@ class EngineInstance(abc.ABC):
     @abc.abstractmethod
     def process_ids(self) -> list[int]:
         """Host processes that belong to this VM (empty when it runs in-process)."""
+
+    # -- devices (engines override what they support) --------------------------------------
+    def balloon_set_target_mib(self, balloon_mib: int) -> None:
+        """Ask the guest to give ``balloon_mib`` MiB to the balloon (absolute size)."""
+        raise NotImplementedError(f"{self.engine_name}: balloon not supported")
+
+    def balloon_stats(self) -> "BalloonStats":
+        raise NotImplementedError(f"{self.engine_name}: balloon not supported")
+
+    def mount_status(self) -> list["MountStatus"]:
+        """One entry per virtio-fs mount, with counters."""
+        return []
 
     def host_rss_bytes(self) -> int | None:
         """Resident memory the VM costs the host, where the engine can tell."""

@@ -20,7 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from ..errors import EngineError, VmStoppedError
 
@@ -111,7 +111,7 @@ class NativeVm:
                  initrd: str | os.PathLike | None = None, cmdline: str = "",
                  balloon: bool = False, balloon_deflate_on_oom: bool = False,
                  balloon_stats_interval_s: int = 0,
-                 volumes: Sequence[tuple[str | os.PathLike, bool]] = (),
+                 volumes: Sequence[tuple] = (),
                  vsock_uds_path: str | os.PathLike | None = None, vsock_guest_cid: int = 3,
                  strict_unhandled_exits: bool = False):
         ffi, lib = _load()
@@ -137,9 +137,10 @@ class NativeVm:
         volumes = list(volumes)
         if len(volumes) > lib.SM_MAX_BLK_DEVICES:
             raise NativeCoreError(f"at most {lib.SM_MAX_BLK_DEVICES} block devices", "SM_ERR_INVALID_ARGUMENT")
-        for i, (path, read_only) in enumerate(volumes):
-            cfg.blk[i].path = cstr(path)
-            cfg.blk[i].read_only = int(bool(read_only))
+        for i, volume in enumerate(volumes):  # (path, read_only[, serial])
+            cfg.blk[i].path = cstr(volume[0])
+            cfg.blk[i].read_only = int(bool(volume[1]))
+            cfg.blk[i].serial = cstr(volume[2] if len(volume) > 2 else None)
         cfg.n_blk = len(volumes)
         cfg.vsock_uds_path = cstr(vsock_uds_path)
         cfg.vsock_guest_cid = int(vsock_guest_cid)
@@ -244,6 +245,14 @@ class NativeVm:
             "first_unhandled": ffi.string(info.first_unhandled).decode(errors="replace"),
         }
 
+    def vcpu_regs(self, index: int = 0) -> dict:
+        """Main registers of a vCPU (the VM must be paused, stopped or failed)."""
+        r = self._ffi.new("sm_vcpu_regs *")
+        self._check(self._lib.sm_vm_vcpu_regs(self._handle(), index, r), "vcpu_regs")
+        return {f: getattr(r, f) for f in ("rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx",
+                                           "rsi", "rdi", "cr0", "cr2", "cr3", "cr4", "efer",
+                                           "cs_selector", "cs_long_mode")}
+
     @property
     def cmdline(self) -> str:
         buf = self._ffi.new("char[4096]")
@@ -320,6 +329,10 @@ class NativeVm:
             out[field] = getattr(s, field) if s.present & (1 << bit) else None
         return out
 
+    def guest_resident_bytes(self) -> int:
+        """Guest RAM resident in host memory (what the VM costs the host in RAM)."""
+        return int(self._lib.sm_vm_guest_resident_bytes(self._handle()))
+
     # -- devices ---------------------------------------------------------------------------
     def devices(self) -> list[dict]:
         ffi, lib = self._ffi, self._lib
@@ -362,6 +375,24 @@ def run_probe(name: str, *, timeout: float = 30.0, cmdline: str = "", **kwargs) 
     return vm, vm.console_output()
 
 
+def first_uart_byte_seconds(probe: str = "uart", timeout: float = 30.0) -> float:
+    """Wall time from sm_vm_create() to the first byte the guest writes to the UART
+    (benchmarks: native vs QEMU with the same probe guest)."""
+    t0 = time.perf_counter()
+    vm = NativeVm(probe_path(probe), strict_unhandled_exits=True)
+    try:
+        vm.start()
+        ffi, lib = _load()
+        deadline = time.monotonic() + timeout
+        while lib.sm_vm_console_total(vm._handle()) == 0:
+            if time.monotonic() > deadline or vm.state in ("stopped", "failed"):
+                raise NativeCoreError(f"no UART output from the {probe} probe")
+            time.sleep(0.0002)
+        return time.perf_counter() - t0
+    finally:
+        vm.close()
+
+
 def calibrate(iterations: int = 100_000, timeout: float = 60.0) -> dict:
     """Run the calib probe's integer loop in a guest and the same loop on the host, both timed
     with the TSC. ratio = guest cycles / host cycles: ~1 where KVM runs guests at hardware
@@ -402,3 +433,268 @@ def available() -> tuple[bool, str]:
     if not ok:
         return False, msg
     return True, "native core built and /dev/kvm usable"
+
+
+CONSOLE_POLL_S = 0.02
+AGENT_CONNECT_RETRY_S = 0.05
+VSOCK_SOCKET_NAME = "sm-vsock-{name}.sock"
+
+
+class NativeInstance:
+    """A VM of the native core behind the ``EngineInstance`` interface (engines/base.py).
+
+    The guest kernel is entered through PVH (``spec.vmlinux``) when present — no
+    decompression — else through the bzImage boot protocol. The agent is reached through the
+    hybrid vsock mux (``CONNECT <port>``); the console ring is pumped into ``spec.console``."""
+
+    engine_name = "native"
+    accel = "kvm"
+
+    def __init__(self, spec, reason: str):
+        from .base import AGENT_VSOCK_PORT
+        if spec.config.mounts:
+            raise EngineError("engine='native' has no virtio-fs yet: mounts need engine='qemu'")
+        self.spec = spec
+        self.reason = reason
+        self._agent_port = AGENT_VSOCK_PORT
+        mux_dir = Path(spec.config.vsock_mux_dir or os.environ.get("TMPDIR", "/tmp"))
+        self.vsock_path = mux_dir / VSOCK_SOCKET_NAME.format(name=spec.name)
+        kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.kernel
+        cmdline = f"{spec.cmdline} sm.agent=vsock:{self._agent_port}"
+        volumes = [(v.path, v.spec.read_only, v.serial) for v in spec.volumes]
+        self.vm = NativeVm(kernel, memory_mib=spec.memory_mib, vcpus=spec.vcpus, initrd=spec.initrd,
+                           cmdline=cmdline, balloon=bool(spec.config.balloon),
+                           balloon_deflate_on_oom=True, balloon_stats_interval_s=1,
+                           volumes=volumes, vsock_uds_path=self.vsock_path, vsock_guest_cid=3)
+        self._pump_stop = False
+        self._pump = None
+        self._balloon_target_mib = 0
+        try:
+            self.vm.start()
+        except BaseException:
+            self.vm.close()
+            raise
+        import threading
+        self._pump = threading.Thread(target=self._pump_console, daemon=True,
+                                      name=f"native-console-{spec.name}")
+        self._pump.start()
+
+    def __repr__(self) -> str:
+        return f"<NativeInstance {self.spec.name} state={self.vm.state if self.vm._vm else 'closed'}>"
+
+    def _pump_console(self) -> None:
+        while True:
+            chunk = self.vm.console_read() if self.vm._vm is not None else b""
+            if chunk:
+                self.spec.console.append(chunk)
+                continue
+            if self._pump_stop or self.vm._vm is None or self.vm.state in ("stopped", "failed"):
+                if self.vm._vm is not None:
+                    rest = self.vm.console_read()
+                    if rest:
+                        self.spec.console.append(rest)
+                return
+            time.sleep(CONSOLE_POLL_S)
+
+    # -- EngineInstance ------------------------------------------------------------------
+    def connect_agent(self, timeout: float):
+        """Hybrid vsock: CONNECT <agent port>, wait for OK; retried until the guest listens."""
+        import socket
+        deadline = time.monotonic() + timeout
+        last = "no attempt"
+        while True:
+            if not self.is_running():
+                raise EngineError(self.exit_description() or "the native VM ended")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
+                sock.connect(str(self.vsock_path))
+                sock.sendall(f"CONNECT {self._agent_port}\n".encode())
+                line = b""
+                while not line.endswith(b"\n"):
+                    byte = sock.recv(1)
+                    if not byte:
+                        break
+                    line += byte
+                if line.startswith(b"OK "):
+                    sock.settimeout(None)
+                    return sock
+                last = f"mux answered {line!r}"
+            except OSError as exc:
+                last = str(exc)
+            sock.close()
+            if time.monotonic() > deadline:
+                raise EngineError(f"guest agent not reachable on vsock port {self._agent_port} "
+                                  f"within {timeout} s ({last})")
+            time.sleep(AGENT_CONNECT_RETRY_S)
+
+    def is_running(self) -> bool:
+        return self.vm._vm is not None and self.vm.state in ("running", "paused")
+
+    def exit_description(self) -> str | None:
+        if self.vm._vm is None:
+            return "the native VM was shut down"
+        info = self.vm.exit_info()
+        if info["state"] in ("running", "paused", "created"):
+            return None
+        return f"{info['reason']}: {info['message']}"
+
+    def shutdown(self, agent, timeout: float) -> None:
+        """Agent POWEROFF (the guest reboots through the i8042, ending the VM) → host stop."""
+        if self.vm._vm is None:
+            return
+        if self.is_running() and agent is not None and not getattr(agent, "closed", True):
+            try:
+                agent.poweroff()
+                self.vm.wait(max(timeout / 2, 0.5))
+            except Exception:  # noqa: BLE001 - escalate below
+                pass
+        self.vm.stop()
+        self._pump_stop = True
+        if self._pump is not None:
+            self._pump.join(timeout=2)
+        self.vm.close()
+
+    def process_ids(self) -> list[int]:
+        return []  # in-process: vCPU threads live in this Python process
+
+    def host_rss_bytes(self) -> int | None:
+        """Guest RAM resident on the host (the VM runs inside this process, so this is its
+        share of the process RSS; vCPU thread stacks and device buffers are not counted)."""
+        return self.vm.guest_resident_bytes() if self.vm._vm is not None else None
+
+    # -- devices -------------------------------------------------------------------------
+    def balloon_set_target_mib(self, balloon_mib: int) -> None:
+        self._balloon_target_mib = balloon_mib
+        self.vm.balloon_set_target_mib(balloon_mib)
+
+    def balloon_stats(self):
+        from ..balloon import BalloonStats
+        stats = self.vm.balloon_stats()
+        stats.pop("stats_updates", None)
+        return BalloonStats(**stats)
+
+    def mount_status(self) -> list:
+        return []
+
+
+def start(spec, reason: str) -> NativeInstance:
+    return NativeInstance(spec, reason)
+
+
+try:  # register as an EngineInstance without importing base at module import time
+    from .base import EngineInstance as _EngineInstance
+    _EngineInstance.register(NativeInstance)
+except ImportError:  # pragma: no cover - base.py is optional for the low-level layer
+    pass
+
+
+# -- doctor -----------------------------------------------------------------------------------
+DOCTOR_PROBES = ("uart", "balloon", "blk", "vsock", "bad_guest")
+
+
+def _doctor_probe(name: str) -> str:
+    """Run one probe as its test does, briefly; 'ok' or what went wrong."""
+    import socket
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="smd-", dir="/tmp") as tmp:
+        tmp_path = Path(tmp)
+        kwargs: dict = {"strict_unhandled_exits": True}
+        if name == "uart":
+            vm = NativeVm(probe_path("uart"), **kwargs)
+        elif name == "balloon":
+            vm = NativeVm(probe_path("balloon"), balloon=True, balloon_stats_interval_s=1, **kwargs)
+            vm.balloon_set_target_pages(16)
+        elif name == "blk":
+            disk = tmp_path / "disk.img"
+            disk.write_bytes(b"\0" * 65536)
+            vm = NativeVm(probe_path("blk"), volumes=[(disk, False)], **kwargs)
+        elif name == "bad_guest":
+            disk = tmp_path / "disk.img"
+            disk.write_bytes(b"\0" * 65536)
+            vm = NativeVm(probe_path("bad_guest"), balloon=True, volumes=[(disk, True)] * 8, **kwargs)
+        else:  # vsock
+            uds = str(tmp_path / "v.sock")
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(uds + "_5000")
+            listener.listen(1)
+            vm = NativeVm(probe_path("vsock"), vsock_uds_path=uds, **kwargs)
+        try:
+            vm.start()
+            if name == "bad_guest":
+                out = vm.wait_for_console(b"the host must stop the VM)\n", 30).decode(errors="replace")
+                broken = [d for d in vm.devices() if d["broken"]]
+                vm.stop()
+                ok = "flagged 9" in out and len(broken) == 9 and vm.state == "stopped"
+                return "ok" if ok else f"failed: {len(broken)} devices flagged; {out[-200:]}"
+            if name == "vsock":
+                vm.wait_for_console(b"listening on 1234\n", 30)
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(30)
+                s.connect(uds)
+                s.sendall(b"CONNECT 1234\nping\n")
+                got = b""
+                while b"PING\n" not in got:
+                    chunk = s.recv(100)
+                    if not chunk:
+                        break
+                    got += chunk
+                s.close()
+                listener.settimeout(30)
+                conn, _ = listener.accept()
+                while conn.recv(100):
+                    pass
+                conn.close()
+                listener.close()
+            vm.wait(30)
+            out = vm.console_output().decode(errors="replace")
+            if f"PROBE {name} OK" in out and vm.exit_info()["reason"] == "guest_reset":
+                return "ok"
+            return f"failed: {vm.exit_info()['message'] or out[-200:]}"
+        except Exception as exc:  # noqa: BLE001 - the doctor reports
+            return f"failed: {exc}"
+        finally:
+            vm.close()
+
+
+def doctor(linux_early_boot: bool = True) -> dict:
+    """The ``native`` section of ``python -m supermachine_jupyter doctor --json``, from real
+    runs: KVM check, calibrated speed, every probe, and (optionally) the Linux early boot."""
+    report: dict = {}
+    ok, msg = kvm_check()
+    report["kvm"] = "ok" if ok else msg
+    if not ok:
+        return report
+    try:
+        cal = calibrate()
+        report["speed"] = cal["speed"]
+        report["calibration_ratio"] = round(cal["ratio"], 1)
+    except Exception as exc:  # noqa: BLE001
+        report["speed"] = f"unknown ({exc})"
+    report["probes"] = {name: _doctor_probe(name) for name in DOCTOR_PROBES}
+    if linux_early_boot:
+        report["linux_early_boot"] = _doctor_linux_early_boot(report.get("speed"))
+    return report
+
+
+def _doctor_linux_early_boot(speed) -> str:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "supermachine-jupyter"
+    kernels = sorted(cache.glob("kernel-*/vmlinux"), key=lambda p: p.stat().st_mtime)
+    if not kernels:
+        return "not run: no guest kernel in the cache (build the assets)"
+    vm = NativeVm(kernels[-1], memory_mib=128,
+                  cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1")
+    try:
+        vm.start()
+        if speed == "hardware":
+            out = vm.wait_for_console(b"Run /init", 120).decode(errors="replace")
+            return "ok" if "Run /init" in out else "failed: kernel did not reach init"
+        vm.wait(240)
+        out = vm.console_output().decode(errors="replace")
+        info = vm.exit_info()
+        if ("Linux version" in out and f"Command line: {vm.cmdline}" in out
+                and "BIOS-e820" in out and info["reason"] == "emulation_failure"):
+            return "ok"
+        return f"failed: {info['reason']}: {info['message'] or out[-200:]}"
+    finally:
+        vm.close()

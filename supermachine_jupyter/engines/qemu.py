@@ -21,7 +21,10 @@ from ..console import ConsoleBuffer
 from ..errors import EngineError
 from ..process import spawn_owned, terminate
 from ..qmp import QmpClient, QmpError, connect_when_ready
+from ..balloon import BalloonStats
+from ..mounts import MountCounters, MountStatus
 from .base import AGENT_PORT_NAME, GUEST_READY_LINE, EngineInstance, LaunchSpec
+from .virtiofsd import Virtiofsd
 
 if TYPE_CHECKING:
     from ..agent import AgentClient
@@ -54,7 +57,9 @@ def base_args(memory_mib: int, vcpus: int, kernel: Path, initrd: Path, cmdline: 
     # microvm: no PCI, no ACPI, no firmware detour; virtio-mmio devices declared on the
     # kernel command line by QEMU itself, the same transport the native core uses. Unlike
     # "-M pc" without ACPI, it also writes an MP table listing every vCPU.
-    return [binary, "-M", "microvm,acpi=off", *accel_args(accel), "-m", str(memory_mib),
+    # force-legacy=false: modern (version 2) virtio-mmio, which vhost-user (virtiofsd) needs.
+    return [binary, "-M", "microvm,acpi=off", "-global", "virtio-mmio.force-legacy=false",
+            *accel_args(accel), "-m", str(memory_mib),
             "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-no-reboot",
             "-display", "none", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", cmdline,
@@ -109,16 +114,24 @@ class QemuInstance(EngineInstance):
         self._qmp: QmpClient | None = None
         self._qmp_lock = threading.Lock()
         self._stopping = False
-        cmdline = f"{spec.cmdline} sm.agent=port:{AGENT_PORT_NAME}"
+        self._balloon_target_mib = 0
+        self._virtiofsd: list[Virtiofsd] = []
+        # pci=off: microvm has no PCI bus; the kernel would only complain about it.
+        cmdline = f"{spec.cmdline} pci=off sm.agent=port:{AGENT_PORT_NAME}"
         args = base_args(spec.memory_mib, spec.vcpus, spec.kernel, spec.initrd, cmdline, accel)
         args += ["-name", spec.name,
                  "-chardev", f"socket,id=agent,path={self._agent_path},server=on,wait=off",
                  "-device", "virtio-serial-device,id=vser0",
                  "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
                  "-qmp", f"unix:{self._qmp_path},server=on,wait=off"]
+        args += self._device_args()
         self.args = args
-        self.proc = spawn_owned(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=spec.run_dir)
+        try:
+            self.proc = spawn_owned(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=spec.run_dir)
+        except BaseException:
+            self._stop_virtiofsd()
+            raise
         self._readers = [
             threading.Thread(target=_pump, args=(self.proc.stdout, spec.console), daemon=True,
                              name=f"qemu-console-{spec.name}"),
@@ -127,6 +140,36 @@ class QemuInstance(EngineInstance):
         ]
         for reader in self._readers:
             reader.start()
+
+    def _device_args(self) -> list[str]:
+        """virtio-blk volumes, virtio-balloon and virtio-fs mounts from the config."""
+        spec, args = self.spec, []
+        for i, volume in enumerate(spec.volumes):
+            args += ["-drive", f"file={volume.path},if=none,id=vol{i},format=raw,"
+                               f"readonly={'on' if volume.spec.read_only else 'off'},"
+                               "cache=writeback,discard=unmap",
+                     "-device", f"virtio-blk-device,drive=vol{i},serial={volume.serial}"]
+        if spec.config.balloon:
+            args += ["-device", "virtio-balloon-device,id=balloon0,deflate-on-oom=on"]
+        if spec.config.mounts:
+            # vhost-user needs guest memory that virtiofsd can map: a shared memfd.
+            args += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+                     "-M", "microvm,acpi=off,memory-backend=mem"]
+            try:
+                for i, mount in enumerate(spec.config.mounts):
+                    daemon = Virtiofsd(mount, spec.run_dir / f"fs{i}.sock")
+                    self._virtiofsd.append(daemon)
+                    daemon.wait_ready()
+                    args += ["-chardev", f"socket,id=fs{i},path={daemon.socket_path}",
+                             "-device", f"vhost-user-fs-device,chardev=fs{i},tag={mount.tag}"]
+            except BaseException:
+                self._stop_virtiofsd()
+                raise
+        return args
+
+    def _stop_virtiofsd(self) -> None:
+        for daemon in self._virtiofsd:
+            daemon.stop()
 
     def __repr__(self) -> str:
         return f"<QemuInstance {self.spec.name} pid={self.proc.pid} accel={self.accel}>"
@@ -190,13 +233,37 @@ class QemuInstance(EngineInstance):
         if self.is_running():
             terminate(self.proc, grace=step)
         self.proc.wait()
+        self._stop_virtiofsd()
         for reader in self._readers:
             reader.join(timeout=2)
         if self._qmp is not None:
             self._qmp.close()
 
     def process_ids(self) -> list[int]:
-        return [self.proc.pid] if self.is_running() else []
+        pids = [self.proc.pid] if self.is_running() else []
+        return pids + [d.proc.pid for d in self._virtiofsd if d.proc.poll() is None]
+
+    # -- devices -------------------------------------------------------------------------
+    def balloon_set_target_mib(self, balloon_mib: int) -> None:
+        # QMP's "balloon" takes the memory the guest should keep, in bytes.
+        self._balloon_target_mib = balloon_mib
+        self.qmp().execute("balloon", value=(self.spec.memory_mib - balloon_mib) * 1024 * 1024)
+
+    def balloon_stats(self) -> BalloonStats:
+        qmp = self.qmp()
+        if not getattr(self, "_stats_polling", False):
+            qmp.execute("qom-set", path="/machine/peripheral/balloon0",
+                        property="guest-stats-polling-interval", value=1)
+            self._stats_polling = True
+        info = qmp.execute("query-balloon")
+        stats = qmp.execute("qom-get", path="/machine/peripheral/balloon0", property="guest-stats")
+        return BalloonStats.from_qemu(self.spec.memory_mib, self._balloon_target_mib, info, stats)
+
+    def mount_status(self) -> list[MountStatus]:
+        return [MountStatus(d.spec, dax=False,
+                            dax_note="no DAX: QEMU 7.2 has no DAX window for virtio-fs",
+                            counters=d.counters() if d.proc.poll() is None else MountCounters())
+                for d in self._virtiofsd]
 
 
 def start(spec: LaunchSpec, accel: str, reason: str) -> QemuInstance:

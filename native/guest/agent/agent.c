@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -67,6 +68,8 @@ struct stream {
     long long last_output_ms;
 };
 
+static void power_off(void);
+
 static struct stream streams[SM_MAX_STREAMS];
 static int conn_fd = -1;
 static int listen_fd = -1;   /* vsock transport only */
@@ -92,6 +95,9 @@ static void log_line(const char *fmt, ...)
     va_end(ap);
 }
 
+/* Write everything, waiting while the peer is slow; gives up (-1) when the peer hangs up,
+ * so a host that went away never blocks the agent (the connection fd is non-blocking: a
+ * virtio-serial port with no host would otherwise block write(2) until one connects). */
 static int write_all(int fd, const uint8_t *p, size_t n)
 {
     while (n) {
@@ -101,7 +107,9 @@ static int write_all(int fd, const uint8_t *p, size_t n)
                 continue;
             if (errno == EAGAIN) {
                 struct pollfd pfd = { .fd = fd, .events = POLLOUT };
-                poll(&pfd, 1, 100);
+                if (poll(&pfd, 1, 100) > 0 && (pfd.revents & (POLLHUP | POLLERR))
+                    && !(pfd.revents & POLLOUT))
+                    return -1;
                 continue;
             }
             return -1;
@@ -547,10 +555,12 @@ static void dispatch(const struct sm_header *h, const uint8_t *payload)
         send_frame(SM_PONG, h->stream, payload, h->length);
         break;
     case SM_POWEROFF:
+        if (h->stream != 0 || h->length != 0) {
+            send_error(h->stream, SM_E_BAD_PAYLOAD, "POWEROFF takes stream 0 and no payload");
+            break;
+        }
         log_line("poweroff requested by the host");
-        reset_session();
-        sync();
-        reboot(RB_AUTOBOOT);  /* the engines treat a guest reboot as "VM ended" */
+        power_off();
         break;
     case SM_EXEC:
         handle_exec(h, &c);
@@ -575,6 +585,33 @@ static void dispatch(const struct sm_header *h, const uint8_t *payload)
     default:
         send_error(h->stream, SM_E_BAD_TYPE, "unknown frame type 0x%02x", h->type);
     }
+}
+
+/* End the VM cleanly: stop every process, unmount volumes so their journals are clean (a
+ * read-only mount of an unclean ext4 would fail next time), then reboot, which the engines
+ * treat as "VM ended". */
+static void power_off(void)
+{
+    reset_session();
+    kill(-1, SIGKILL);
+    sync();
+    char targets[32][256];
+    int n = 0;
+    FILE *mounts = fopen("/proc/mounts", "r");
+    char line[1024];
+    while (mounts && n < 32 && fgets(line, sizeof line, mounts)) {
+        char dev[256], dir[256], type[64];
+        if (sscanf(line, "%255s %255s %63s", dev, dir, type) == 3
+            && (strcmp(type, "ext4") == 0 || strcmp(type, "virtiofs") == 0))
+            snprintf(targets[n++], sizeof targets[0], "%s", dir);
+    }
+    if (mounts)
+        fclose(mounts);
+    while (n-- > 0)
+        if (umount2(targets[n], 0) != 0)
+            mount(NULL, targets[n], NULL, MS_REMOUNT | MS_RDONLY, NULL);
+    sync();
+    reboot(RB_AUTOBOOT);
 }
 
 /* ----------------------------------------------------------------------------------- */
@@ -724,7 +761,7 @@ static int open_port(const char *name)
             if (strcmp(got, name) == 0) {
                 snprintf(path, sizeof path, "/dev/%s", e->d_name);
                 closedir(d);
-                return open(path, O_RDWR | O_CLOEXEC);
+                return open(path, O_RDWR | O_CLOEXEC | O_NONBLOCK);
             }
         }
         if (d)
@@ -792,7 +829,7 @@ int main(int argc, char **argv)
     for (;;) {
         int n = 0, timeout = -1;
         if (conn_fd < 0 && listen_fd >= 0) {
-            conn_fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            conn_fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
             in_len = 0;
             resyncing = 0;
             continue;

@@ -36,6 +36,7 @@ uint64_t cmdline_get_u64(const char *key, uint64_t dflt);
 uint64_t parse_u64(const char *s);
 
 void *alloc_pages(size_t pages);   /* zeroed, page aligned, from the end of the image */
+void *alloc_pages_nozero(size_t pages); /* same, not cleared (fresh guest RAM reads as zero) */
 
 void guest_reset(void) __attribute__((noreturn));
 void halt_forever(void) __attribute__((noreturn));

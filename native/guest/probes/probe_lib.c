@@ -106,6 +106,15 @@ uint64_t cmdline_get_u64(const char *key, uint64_t dflt)
     return cmdline_get(key, buf, sizeof(buf)) ? parse_u64(buf) : dflt;
 }
 
+void *alloc_pages_nozero(size_t pages)
+{
+    if (!g_next_free)
+        g_next_free = ((uint64_t)_end + PROBE_PAGE_BYTES - 1) & ~(uint64_t)(PROBE_PAGE_BYTES - 1);
+    void *p = (void *)g_next_free;
+    g_next_free += pages * PROBE_PAGE_BYTES;
+    return p;
+}
+
 void *alloc_pages(size_t pages)
 {
     if (!g_next_free)

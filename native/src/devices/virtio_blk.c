@@ -34,8 +34,14 @@ const char *sm_blk_error_message(int err)
     return BLK_ERROR_MESSAGES[err];
 }
 
-sm_blk *sm_blk_create(const char *path, int read_only, uint32_t index, char *err, size_t err_len)
+sm_blk *sm_blk_create(const char *path, int read_only, const char *serial, uint32_t index, char *err,
+                      size_t err_len)
 {
+    if (serial && strlen(serial) > SM_BLK_ID_BYTES) {
+        snprintf(err, err_len, "virtio-blk%u: serial %s is longer than %u bytes", index, serial,
+                 SM_BLK_ID_BYTES);
+        return NULL;
+    }
     if (!path || !*path) {
         snprintf(err, err_len, "virtio-blk%u: empty backing file path", index);
         return NULL;
@@ -66,7 +72,10 @@ sm_blk *sm_blk_create(const char *path, int read_only, uint32_t index, char *err
     b->fd = fd;
     b->read_only = read_only;
     b->capacity_bytes = (uint64_t)st.st_size;
-    snprintf(b->id, sizeof(b->id), "sm-blk%u", index);
+    if (serial && *serial)
+        snprintf(b->id, sizeof(b->id), "%s", serial);
+    else
+        snprintf(b->id, sizeof(b->id), "sm-blk%u", index);
     return b;
 }
 

@@ -57,12 +57,13 @@ typedef struct sm_blk {
     int fd;
     int read_only;
     uint64_t capacity_bytes;
-    char id[SM_BLK_ID_BYTES];
+    char id[SM_BLK_ID_BYTES + 1];
     sm_blk_counters counters;
 } sm_blk;
 
 extern const sm_virtio_ops SM_BLK_OPS;
 
-sm_blk *sm_blk_create(const char *path, int read_only, uint32_t index, char *err, size_t err_len);
+sm_blk *sm_blk_create(const char *path, int read_only, const char *serial, uint32_t index, char *err,
+                      size_t err_len);
 
 #endif

@@ -1,0 +1,129 @@
+"""Balloon, volumes and host mounts on real VMs under QEMU."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from supermachine_jupyter import Image, VmConfig
+from supermachine_jupyter.balloon import BalloonNotEnabled, MIB_TO_4K_PAGES
+from supermachine_jupyter.errors import VmError
+
+QEMU = VmConfig(engine="qemu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.default()
+
+
+# -- balloon -----------------------------------------------------------------------------
+
+def wait_for(predicate, timeout, interval=0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def test_balloon_inflate_moves_pages_and_lowers_rss_then_deflates(image):
+    with image.start(QEMU.with_memory_mib(256).with_balloon()) as vm:
+        # Touch guest memory so the host has really backed it before the balloon takes it.
+        vm.run("dd if=/dev/zero of=/dev/shm/fill bs=1M count=120 2>/dev/null; rm /dev/shm/fill")
+        before = vm.balloon_stats()
+        rss_before = vm.instance.host_rss_bytes()
+        assert before.actual_pages == 0 and before.target_pages == 0
+        assert vm.request_balloon_inflate(64) == 64
+        inflated = wait_for(lambda: (s := vm.balloon_stats()).actual_pages >= 16384 and s, 10)
+        assert inflated, f"balloon did not reach 16384 pages: {vm.balloon_stats()}"
+        assert inflated.target_mib == 64 and inflated.actual_mib >= 64
+        rss_after = wait_for(lambda: (r := vm.instance.host_rss_bytes()) < rss_before - 32 * 2**20 and r, 10)
+        # Margin: at least half of the 64 MiB must leave QEMU's RSS (page tables, caches
+        # and QEMU's own allocations move too).
+        assert rss_after, f"RSS {rss_before >> 20} MiB → {vm.instance.host_rss_bytes() >> 20} MiB"
+        stats = wait_for(lambda: (s := vm.balloon_stats()).total_memory and s, 5)
+        assert stats.total_memory and stats.free_memory is not None
+        assert stats.hugetlb_failures is None or stats.hugetlb_failures >= 0
+        vm.request_balloon_deflate(64)
+        assert wait_for(lambda: vm.balloon_stats().actual_pages == 0, 10)
+
+
+def test_balloon_without_device_says_how_to_enable(image):
+    with image.start(QEMU) as vm:
+        with pytest.raises(BalloonNotEnabled, match="balloon=True"):
+            vm.request_balloon_inflate(16)
+
+
+# -- volumes -----------------------------------------------------------------------------
+
+def test_volume_data_survives_stop_and_engine_sigkill(image, tmp_path):
+    disk = tmp_path / "data.img"
+    config = QEMU.with_volume(str(disk), "/data", size_mib=64)
+    with image.start(config) as vm:
+        assert vm.run("echo one > /data/a && sync").ok
+    assert disk.stat().st_blocks * 512 < 64 * 2**20      # sparse on the host
+    vm = image.start(config)
+    assert vm.run("cat /data/a").stdout == "one\n"
+    assert vm.run("echo two > /data/b && sync").ok
+    os.kill(vm.instance.process_ids()[0], signal.SIGKILL)
+    vm.wait_stopped(10)
+    vm.stop()
+    with image.start(config) as vm:
+        assert vm.run("cat /data/a /data/b").stdout == "one\ntwo\n"
+
+
+def test_two_volumes_land_on_their_paths_and_read_only_refuses_writes(image, tmp_path):
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    with image.start(QEMU.with_volume(str(first), "/one", 32)
+                     .with_volume(str(second), "/two", 32)) as vm:
+        assert vm.run("echo 1 > /one/id; echo 2 > /two/id; sync").ok
+    ro = QEMU.with_volume(str(first), "/one", 32).with_volume(str(second), "/two", 32,
+                                                               read_only=True)
+    with image.start(ro) as vm:
+        assert vm.run("cat /one/id /two/id").stdout == "1\n2\n"
+        result = vm.run("echo x > /two/new")
+        assert result.exit_code != 0 and "Read-only" in result.stderr
+        # The device itself is read-only, not only the mount:
+        assert vm.run("cat /sys/block/$(basename $(grep ' /two ' /proc/mounts | cut -d' ' -f1))/ro").stdout == "1\n"
+
+
+# -- host mounts -------------------------------------------------------------------------
+
+@pytest.fixture
+def shared(tmp_path):
+    host = tmp_path / "shared"
+    host.mkdir()
+    (host / "hello.txt").write_text("from the host\n")
+    (tmp_path / "secret.txt").write_text("outside\n")
+    os.symlink(str(tmp_path / "secret.txt"), host / "escape-abs")
+    os.symlink("../secret.txt", host / "escape-rel")
+    return host
+
+
+def test_mount_reads_writes_and_confines(image, shared):
+    with image.start(QEMU.with_virtiofs(str(shared), "share", "/mnt/share")) as vm:
+        assert vm.run("cat /mnt/share/hello.txt").stdout == "from the host\n"
+        before = vm.mounts()[0].counters
+        assert vm.run("echo from the guest > /mnt/share/out.txt && sync").ok
+        assert (shared / "out.txt").read_text() == "from the guest\n"
+        for escape in ("/mnt/share/../secret.txt", "/mnt/share/escape-abs",
+                       "/mnt/share/escape-rel"):
+            assert "outside" not in vm.run(f"cat {escape}").stdout
+        after = vm.mounts()[0].counters
+        assert after.ops > before.ops and after.bytes_written > before.bytes_written
+        status = vm.mounts()[0]
+        assert status.spec.tag == "share" and not status.dax and "DAX" in status.dax_note
+
+
+def test_read_only_mount_refuses_writes_host_side(image, shared):
+    with image.start(QEMU.with_virtiofs(str(shared), "ro", "/mnt/ro", read_only=True)) as vm:
+        assert vm.run("cat /mnt/ro/hello.txt").stdout == "from the host\n"
+        # Remount read-write inside the guest: the host still refuses.
+        vm.run("mount -o remount,rw /mnt/ro")
+        result = vm.run("echo x > /mnt/ro/new.txt")
+        assert result.exit_code != 0
+    assert not (shared / "new.txt").exists()
