@@ -47,7 +47,7 @@ doctor: setup
 	@$(PY) -m supermachine_jupyter doctor
 
 bench: assets
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; (cd benchmarks && ../$(PY) $$(basename $$b)) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info supermachine_jupyter/*.so

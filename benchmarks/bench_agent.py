@@ -11,60 +11,12 @@ times ``--execs`` round trips of ``true`` (argv mode, and through ``/bin/sh -c``
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import machine_line, row, table_header, timed
 
-from supermachine_jupyter.config import VmConfig  # noqa: E402
-from supermachine_jupyter.engines.qemu import qemu_binary  # noqa: E402
-from supermachine_jupyter.image import Image  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def qemu_version() -> str:
-    binary = qemu_binary()
-    if binary is None:
-        return "not installed"
-    first = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
-    return first.splitlines()[0].replace("QEMU emulator version ", "") if first else "unknown"
-
-
-def timed(fn, count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-def fmt(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 0.01:
-        return f"{seconds * 1000:.1f} ms"
-    return f"{seconds * 1000:.2f} ms"
-
-
-def row(name: str, samples: list[float]) -> str:
-    return (f"| {name} | {len(samples)} | {fmt(statistics.median(samples))} | "
-            f"{fmt(min(samples))} | {fmt(max(samples))} |")
+from supermachine_jupyter.config import VmConfig
+from supermachine_jupyter.image import Image
 
 
 def main() -> int:
@@ -108,13 +60,11 @@ def main() -> int:
         engine, accel = vm.engine, vm.accel
         guest_kernel = vm.run("uname -r").stdout.strip()
 
-    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}, "
-          f"QEMU {qemu_version()}")
+    print(machine_line())
     print(f"VMs: engine {engine}, accel {accel}, {warm.memory_mib} MiB, {warm.vcpus} vCPU, "
           f"guest kernel {guest_kernel}")
     print()
-    print("| measurement | samples | median | min | max |")
-    print("|---|---:|---:|---:|---:|")
+    print(table_header())
     print(row("launch → agent HELLO", boots))
     print(row("exec `true` round trip (argv)", execs))
     print(row("exec `sh -c true` round trip", sh_execs))

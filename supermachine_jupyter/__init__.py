@@ -42,6 +42,16 @@ def unload_ipython_extension(ipython) -> None:
     unload(ipython)
 
 
+def _jupyter_server_extension_points() -> list[dict]:
+    """The jupyter_server extension (REST API over the VM registry), enabled on install."""
+    return [{"module": "supermachine_jupyter.server"}]
+
+
+def _jupyter_labextension_paths() -> list[dict]:
+    """The prebuilt JupyterLab extension (the "MicroVMs" sidebar)."""
+    return [{"src": "labextension", "dest": "supermachine-jupyter"}]
+
+
 __all__ = ["VmConfig", "VolumeSpec", "MountSpec", "AssetPaths", "Image", "Vm", "ExecResult",
            "VmError", "AgentError", "AssetError", "EngineError", "ProtocolVersionError",
            "VmStoppedError", "load_ipython_extension"]

@@ -341,6 +341,9 @@ class AgentClient:
         self.agent_software: str | None = None
         #: ERROR frames that belong to no open stream (framing errors, unknown streams).
         self.unclaimed_errors: "queue.Queue[RemoteError]" = queue.Queue()
+        #: Set by the owner of the VM: says why the connection died when the VM ended
+        #: (e.g. "QEMU was killed by signal 9"), so callers see the cause, not just "EOF".
+        self.describe_loss: Callable[[], str | None] | None = None
         self._reader = threading.Thread(target=self._read_loop, name=f"agent-reader-{name}",
                                         daemon=True)
         self._reader.start()
@@ -523,6 +526,13 @@ class AgentClient:
             if not self._closed.is_set() and "closed by the host" not in self._close_reason:
                 self._close_reason = f"agent connection failed: {exc}"
         finally:
+            if self.describe_loss is not None and "closed by the host" not in self._close_reason:
+                try:
+                    cause = self.describe_loss()
+                except Exception:  # noqa: BLE001 - keep the plain reason
+                    cause = None
+                if cause:
+                    self._close_reason = f"the VM ended: {cause}"
             self._closed.set()
             with self._lock:
                 streams = list(self._streams.values())

@@ -69,6 +69,12 @@ def stop_command(proc: ExecProcess, escalation=INTERRUPT_ESCALATION) -> Exit | N
     return None
 
 
+#: Console lines of a guest that stopped its CPUs for good, and what we report.
+GUEST_HALT_LINES = {
+    "reboot: Power down": "the guest powered off",
+    "reboot: System halted": "the guest halted",
+}
+
 _live_vms: "weakref.WeakSet[Vm]" = weakref.WeakSet()
 
 
@@ -97,9 +103,17 @@ class Vm:
         self.boot_seconds = boot_seconds
         self.started_at = time.time()
         _live_vms.add(self)
+        # Without ACPI a guest that powers off or halts only stops its CPUs: the engine would
+        # idle forever. The kernel says so on the console; we end the VM when it does.
+        self._console_tail = ""
+        self._halted: str | None = None
+        self._unsubscribe_console = spec.console.subscribe(self._watch_console)
+        agent.describe_loss = self._describe_end
         self._watcher = threading.Thread(target=self._watch, name=f"vm-watch-{spec.name}",
                                          daemon=True)
         self._watcher.start()
+        from . import registry
+        registry.publish(self)      # list it for the Jupyter server's sidebar (never raises)
 
     # -- identity and state ------------------------------------------------------------
     @property
@@ -168,9 +182,33 @@ class Vm:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _describe_end(self) -> str | None:
+        """Why the VM ended: a halt seen on the console, else the engine's exit."""
+        if self._halted:
+            return self._halted
+        deadline = time.monotonic() + 1.0   # give the engine a moment to be reaped
+        while self._instance.is_running() and time.monotonic() < deadline and not self._halted:
+            time.sleep(0.02)
+        return self._halted or self._instance.exit_description()
+
+    def _watch_console(self, text: str) -> None:
+        self._console_tail = (self._console_tail + text)[-256:]
+        for line, why in GUEST_HALT_LINES.items():
+            if line in self._console_tail and self._halted is None:
+                self._halted = why
+
     def _watch(self) -> None:
         # Notice an engine that dies on its own (guest crash, killed QEMU) and say why.
         while self._state in ("running",):
+            if self._halted and self._instance.is_running():
+                with self._lock:
+                    if self._state == "running":
+                        self._state = "failed"
+                        self._failure = self._halted
+                self._instance.shutdown(None, timeout=3)
+                self._agent.close("the VM ended: " + self._halted)
+                self._cleanup()
+                return
             if not self._instance.is_running():
                 with self._lock:
                     if self._state == "running":
@@ -188,8 +226,7 @@ class Vm:
 
     def _explain(self, exc: AgentError) -> VmError:
         """Turn a lost agent connection into an error that says what happened to the VM."""
-        time.sleep(0.1)   # let the watcher see a dead engine first
-        desc = self._instance.exit_description()
+        desc = self._describe_end()
         if desc:
             return VmStoppedError(f"VM {self.name!r} ended while running the command: {desc}")
         return exc
@@ -352,6 +389,9 @@ class Vm:
                 callback(self)
             except Exception:  # noqa: BLE001 - cleanup must go on
                 pass
+        self._unsubscribe_console()
+        from . import registry
+        registry.withdraw(self)
         shutil.rmtree(self._spec.run_dir, ignore_errors=True)
         _live_vms.discard(self)
 

@@ -3,8 +3,9 @@
 import os
 
 
-def engine_pids(marker: str = "qemu-system") -> list[int]:
-    """Pids of live engine processes (QEMU) owned by anyone."""
+def engine_pids(marker: str = "qemu-system", parent: int | None = None) -> list[int]:
+    """Pids of live engine processes (QEMU); with ``parent``, only that process's children
+    (other test runs on the machine start VMs too)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -13,8 +14,10 @@ def engine_pids(marker: str = "qemu-system") -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read()
             with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
+                state, ppid = f.read().rsplit(")", 1)[1].split()[0:2]
         except OSError:
+            continue
+        if parent is not None and int(ppid) != parent:
             continue
         if marker.encode() in cmd.split(b"\0")[0] and state != "Z":
             pids.append(int(entry))

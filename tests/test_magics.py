@@ -118,9 +118,9 @@ def test_bad_arguments_name_the_field(ip):
 
 
 def test_unnamed_vm_is_stopped_after_the_cell(ip, capsys):
-    before = set(engine_pids())
+    before = set(engine_pids(parent=os.getpid()))
     run_cell(ip, capsys, "", "echo transient")
-    assert set(engine_pids()) - before == set()
+    assert set(engine_pids(parent=os.getpid())) - before == set()
 
 
 def test_stop_all_leaves_no_engine_process(ip, capsys):
