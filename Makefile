@@ -6,8 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages: QEMU, the guest's sources (kernel, busybox, musl) and the kernel build tools.
 # libasan8/libubsan1: the sanitizer build of the native core that the tests run once.
+# nodejs: builds the JupyterLab extension (with the venv's jlpm; packages from the npm registry);
+# chromium + fonts-dejavu-core: the headless browser of the end-to-end UI test.
 APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc flex bison \
-	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1
+	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1 \
+	nodejs chromium fonts-dejavu-core qemu-utils
 
 .PHONY: all setup system-deps venv assets demo test doctor bench clean
 all: demo
@@ -31,7 +34,29 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard native/include/*.h native
 
 venv: $(VENV)/.installed
 
-setup: system-deps venv
+# The JupyterLab extension: TypeScript in labextension/ built into supermachine_jupyter/labextension/
+# (the wheel ships that copy), then linked into the venv's share/jupyter/labextensions/. The server
+# extension's config file goes into the venv's etc/jupyter/ here too: a wheel installs both as
+# data files, but setuptools' editable install skips data files. Rebuilt when sources change.
+LABEXT_BUILT := supermachine_jupyter/labextension/package.json
+LABEXT_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+$(LABEXT_BUILT): $(VENV)/.installed $(wildcard labextension/package.json labextension/yarn.lock \
+		labextension/tsconfig.json labextension/src/*.ts labextension/style/*) \
+		jupyter-config/jupyter_server_config.d/supermachine_jupyter.json
+	@echo "[setup] build the JupyterLab extension into supermachine_jupyter/labextension/"
+	@command -v node >/dev/null || { echo "Node.js is missing: apt-get install nodejs" >&2; exit 1; }
+	@cd labextension && { $(LABEXT_ENV) jlpm install && $(LABEXT_ENV) jlpm build; } \
+		>../$(VENV)/labextension-build.log 2>&1 \
+		|| { tail -30 ../$(VENV)/labextension-build.log >&2; exit 1; }
+	@install -D -m 644 jupyter-config/jupyter_server_config.d/supermachine_jupyter.json \
+		$(VENV)/etc/jupyter/jupyter_server_config.d/supermachine_jupyter.json
+	@$(LABEXT_ENV) jupyter labextension develop --overwrite . >/dev/null 2>&1
+	@touch $@
+
+.PHONY: labextension
+labextension: $(LABEXT_BUILT)
+
+setup: system-deps venv labextension
 
 assets: setup
 	@$(PY) -m supermachine_jupyter assets

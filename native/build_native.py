@@ -31,6 +31,12 @@ HEADER = os.path.join(NATIVE_DIR, "include", "supermachine.h")
 PROBE_DIR = os.path.join(NATIVE_DIR, "guest", "probes")
 PROBE_OUT_DIR = os.path.join(ROOT_DIR, "supermachine_jupyter", "_probes")
 PROBE_LIBRARY_SOURCES = ("probe_lib.c",)
+#: Probes that also carry the PVH entry (pvh_entry.S: XEN_ELFNOTE_PHYS32_ENTRY note + 32-bit
+#: stub), so the same ELF boots under QEMU's ``-kernel`` (benchmarks/bench_native.py). The
+#: native core then enters them through its PVH path; every other probe keeps the raw 64-bit
+#: ELF entry, so both of the core's entry paths stay exercised by the probe tests.
+PVH_PROBES = ("uart", "idle")
+PROBE_PVH_ENTRY_SOURCE = "pvh_entry.S"
 PROBE_CFLAGS = [
     "-ffreestanding", "-nostdlib", "-static", "-fno-pic", "-no-pie", "-O2", "-Wall", "-Wextra",
     "-mgeneral-regs-only", "-mno-red-zone", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
@@ -79,8 +85,9 @@ def build_probes(out_dir: str = PROBE_OUT_DIR, cc: str = "gcc", verbose: bool = 
     lib = [os.path.join(PROBE_DIR, s) for s in PROBE_LIBRARY_SOURCES]
     for name in probe_names():
         out = os.path.join(out_dir, name + ".elf")
+        entry = [os.path.join(PROBE_DIR, PROBE_PVH_ENTRY_SOURCE)] if name in PVH_PROBES else []
         cmd = [cc, *PROBE_CFLAGS, "-I", PROBE_DIR, "-T", os.path.join(PROBE_DIR, "probe.ld"),
-               "-o", out, os.path.join(PROBE_DIR, name + ".c"), *lib]
+               "-o", out, os.path.join(PROBE_DIR, name + ".c"), *lib, *entry]
         if verbose:
             print(" ".join(cmd))
         subprocess.run(cmd, check=True)

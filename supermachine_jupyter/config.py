@@ -64,7 +64,7 @@ __all__ = [
 MIN_MEMORY_MIB = 64
 DEFAULT_VOLUME_SIZE_MIB = 1024
 MAX_VOLUME_SIZE_MIB = 1024 * 1024  # 1 TiB
-# Data volumes become /dev/vdb … /dev/vdu.
+# At most 20 data volumes (virtio-blk disks; the guest mounts each by its serial number).
 MAX_VOLUMES = 20
 # virtio-fs puts the tag in a fixed 36-byte field of the device's config space.
 MAX_TAG_CHARS = 36
@@ -186,7 +186,8 @@ class VolumeSpec(_Spec):
     """A virtio-blk data volume: a sparse host file, formatted ext4 on first use.
 
     The file is reused on later runs, so what the guest writes under ``guest_path`` persists.
-    Volumes attach in order as /dev/vdb, /dev/vdc, …
+    Volumes attach in order as virtio-blk disks (/dev/vda, /dev/vdb, …: the root filesystem is
+    the initramfs, so there is no root disk); the guest mounts each one by its serial.
 
     - ``host_path``: the image file on the host. It may not exist yet (it is created on first
       use), but its directory must. Stored absolute.
@@ -292,7 +293,7 @@ def _allowed(field: str) -> str:
         ),
         "vcpus": f"None or an integer from 1 to {host_cpu_count()} (host CPUs)",
         "balloon": "True or False",
-        "volumes": f"a list of at most {MAX_VOLUMES} VolumeSpec (virtio-blk disks vdb … vdu)",
+        "volumes": f"a list of at most {MAX_VOLUMES} VolumeSpec (virtio-blk disks)",
         "mounts": "a list of MountSpec",
         "assets": "None (auto-discover) or an AssetPaths",
         "vsock_mux_dir": (
@@ -446,7 +447,7 @@ class VmConfig(HasTraits):
     volumes = _SpecList(
         VolumeSpec,
         help=(
-            f"virtio-blk data volumes (VolumeSpec), attached in order as /dev/vdb … /dev/vdu "
+            f"virtio-blk data volumes (VolumeSpec), attached in order as /dev/vda, /dev/vdb … "
             f"(at most {MAX_VOLUMES}). Each is a sparse host file, formatted ext4 on first use "
             "and reused afterwards, so its data persists."
         ),

@@ -53,6 +53,8 @@ class Image:
     default_memory_mib: int = 256
     default_vcpus: int = 1
     description: str = "busybox guest with the supermachine agent"
+    #: a snapshot directory: ``start`` restores it instead of booting (see snapshot.py)
+    snapshot: Path | None = None
 
     @classmethod
     def default(cls, progress: Progress = _silent) -> "Image":
@@ -60,15 +62,43 @@ class Image:
         assets: GuestAssets = ensure_assets(progress)
         return cls(assets.kernel, assets.vmlinux, assets.initrd)
 
+    @classmethod
+    def from_snapshot(cls, path) -> "Image":
+        """An image whose ``start(config)`` restores the snapshot at ``path`` (made by
+        ``Vm.snapshot``) instead of booting; the header is checked now and again at start."""
+        from .snapshot import Snapshot
+        snap = Snapshot.open(path)
+        h = snap.header
+        return cls(Path(h["kernel"]), Path(h["kernel"]), Path(h["initrd"]),
+                   default_memory_mib=snap.memory_mib, default_vcpus=snap.vcpus,
+                   description=f"snapshot of {snap.source_name!r} made {snap.created_at}",
+                   snapshot=snap.path)
+
     def __repr__(self) -> str:
         return (f"Image({self.description!r}, kernel={str(self.kernel)!r}, "
                 f"memory={self.default_memory_mib}MiB, vcpus={self.default_vcpus})")
 
     def start(self, config: VmConfig | None = None, *, name: str | None = None,
               progress: Progress = _silent,
-              boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S) -> Vm:
-        """Boot a VM from this image and wait until its agent answers."""
+              boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S,
+              snapshot_cache: bool | None = False) -> Vm:
+        """Boot a VM from this image and wait until its agent answers.
+
+        A snapshot image (``from_snapshot``) restores instead, within
+        ``config.restore_timeout``. ``snapshot_cache=True`` (``None``: the default policy,
+        ``snapshot.cache_enabled()``) restores from this image's cached pre-booted snapshot
+        when the config allows; the first such start boots and makes the snapshot (see
+        ``snapshot.start_with_cache``)."""
         config = config or VmConfig()
+        if self.snapshot is not None:
+            from .snapshot import Snapshot, restore
+            return restore(Snapshot.open(self.snapshot), config, name=name, progress=progress)
+        if snapshot_cache or snapshot_cache is None:
+            from . import snapshot as _snapshot
+            if (snapshot_cache or _snapshot.cache_enabled()) \
+                    and _snapshot.cacheable(self, config) is None:
+                return _snapshot.start_with_cache(self, config, name=name, progress=progress,
+                                                  boot_timeout=boot_timeout)
         name = name or config.name or f"vm-{secrets.token_hex(3)}"
         kernel, vmlinux, initrd = self.kernel, self.vmlinux, self.initrd
         if config.assets is not None:

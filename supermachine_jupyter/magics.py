@@ -12,7 +12,8 @@ later cells (until ``%vm stop NAME`` or the kernel shuts down); an unnamed VM is
 its cell ends. Interrupting the kernel sends SIGINT, then SIGTERM, then SIGKILL to the guest
 command; the VM survives.
 
-Line magic: ``%vm list``, ``%vm stop NAME|--all``, ``%vm console NAME``, ``%vm config NAME``.
+Line magic: ``%vm list``, ``%vm stop NAME|--all``, ``%vm console NAME``, ``%vm config NAME``,
+``%vm panel NAME`` (the live dashboard; ``%%vm --panel`` shows it under a cell).
 Defaults are traitlets: ``%config VmMagics.default_memory_mib = 512``.
 """
 
@@ -138,12 +139,17 @@ class _StreamWriter:
 
 def _parse_volume(text: str) -> VolumeSpec:
     parts = text.split(":")
+    usage = f"--volume {text!r}: expected HOST:GUEST[:SIZE_MIB][:ro|rw]"
     if len(parts) not in (2, 3, 4):
-        raise TraitError(f"--volume {text!r}: expected HOST:GUEST[:SIZE_MIB][:ro]")
-    read_only = parts[-1] == "ro"
-    if read_only:
-        parts = parts[:-1]
+        raise TraitError(usage)
+    read_only = False
+    if parts[-1] in ("ro", "rw"):
+        read_only = parts.pop() == "ro"
+    elif len(parts) == 4:
+        raise TraitError(f"{usage} (the last part must be ro or rw, got {parts[-1]!r})")
     size = 1024
+    if len(parts) == 4 or len(parts) < 2:
+        raise TraitError(usage)
     if len(parts) == 3:
         try:
             size = int(parts[2])
@@ -262,6 +268,8 @@ class VmMagics(Magics):
     @argument("--raise", dest="raise_error", action="store_true",
               help="raise an error when the command exits non-zero")
     @argument("--quiet", action="store_true", help="no progress or status line")
+    @argument("--panel", action="store_true",
+              help="show the VM's live dashboard (console, balloon, mounts) under the cell")
     @cell_magic
     def vm(self, line: str, cell: str):
         """Run the cell's shell script inside a microVM.
@@ -275,6 +283,10 @@ class VmMagics(Magics):
         vm, new, note = self._get_or_start(config, progress)
         if new:
             progress.done(f"{vm.name} ready on {vm.engine}/{vm.accel} in {vm.boot_seconds:.1f} s")
+        if args.panel:
+            # Shown before the command runs, so the panels follow it live.
+            from .widgets import VmDashboard
+            display(VmDashboard(vm))
         keep = bool(config.name)
         timeout = args.timeout if args.timeout is not None else self.default_timeout
         out, err = _StreamWriter("stdout"), _StreamWriter("stderr")
@@ -325,14 +337,15 @@ class VmMagics(Magics):
     # -- %vm ------------------------------------------------------------------------------
     @line_magic("vm")
     def vm_line(self, line: str):
-        """%vm list | stop NAME... | stop --all | console NAME | config NAME"""
+        """%vm list | stop NAME... | stop --all | console NAME | config NAME | panel NAME"""
         words = shlex.split(line)
         if not words or words[0] in ("-h", "--help", "help"):
             print(self.vm_line.__doc__)
             return None
         command, rest = words[0], words[1:]
         if command == "list":
-            return VmTable(list(self._vms.values()))
+            # A VM stopped from elsewhere (the MicroVMs sidebar) is no longer listed.
+            return VmTable([vm for vm in self._vms.values() if vm.state != "stopped"])
         if command == "stop":
             if rest == ["--all"]:
                 names = list(self._vms)
@@ -352,7 +365,11 @@ class VmMagics(Magics):
             return None
         if command == "config":
             return self._lookup(self._one(rest, "config")).config
-        raise VmError(f"unknown %vm command {command!r}: use list, stop, console or config")
+        if command == "panel":
+            from .widgets import VmDashboard
+            return VmDashboard(self._lookup(self._one(rest, "panel")))
+        raise VmError(f"unknown %vm command {command!r}: use list, stop, console, config or "
+                      "panel")
 
     @staticmethod
     def _one(rest: list[str], command: str) -> str:

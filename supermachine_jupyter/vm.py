@@ -355,6 +355,21 @@ class Vm:
                  "serial": v.serial, "read_only": v.spec.read_only, **usage(v.path)}
                 for v in self._spec.volumes]
 
+    # -- snapshots ---------------------------------------------------------------------
+    #: The snapshot directory this VM was restored from (None: it booted).
+    restored_from = None
+
+    def snapshot(self, path, *, overwrite: bool = False):
+        """Save this VM (guest memory, vCPUs, irqchip, devices, volume contents) as a
+        snapshot directory at ``path``; the guest pauses briefly and keeps running.
+
+        Returns a :class:`~supermachine_jupyter.snapshot.Snapshot`;
+        ``Image.from_snapshot(path).start()`` starts new VMs from it. QEMU engine only;
+        VMs with virtio-fs mounts cannot be snapshotted (see ``snapshot.py``)."""
+        self._check_running()
+        from .snapshot import write_snapshot
+        return write_snapshot(self, path, overwrite=overwrite)
+
     # -- console -----------------------------------------------------------------------
     @property
     def console(self) -> ConsoleBuffer:

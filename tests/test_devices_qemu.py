@@ -7,8 +7,7 @@ import time
 import pytest
 
 from supermachine_jupyter import Image, VmConfig
-from supermachine_jupyter.balloon import BalloonNotEnabled, MIB_TO_4K_PAGES
-from supermachine_jupyter.errors import VmError
+from supermachine_jupyter.balloon import BalloonNotEnabled
 
 QEMU = VmConfig(engine="qemu")
 

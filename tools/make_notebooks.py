@@ -1,7 +1,11 @@
 """Write the teaching notebooks from their source here (cells as plain text, easy to review).
 
-Run `python tools/make_notebooks.py` then `python -m supermachine_jupyter notebook
-notebooks/NAME.ipynb --write` to store real outputs in the committed notebook.
+Each builder returns a notebook's cells; ``BUILDERS`` maps notebook names to builders. Run
+``python tools/make_notebooks.py [NAME ...]``, then ``python -m supermachine_jupyter notebook
+notebooks/NAME.ipynb --write`` to store the outputs of a real run in the committed notebook.
+A notebook whose cells are unchanged is left alone (its stored outputs are kept); ``--force``
+rewrites it anyway. ``tests/test_notebooks.py`` checks that the committed notebooks are what
+this file generates, carry outputs from a real run, and print what each lesson promises.
 """
 
 import sys
@@ -187,6 +191,25 @@ def memory_and_balloon():
         md("The guest's free memory is back, but the host's RSS does **not** climb back: the "
            "returned pages cost the host nothing until the guest writes to them again, when "
            "they are faulted in one by one."),
+        md("## The same, live: `BalloonPanel`\n"
+           "The widget samples `vm.balloon_stats()` once a second on a background thread and "
+           "charts the balloon (actual solid, target dashed) with the guest's free and "
+           "available memory; its buttons inflate and deflate by 16 or 64 MiB. Because it "
+           "samples on its own thread, the kernel stays free: the next cell runs while the "
+           "chart moves."),
+        code("from supermachine_jupyter.widgets import BalloonPanel\n\n"
+             "panel = BalloonPanel(vm)\n"
+             "panel"),
+        code("panel.inflate(64)          # what the \"+64 MiB\" button does\n"
+             "time.sleep(4)\n"
+             "panel.deflate(64)\n"
+             "time.sleep(4)\n"
+             "for sample in panel.history[-8:]:\n"
+             "    print(time.strftime(\"%H:%M:%S\", time.localtime(sample[\"time\"])),\n"
+             "          f\"actual {sample['actual_mib']:3} MiB  target {sample['target_mib']:3} MiB  \"\n"
+             "          f\"free {sample['free_mib']:4.0f} MiB\")\n"
+             "print(\"samples so far:\", len(panel.history))"),
+        md("Stopping the VM ends the panel's thread too; the chart keeps its last picture."),
         code("vm.stop()\nprint(vm.state)"),
         md("## Exercises\n"
            "1. Inflate the balloon until the guest has about 30 MiB free, then write 100 MiB "
@@ -235,8 +258,8 @@ def volumes():
         code("image = Image.default()\n"
              "with image.start(config) as vm:\n"
              "    print(vm.run(\"mount | grep /data; df -m /data\").stdout)\n"
-             "    print(vm.run(\"echo 'written by the first VM' > /data/notes.txt; \"\n"
-             "                 \"echo 'tmp file' > /tmp/lost.txt; sync\"))\n"
+             "    vm.run(\"echo 'written by the first VM' > /data/notes.txt; \"\n"
+             "           \"echo 'tmp file' > /tmp/lost.txt; sync\")\n"
              "print(\"VM stopped:\", vm.state)"),
         md("## What the file costs on the host\n"
            "The file's size is 64 MiB, but the host has only stored the blocks the filesystem "
@@ -260,7 +283,7 @@ def volumes():
              "    print(\"data read back after restart:\", result.stdout.strip())\n"
              "    print(\"RAM file after restart:\", result.stderr.strip())\n"
              "    print(vm.run(\"mount | grep -E '/data|/scratch'\").stdout)\n"
-             "    print(vm.run(\"dd if=/dev/urandom of=/scratch/blob bs=1M count=8 2>/dev/null; sync\"))\n"
+             "    vm.run(\"dd if=/dev/urandom of=/scratch/blob bs=1M count=8 2>/dev/null; sync\")\n"
              "    for volume in vm.volumes():\n"
              "        print(volume)"),
         md("`/tmp/lost.txt` lived in the guest's RAM and is gone; `/data/notes.txt` survived. "
@@ -303,18 +326,473 @@ def volumes():
     ]
 
 
+def host_mounts():
+    md, code = new_markdown_cell, new_code_cell
+    return [
+        md("# 03 · Host directories in the guest (virtio-fs)\n\n"
+           "**What you will learn**\n"
+           "- share a host directory with a VM: `VmConfig().with_virtiofs(host_dir, tag, "
+           "guest_path)`;\n"
+           "- the guest reads host files, and what it writes appears on the host at once;\n"
+           "- **isolation**: what the guest can and cannot see — `..`, absolute paths and "
+           "symlinks pointing outside the directory;\n"
+           "- why the host should still treat files the guest wrote as untrusted;\n"
+           "- read-only mounts, and the per-mount counters of `vm.mounts()`.\n\n"
+           "A volume (notebook 02) is a whole disk that only the guest understands. A "
+           "**mount** shares a live directory, file by file: the guest's kernel asks a file "
+           "server on the host (`virtiofsd`) for each lookup, read and write, over virtio-fs. "
+           "Host and guest see each other's changes."),
+        md("## A directory to share\n"
+           "We build a small tree in a temporary directory. Only `share/` and `reference/` "
+           "will be given to the guest; `secret.txt` sits **next to** them, outside, and two "
+           "symlinks inside `share/` point at it."),
+        code("import os\n"
+             "import tempfile\n"
+             "from pathlib import Path\n"
+             "from supermachine_jupyter import Image, VmConfig\n\n"
+             "lab = Path(tempfile.mkdtemp(prefix=\"nb03-\"))\n"
+             "share, reference = lab / \"share\", lab / \"reference\"\n"
+             "share.mkdir()\n"
+             "reference.mkdir()\n"
+             "(lab / \"secret.txt\").write_text(\"host secret: the guest must not read this\\n\")\n"
+             "(share / \"note.txt\").write_text(\"hello from the host\\n\")\n"
+             "(share / \"abs-link\").symlink_to(lab / \"secret.txt\")     # absolute, points outside\n"
+             "(share / \"rel-link\").symlink_to(\"../secret.txt\")         # relative, points outside\n"
+             "(reference / \"data.csv\").write_text(\"x,y\\n1,2\\n\")\n\n"
+             "for path in sorted(lab.rglob(\"*\")):\n"
+             "    target = f\" -> {os.readlink(path)}\" if path.is_symlink() else \"\"\n"
+             "    print(path.relative_to(lab.parent), target, sep=\"\")"),
+        md("## Start a VM with two mounts\n"
+           "Each mount has a **tag** (the name the guest mounts it by) and a guest path. The "
+           "second one is read-only. Under QEMU each mount gets its own `virtiofsd` process."),
+        code("config = (VmConfig(engine=\"qemu\")\n"
+             "          .with_virtiofs(share, \"share\", \"/mnt/share\")\n"
+             "          .with_virtiofs(reference, \"reference\", \"/mnt/reference\", read_only=True))\n"
+             "vm = Image.default().start(config)\n"
+             "print(vm)\n"
+             "print(vm.run(\"mount | grep virtiofs\").stdout)"),
+        md("## Reading and writing across the boundary"),
+        code("print(\"guest reads:\", vm.run(\"cat /mnt/share/note.txt\").stdout.strip())\n\n"
+             "vm.run(\"echo 'hello from the guest' > /mnt/share/from-guest.txt\")\n"
+             "print(\"host reads: \", (share / \"from-guest.txt\").read_text().strip())"),
+        md("## What the guest cannot see\n"
+           "Now the guest tries four ways out of `/mnt/share` to `secret.txt`. Each attempt "
+           "prints `blocked` or `LEAK`."),
+        code("attempts = f\"\"\"\n"
+             "try() {{ label=$1; shift\n"
+             "  if out=$(\"$@\" 2>&1); then echo \"LEAK    $label: $out\"; else echo \"blocked $label: $out\"; fi; }}\n"
+             "try '..              ' cat /mnt/share/../secret.txt\n"
+             "try 'host path       ' cat {lab}/secret.txt\n"
+             "try 'absolute symlink' cat /mnt/share/abs-link\n"
+             "try 'relative symlink' cat /mnt/share/rel-link\n"
+             "echo \"abs-link, as the guest reads it: $(readlink /mnt/share/abs-link)\"\n"
+             "\"\"\"\n"
+             "print(vm.run(attempts).stdout)"),
+        md("Why each one fails:\n\n"
+           "- **Paths are resolved by the guest's kernel, in the guest's tree.** `/mnt/share/..`"
+           " is the guest's `/mnt`; the host path does not exist in the guest at all (its `/` "
+           "is its own RAM filesystem).\n"
+           "- **Symlinks too.** `abs-link` says `/tmp/nb03-…/secret.txt`, and the guest looks "
+           "that up in *its own* `/tmp`; `rel-link` leads to the guest's `/mnt/secret.txt`. "
+           "The guest can read the symlink's *text* — so it learns a host path — but cannot "
+           "follow it out.\n"
+           "- **And on the host, the file server is locked in.** `virtiofsd` moves itself into "
+           "a private mount namespace whose root *is* the shared directory (`pivot_root`), so "
+           "even a hostile guest kernel that sent raw \"look up `..`\" requests would find "
+           "nothing above `share/`.\n\n"
+           "What the guest **can** see is everything beneath the directory, hidden files "
+           "included, with the host's owners and permissions. Share a directory made for the "
+           "purpose, never your home directory."),
+        md("## The other direction: guest-made symlinks\n"
+           "The guest cannot follow a link out, but it can **create** one, and the host *will* "
+           "follow it. A host program that opens files in the share without care can be "
+           "tricked into reading (or overwriting) its own files:"),
+        code("vm.run(\"ln -s /etc/hostname /mnt/share/innocent.txt\")\n"
+             "link = share / \"innocent.txt\"\n"
+             "print(f\"guest created {link.name} -> {os.readlink(link)}\")\n"
+             "print(f\"on the host it resolves to {link.resolve()}: the HOST's file\")\n"
+             "print(f\"inside the share? {link.resolve().is_relative_to(share)}\")"),
+        md("So treat everything a guest wrote as untrusted input: check `resolve()` stays "
+           "beneath the share, or open with `O_NOFOLLOW`."),
+        md("## A read-only mount\n"
+           "The guest reads `reference/` but cannot change it. This is enforced **on the "
+           "host**: the `virtiofsd` of a read-only mount runs where the directory is "
+           "bind-mounted read-only. To prove it, the guest remounts its side read-write (which "
+           "it is allowed to do) and tries again:"),
+        code("print(vm.run(\"cat /mnt/reference/data.csv\").stdout)\n"
+             "for script in (\"echo 3,4 >> /mnt/reference/data.csv\",\n"
+             "               \"mount -o remount,rw /mnt/reference && mount | grep /mnt/reference \"\n"
+             "               \"&& echo 3,4 >> /mnt/reference/data.csv\"):\n"
+             "    attempt = vm.run(script)\n"
+             "    print(f\"$ {script}\\n{attempt.stdout}exit {attempt.exit_code}: {attempt.stderr.strip()}\\n\")\n"
+             "print(\"host file unchanged:\", (reference / \"data.csv\").read_text() == \"x,y\\n1,2\\n\")"),
+        md("## Counters\n"
+           "`vm.mounts()` lists each mount with counters measured on the host from the file "
+           "server's I/O accounting: operations (system calls) and bytes read and written on "
+           "the guest's behalf. Read a 2 MiB host file in the guest and watch `bytes_read` "
+           "move. (`dax` says whether file pages are mapped straight into the guest; QEMU 7.2 "
+           "cannot, and the note says so.)"),
+        code("def show_mounts():\n"
+             "    print(f\"{'tag':10} {'guest path':15} {'ro':5} {'ops':>6} {'read':>10} {'written':>8}  dax\")\n"
+             "    for m in vm.mounts():\n"
+             "        c = m.counters\n"
+             "        print(f\"{m.spec.tag:10} {m.spec.guest_path:15} {str(m.spec.read_only):5} \"\n"
+             "              f\"{c.ops:6} {c.bytes_read:10} {c.bytes_written:8}  {m.dax} ({m.dax_note})\")\n\n\n"
+             "show_mounts()"),
+        md("The counters are not zero even for `reference`, which the guest has barely "
+           "touched: the file server also counts its own start-up and the guest's mount-time "
+           "lookups. Look at how they **change**:"),
+        code("import hashlib\n\n"
+             "(share / \"big.bin\").write_bytes(os.urandom(2 * 1024 * 1024))\n"
+             "before = vm.mounts()[0].counters.bytes_read\n"
+             "print(\"guest:\", vm.run(\"md5sum /mnt/share/big.bin\").stdout.strip())\n"
+             "print(\"host: \", hashlib.md5((share / \"big.bin\").read_bytes()).hexdigest())\n"
+             "after = vm.mounts()[0].counters.bytes_read\n"
+             "print(f\"share's bytes_read grew by {(after - before) / 2**20:.2f} MiB\\n\")\n"
+             "show_mounts()"),
+        code("vm.stop()"),
+        md("## The same from a cell\n"
+           "`%%vm --mount HOST:TAG:GUEST[:ro]` (repeatable):"),
+        code("%load_ext supermachine_jupyter"),
+        code("%%vm --engine qemu --mount {share}:share:/mnt/share --mount {reference}:ref:/mnt/ref:ro\n"
+             "cat /mnt/share/from-guest.txt\n"
+             "ls /mnt/ref"),
+        code("import shutil\nshutil.rmtree(lab)"),
+        md("## Exercises\n"
+           "1. While a VM runs, change `note.txt` on the host. How soon does the guest see "
+           "the new text?\n"
+           "2. On the host, make a **hard** link inside `share/` to `secret.txt`. Can the guest "
+           "read it? Why is a hard link different from a symlink here?\n"
+           "3. Write a host function `safe_read(share, name)` that refuses anything resolving "
+           "outside `share` and test it against `innocent.txt`.\n"
+           "4. A dataset the guest only reads, a database the guest writes: which would you "
+           "give it as a mount, which as a volume, and why?"),
+    ]
+
+
+def widgets_dashboard():
+    md, code = new_markdown_cell, new_code_cell
+    return [
+        md("# 04 · Widgets: build a config, start a VM, watch it\n\n"
+           "**What you will learn**\n"
+           "- edit a `VmConfig` with a form (`VmConfigForm`) that is **two-way linked** to it: "
+           "the widgets change the config, and the config changes the widgets;\n"
+           "- what the form does with an invalid entry;\n"
+           "- start, watch and stop a VM from a `VmDashboard`: its console, balloon and "
+           "mounts, live, while the notebook stays usable;\n"
+           "- the shortcut: `%%vm --panel` and `%vm panel NAME`.\n\n"
+           "The widgets are ipywidgets, so they need a live kernel to move: in a saved "
+           "notebook you see their last state. Every cell below also does in code what you "
+           "would do with the mouse, so it runs the same headless."),
+        md("## A form on a config\n"
+           "`VmConfigForm(config)` edits **that very object**: there is one config, and the "
+           "form is a view of it."),
+        code("import tempfile\n"
+             "import time\n"
+             "from pathlib import Path\n"
+             "from supermachine_jupyter import MountSpec, VmConfig, VolumeSpec\n"
+             "from supermachine_jupyter.widgets import VmConfigForm, VmDashboard\n\n"
+             "config = VmConfig(memory_mib=256, engine=\"qemu\")\n"
+             "form = VmConfigForm(config)\n"
+             "print(\"form edits this config object:\", form.config is config)\n"
+             "form"),
+        md("Moving a widget assigns the config's field (here we set the widgets from code, "
+           "as a click would):"),
+        code("form.memory.value = 384        # drag the memory slider\n"
+             "form.balloon.value = True      # tick \"virtio-balloon\"\n"
+             "form.name.value = \"dash-demo\"  # type a name\n"
+             "print(config)"),
+        md("…and changing the config moves the widgets, whoever changes it:"),
+        code("config.memory_mib = 320\n"
+             "config.balloon = False\n"
+             "print(\"slider:\", form.memory.value, \"· balloon box:\", form.balloon.value)\n"
+             "config.balloon = True"),
+        md("## Invalid entries\n"
+           "The config validates every value. When it refuses one, the form shows the "
+           "config's own message in red under the field, the widget keeps what you typed, "
+           "and **the config keeps its last valid value**:"),
+        code("form.name.value = \"no spaces allowed\"\n"
+             "print(\"form.errors:\", form.errors)\n"
+             "print(\"config.name is still:\", config.name)\n"
+             "form.name.value = \"dash-demo\"\n"
+             "print(\"after fixing it, errors:\", form.errors)"),
+        md("## Volumes and mounts\n"
+           "The lists are rows of fields; a complete row becomes a `VolumeSpec` or "
+           "`MountSpec` in the config at once. A row that the spec refuses is marked and "
+           "left out:"),
+        code("workdir = Path(tempfile.mkdtemp(prefix=\"nb04-\"))\n"
+             "(workdir / \"share\").mkdir()\n"
+             "(workdir / \"share\" / \"hello.txt\").write_text(\"hello through the mount panel\\n\")\n\n"
+             "form.add_row(\"volumes\", VolumeSpec(str(workdir / \"data.img\"), \"/data\", size_mib=64))\n"
+             "row = form.add_row(\"mounts\", MountSpec(str(workdir / \"share\"), \"share\", \"/mnt/share\"))\n"
+             "print(\"volumes:\", [v.guest_path for v in config.volumes], \"· mounts:\",\n"
+             "      [m.guest_path for m in config.mounts])\n\n"
+             "row.guest_path.value = \"relative/path\"          # a guest path must be absolute\n"
+             "print(\"error:\", form.errors.get(\"mounts\"))\n"
+             "print(\"mounts in the config meanwhile:\", [m.guest_path for m in config.mounts])\n"
+             "row.guest_path.value = \"/mnt/share\"\n"
+             "print(\"fixed:\", form.errors, [m.guest_path for m in config.mounts])"),
+        md("## The dashboard\n"
+           "`VmDashboard(config=config)` holds a form like the one above (on a copy of the "
+           "config, for the next start), **start**/**stop** buttons, a state line saying which "
+           "engine runs the VM and why, and tabs with the live console, balloon and mounts. "
+           "**start** boots the VM on a background thread, so the notebook stays free while "
+           "it boots; `dashboard.wait()` lets code wait for it."),
+        code("dashboard = VmDashboard(config=config)\n"
+             "dashboard"),
+        code("dashboard.start()          # the \"start\" button\n"
+             "dashboard.wait(120)\n"
+             "vm = dashboard.vm\n"
+             "print(vm)"),
+        md("The VM is an ordinary `Vm`: use it from code while the panels watch it. The "
+           "console tab follows the guest's serial console, the balloon tab charts memory, "
+           "the mounts tab counts the virtio-fs traffic:"),
+        code("print(vm.run(\"cat /mnt/share/hello.txt; echo hi > /data/x; \"\n"
+             "             \"dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/dev/null; rm /tmp/fill\").stdout)\n"
+             "dashboard.balloon.inflate(64)       # the \"+64 MiB\" button of the balloon tab\n"
+             "deadline = time.monotonic() + 20     # the tab samples once a second\n"
+             "while dashboard.balloon.history[-1][\"actual_mib\"] < 64 and time.monotonic() < deadline:\n"
+             "    time.sleep(0.5)\n\n"
+             "last = dashboard.balloon.history[-1]\n"
+             "print(f\"balloon tab: actual {last['actual_mib']} MiB of target {last['target_mib']} MiB, \"\n"
+             "      f\"guest free {last['free_mib']:.0f} MiB\")\n"
+             "for r in dashboard.mounts.refresh():\n"
+             "    print(f\"mounts tab: {r['kind']:6} {r['guest_path']:11} {r['tag']:7} ops={r['ops']} \"\n"
+             "          f\"read={r['bytes_read']} used_on_host={r['used_bytes']}\")\n"
+             "print(\"console tab, last line:\", dashboard.console.text.strip().splitlines()[-1][:100])\n"
+             "print(\"panel threads alive:\", len(dashboard.threads()))"),
+        code("dashboard.stop()           # the \"stop\" button\n"
+             "dashboard.wait(30)\n"
+             "time.sleep(1)\n"
+             "print(\"VM:\", vm.state, \"· panel threads alive:\", len(dashboard.threads()))\n"
+             "dashboard.close()"),
+        md("## The shortcut in a cell\n"
+           "`%%vm --panel` shows the same dashboard under a cell's output, for the VM that "
+           "runs the cell; `%vm panel NAME` shows it for a named VM at any time."),
+        code("%load_ext supermachine_jupyter"),
+        code("%%vm --name panel-demo --balloon --engine qemu --panel\n"
+             "echo \"this cell's VM has a dashboard above\"\n"
+             "free -m | head -2"),
+        code("%vm panel panel-demo"),
+        code("%vm stop panel-demo"),
+        code("import shutil\nshutil.rmtree(workdir)"),
+        md("## Exercises\n"
+           "1. Drag the memory slider of the form while a dashboard's VM runs. Does the "
+           "running VM change? When does the new value take effect?\n"
+           "2. Type a tag with a space into a mount row. Read the message: which rule of "
+           "`MountSpec` does it come from?\n"
+           "3. Press **+64 MiB** on the balloon tab until the guest has almost no free memory, "
+           "then run a command that needs memory. What does the chart show?\n"
+           "4. Start a VM with a volume from the dashboard, write to it, stop it, start again "
+           "from the same form: is the data there (notebook 02)?"),
+    ]
+
+
+def engines():
+    md, code = new_markdown_cell, new_code_cell
+    return [
+        md("# 05 · Engines: native core vs QEMU, measured here\n\n"
+           "**What you will learn**\n"
+           "- what `python -m supermachine_jupyter doctor` says about a machine;\n"
+           "- how `engine=\"auto\"` picks between the project's native KVM core and QEMU, and "
+           "why it measures instead of trusting CPU flags;\n"
+           "- timings measured on *this* machine: QEMU boot times, the native core's "
+           "calibration and its time to a guest's first output;\n"
+           "- why a Linux guest cannot boot on this machine's `/dev/kvm`.\n\n"
+           "Two engines run the same guest image behind the same `Vm` API:\n\n"
+           "| engine | what it is |\n|---|---|\n"
+           "| `native` | the project's own KVM core in C (bound with cffi): a KVM VM inside the "
+           "Python process, vCPU threads, virtio-mmio devices |\n"
+           "| `qemu` | a `qemu-system-x86_64 -M microvm` process: KVM where KVM runs guests at "
+           "hardware speed, else **TCG**, QEMU's software emulator |\n\n"
+           "*The outputs stored in this notebook come from the workplace machine it was "
+           "written on; run it to see your own.*"),
+        md("## Ask the doctor\n"
+           "The doctor checks `/dev/kvm`, QEMU, the guest assets and the native core (it "
+           "runs the core's probe guests), and says which engine `auto` picks and why. It "
+           "takes a few seconds because it really runs things."),
+        code("import sys\n"
+             "!{sys.executable} -m supermachine_jupyter doctor"),
+        md("## How `auto` chooses\n"
+           "`choose_engine()` is what `Image.start` calls. It rests on `kvm_status()`, a "
+           "verdict about this host's KVM, with the reason and the hints behind it:"),
+        code("from supermachine_jupyter.accel import kvm_status\n"
+             "from supermachine_jupyter.engines import choose_engine, native_available\n\n"
+             "status = kvm_status()\n"
+             "print(\"KVM speed:\", status.speed)\n"
+             "print(\"reason:   \", status.reason)\n"
+             "for hint in status.hints:\n"
+             "    print(\"hint:     \", hint)\n"
+             "native_ok, native_why = native_available()\n"
+             "print(\"native:   \", native_why)\n"
+             "print()\n"
+             "for requested in (\"auto\", \"qemu\", \"native\"):\n"
+             "    try:\n"
+             "        choice = choose_engine(requested)\n"
+             "        print(f\"{requested:6} → {choice.name}/{choice.accel}: {choice.reason}\")\n"
+             "    except Exception as error:   # e.g. engine='native' where the core cannot run\n"
+             "        print(f\"{requested:6} → error: {error}\")"),
+        md("The rule: **`auto` picks `native` only where KVM runs guests at hardware speed**, "
+           "and QEMU otherwise — with KVM when KVM is fast, with TCG when it is emulated or "
+           "absent. (`native` can still be requested explicitly, with a warning.)\n\n"
+           "The hints show why flags are not enough: on the machine these outputs come from, "
+           "`/dev/kvm` exists and opens fine, yet the CPU has no `vmx`/`svm` flag and a "
+           "`kvm_pvm` module is loaded. A `/dev/kvm` can be *emulated*. So the verdict comes "
+           "from a measurement, cached until the next host reboot: the native core's `calib` "
+           "probe guest runs a fixed integer loop under KVM, the host runs the same loop, and "
+           "both are timed with the CPU's timestamp counter. Here it is, run fresh:"),
+        code("from supermachine_jupyter.engines import native\n\n"
+             "if not native_ok:\n"
+             "    print(f\"the native core cannot run here: {native_why}\")\n"
+             "else:\n"
+             "    cal = native.calibrate()\n"
+             "    print(f\"same loop, {cal['iterations']:,} iterations: host {cal['host_cycles']:,} \"\n"
+             "          f\"cycles, KVM guest {cal['guest_cycles']:,} cycles\")\n"
+             "    print(f\"ratio {cal['ratio']:,.0f}x → {cal['speed']} \"\n"
+             "          f\"(hardware speed means under {native.CALIB_HARDWARE_MAX_RATIO:g}x); \"\n"
+             "          f\"wall time {cal['wall_seconds']:.2f} s\")"),
+        md("And how long the native core takes from creating a VM to the first byte a tiny "
+           "probe guest writes to its serial port (median of five):"),
+        code("import statistics\n\n"
+             "if native_ok:\n"
+             "    samples = [native.first_uart_byte_seconds() for _ in range(5)]\n"
+             "    print(\"first UART byte:\", \", \".join(f\"{s * 1000:.1f} ms\" for s in samples))\n"
+             "    print(f\"median {statistics.median(samples) * 1000:.1f} ms\")"),
+        md("On an emulated KVM the two numbers together tell the story: **creating a KVM VM "
+           "and entering it is fast** (milliseconds), but **running guest instructions is "
+           "thousands of times slower** than on the host. A tiny probe that prints a line "
+           "does not notice; a Linux kernel does."),
+        md("## Boot times with `auto`\n"
+           "Three VMs, one after another: boot time (engine start until the guest agent "
+           "answers), the guest's own uptime at that point, one agent round trip, and the "
+           "time to stop."),
+        code("import time\n"
+             "from supermachine_jupyter import Image, VmConfig\n\n"
+             "image = Image.default()\n"
+             "print(f\"{'run':>3}  {'engine':10} {'boot':>7} {'guest uptime':>12} {'ping':>8} {'stop':>7}\")\n"
+             "boots = []\n"
+             "for run in range(1, 4):\n"
+             "    vm = image.start(VmConfig(engine=\"auto\"))\n"
+             "    uptime = float(vm.run(\"cut -d' ' -f1 /proc/uptime\").stdout)\n"
+             "    ping = vm.ping()\n"
+             "    stop_started = time.monotonic()\n"
+             "    vm.stop()\n"
+             "    stop = time.monotonic() - stop_started\n"
+             "    boots.append(vm.boot_seconds)\n"
+             "    print(f\"{run:3}  {vm.engine + '/' + vm.accel:10} {vm.boot_seconds:6.2f}s \"\n"
+             "          f\"{uptime:11.2f}s {ping * 1000:6.1f}ms {stop:6.2f}s\")\n"
+             "print(f\"median boot: {statistics.median(boots):.2f} s\")"),
+        md("Under TCG, QEMU translates the guest's machine code into host code block by "
+           "block and caches the translations: a small guest reaches its agent in a second or "
+           "two. On a machine whose KVM runs at hardware speed, `auto` picks `native` and "
+           "this table shows it instead — run the notebook there to compare."),
+        md("## Why Linux cannot boot on this `/dev/kvm`\n"
+           "Let us try anyway: boot the real guest kernel on the native core, straight into "
+           "KVM (entered through PVH, no bootloader), and see where it stops. This takes "
+           "several seconds, because every instruction is slow. (Where KVM is not emulated "
+           "the experiment does not apply, and the cell says so.)"),
+        code("import textwrap\n"
+             "from supermachine_jupyter.engines.native import NativeVm\n\n"
+             "on_emulated_kvm = native_ok and status.speed == \"emulated\"\n"
+             "if not on_emulated_kvm:\n"
+             "    print(f\"KVM is {status.speed} here and the native core is \"\n"
+             "          f\"{'available' if native_ok else 'unavailable'}: nothing to show\")\n"
+             "else:\n"
+             "    linux = NativeVm(image.vmlinux, memory_mib=128,\n"
+             "                     cmdline=\"console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1\")\n"
+             "    started = time.monotonic()\n"
+             "    linux.start()\n"
+             "    state = linux.wait(180)\n"
+             "    elapsed = time.monotonic() - started\n"
+             "    console = linux.console_output().decode(errors=\"replace\")\n"
+             "    info = linux.exit_info()\n"
+             "    linux.close()\n\n"
+             "    kernel_lines = [line for line in console.splitlines() if line.startswith(\"[ \")]\n"
+             "    print(\"\\n\".join(line[:110] for line in kernel_lines[:2]))\n"
+             "    print(\"   ⋮\")\n"
+             "    print(\"\\n\".join(line[:110] for line in kernel_lines[-4:]))\n"
+             "    print(f\"\\nVM {state} after {elapsed:.1f} s: {info['reason']}\")\n"
+             "    print(textwrap.fill(info[\"message\"], 100))"),
+        md("The kernel got far — its banner, our command line, the memory map, CPU feature "
+           "detection — and then the VM failed. The core's exit record says where: the "
+           "instruction pointer and the bytes of the instruction KVM could not handle. "
+           "Decoding them:"),
+        code("# 0F AE is an opcode *group*: the ModRM byte's reg field (bits 5..3) picks the instruction.\n"
+             "GROUP_0FAE = [\"fxsave\", \"fxrstor\", \"ldmxcsr\", \"stmxcsr\", \"xsave\", \"xrstor\",\n"
+             "              \"xsaveopt\", \"clflush\"]\n\n\n"
+             "def decode(insn: bytes) -> str:\n"
+             "    rex = insn[0] if insn[0] & 0xF0 == 0x40 else 0        # REX prefix, if any\n"
+             "    opcode, modrm = (insn[1:3], insn[3]) if rex else (insn[0:2], insn[2])\n"
+             "    if opcode == b\"\\x0f\\xae\" and modrm >> 6 != 3:        # a memory operand\n"
+             "        return GROUP_0FAE[(modrm >> 3) & 7] + (\"64\" if rex & 0x08 else \"\")\n"
+             "    return \"not in the 0F AE group: look it up in the Intel SDM\"\n\n\n"
+             "if on_emulated_kvm:\n"
+             "    print(f\"RIP {info['rip']:#x}, instruction bytes {info['insn_bytes'].hex(' ')}\")\n"
+             "    print(f\"→ {decode(info['insn_bytes'])}\")"),
+        md("`xrstor64`: the kernel restoring the CPU's extended (FPU/SSE/AVX) register state. "
+           "What happened:\n\n"
+           "- This machine is itself a virtual machine without hardware virtualization "
+           "passed through (no `vmx`/`svm` flag). Its `/dev/kvm` comes from `kvm_pvm`, a KVM "
+           "that works **without** VT-x/AMD-V by running the guest deprivileged and handling "
+           "in software what cannot run directly. Whatever the mechanism, the calibration "
+           "measured the result: even plain integer code ran thousands of times slower in "
+           "the guest than on the host.\n"
+           "- Early in boot, Linux sets up the FPU with **XRSTOR**. On this KVM the "
+           "instruction ends up in KVM's instruction emulator, which does not implement it, "
+           "so KVM reports `KVM_EXIT_INTERNAL_ERROR` with *emulation failure*. (Booted with "
+           "`noxsave`, the kernel gets a little further and fails the same way on the "
+           "`int3` of its alternatives self-test.)\n"
+           "- The native core turns that exit into a failed VM with a clear message — RIP and "
+           "instruction bytes — instead of hanging; QEMU with `-accel kvm` leaves the VM "
+           "paused silently at the same point.\n\n"
+           "So on this machine `auto` runs QEMU with TCG: slower per instruction than real "
+           "KVM, but it runs a complete Linux in a second or two. The native core is still "
+           "tested here, with small freestanding probe guests that drive each device the way "
+           "Linux's drivers do."),
+        md("## Exercises\n"
+           "1. Run `!{sys.executable} -m supermachine_jupyter doctor --json` and find the "
+           "calibration ratio and the result of each native probe.\n"
+           "2. Start a VM with `VmConfig(engine=\"native\")` and `boot_timeout=60`. Read the "
+           "error: which lines of the console does it show you?\n"
+           "3. Boot the kernel on the native core again with `noxsave` added to the command "
+           "line. Decode the instruction it stops on now (`cc` is `int3`).\n"
+           "4. Extend the boot table with `VmConfig(engine=\"qemu\", memory_mib=512, vcpus=2)`."
+           " Which costs more boot time under TCG: memory or vCPUs?"),
+    ]
+
+
 BUILDERS = {"00-hello-vm": hello_vm, "01-memory-and-balloon": memory_and_balloon,
-            "02-volumes": volumes}
+            "02-volumes": volumes, "03-host-mounts": host_mounts,
+            "04-widgets-dashboard": widgets_dashboard, "05-engines": engines}
 
 
-def main(names):
+def _same_cells(path: Path, cells) -> bool:
+    if not path.exists():
+        return False
+    committed = nbformat.read(path, as_version=4)
+    return [(c.cell_type, c.source) for c in committed.cells] == \
+        [(c.cell_type, c.source) for c in cells]
+
+
+def main(argv):
+    force = "--force" in argv
+    names = [arg for arg in argv if arg != "--force"]
+    unknown = [name for name in names if name not in BUILDERS]
+    if unknown:
+        sys.exit(f"unknown notebook(s) {', '.join(unknown)}; known: {', '.join(BUILDERS)}")
     NOTEBOOKS.mkdir(exist_ok=True)
     for name in names or BUILDERS:
-        nb = new_notebook(cells=BUILDERS[name]())
+        cells = BUILDERS[name]()
+        path = NOTEBOOKS / f"{name}.ipynb"
+        if not force and _same_cells(path, cells):
+            print(f"unchanged notebooks/{name}.ipynb (stored outputs kept)")
+            continue
+        nb = new_notebook(cells=cells)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                      "language": "python"}
-        nbformat.write(nb, NOTEBOOKS / f"{name}.ipynb")
-        print(f"wrote notebooks/{name}.ipynb")
+        nbformat.write(nb, path)
+        print(f"wrote notebooks/{name}.ipynb: execute it with "
+              f"`python -m supermachine_jupyter notebook notebooks/{name}.ipynb --write`")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import abc
 import dataclasses
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..console import ConsoleBuffer
 
@@ -83,6 +83,24 @@ class EngineInstance(abc.ABC):
 
     def balloon_stats(self) -> "BalloonStats":
         raise NotImplementedError(f"{self.engine_name}: balloon not supported")
+
+    # -- snapshots (engines override what they support; see snapshot.py) ------------------
+    def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
+                    timeout: float = 300.0) -> "Callable[[], dict]":
+        """Save the VM's engine state (guest memory, vCPUs, irqchip, devices) into
+        ``directory``: pause the guest, save what must be saved while it is paused, call
+        ``while_paused``, resume it. Returns a function that finishes the files (it may run
+        in another thread, after the VM has moved on) and returns what the snapshot header
+        records about the engine."""
+        raise NotImplementedError(f"{self.engine_name}: snapshots not supported")
+
+    def incoming(self, state: Path, deadline: float, ignore_shared: bool = True) -> None:
+        """Restore hook: load saved state into an instance launched for restore (paused)."""
+        raise NotImplementedError(f"{self.engine_name}: snapshot restore not supported")
+
+    def resume(self) -> None:
+        """Restore hook: run the guest of a restored instance."""
+        raise NotImplementedError(f"{self.engine_name}: snapshot restore not supported")
 
     def mount_status(self) -> list["MountStatus"]:
         """One entry per virtio-fs mount, with counters."""

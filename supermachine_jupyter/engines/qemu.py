@@ -8,14 +8,18 @@ QEMU runs with ``-no-reboot``: the guest ending (init's ``reboot -f``, the agent
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..console import ConsoleBuffer
 from ..errors import EngineError
@@ -32,6 +36,15 @@ if TYPE_CHECKING:
 
 QEMU_PACKAGE = "qemu-system-x86"
 QEMU_NAMES = ("qemu-system-x86_64",)
+
+#: Guest RAM's block id: the name QEMU gives microvm's RAM when ``-m`` alone sizes it, so a
+#: stream saved from a normal VM loads into an explicit memory backend of the same id.
+RAM_BLOCK_ID = "microvm.ram"
+SNAPSHOT_STATE_FILE = "qemu-state.migration"
+SNAPSHOT_RAM_FILE = "qemu-ram.img"
+SNAPSHOT_TIMEOUT_S = 300.0
+#: QEMU 7.2 limits migration to 32 MiB/s by default; a snapshot has no reason to throttle.
+MIGRATION_MAX_BANDWIDTH = 1 << 40
 
 
 def qemu_binary() -> str | None:
@@ -104,10 +117,13 @@ def _pump(pipe, sink) -> None:
 class QemuInstance(EngineInstance):
     engine_name = "qemu"
 
-    def __init__(self, spec: LaunchSpec, accel: str, reason: str):
+    def __init__(self, spec: LaunchSpec, accel: str, reason: str,
+                 restore: "QemuRestore | None" = None):
         self.spec = spec
         self.accel = accel
         self.reason = reason
+        #: set when this QEMU loads a snapshot instead of booting (see QemuRestore)
+        self.restore = restore
         self._agent_path = spec.run_dir / "agent.sock"
         self._qmp_path = spec.run_dir / "qmp.sock"
         self._stderr = bytearray()
@@ -119,12 +135,16 @@ class QemuInstance(EngineInstance):
         # pci=off: microvm has no PCI bus; the kernel would only complain about it.
         cmdline = f"{spec.cmdline} pci=off sm.agent=port:{AGENT_PORT_NAME}"
         args = base_args(spec.memory_mib, spec.vcpus, spec.kernel, spec.initrd, cmdline, accel)
+        if restore is not None:
+            args = restore.machine_args(args, spec.memory_mib)
         args += ["-name", spec.name,
                  "-chardev", f"socket,id=agent,path={self._agent_path},server=on,wait=off",
                  "-device", "virtio-serial-device,id=vser0",
                  "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
                  "-qmp", f"unix:{self._qmp_path},server=on,wait=off"]
         args += self._device_args()
+        if restore is not None:
+            args += ["-incoming", "defer"]
         self.args = args
         try:
             self.proc = spawn_owned(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -144,13 +164,21 @@ class QemuInstance(EngineInstance):
     def _device_args(self) -> list[str]:
         """virtio-blk volumes, virtio-balloon and virtio-fs mounts from the config."""
         spec, args = self.spec, []
+        restore = self.restore
         for i, volume in enumerate(spec.volumes):
-            args += ["-drive", f"file={volume.path},if=none,id=vol{i},format=raw,"
+            # Restores attach per-VM overlays (qcow2) of the snapshot's volume copies.
+            fmt = restore.volume_formats[i] if restore and i < len(restore.volume_formats) \
+                else "raw"
+            extra = ",snapshot=on" if restore and restore.volume_snapshot else ""
+            args += ["-drive", f"file={volume.path},if=none,id=vol{i},format={fmt},"
                                f"readonly={'on' if volume.spec.read_only else 'off'},"
-                               "cache=writeback,discard=unmap",
+                               "cache=writeback,discard=unmap" + extra,
                      "-device", f"virtio-blk-device,drive=vol{i},serial={volume.serial}"]
         if spec.config.balloon:
             args += ["-device", "virtio-balloon-device,id=balloon0,deflate-on-oom=on"]
+        if spec.config.mounts and self.restore is not None:
+            raise EngineError("snapshot: a VM with virtio-fs mounts cannot be restored: QEMU "
+                              f"{qemu_version()}'s vhost-user-fs device is not migratable")
         if spec.config.mounts:
             # vhost-user needs guest memory that virtiofsd can map: a shared memfd.
             args += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
@@ -265,9 +293,170 @@ class QemuInstance(EngineInstance):
                             counters=d.counters() if d.proc.poll() is None else MountCounters())
                 for d in self._virtiofsd]
 
+    # -- snapshots (QEMU's migration stream; the format around it is snapshot.py's) -------
+    def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
+                    timeout: float = SNAPSHOT_TIMEOUT_S) -> "Callable[[], dict]":
+        """Save this VM's state into ``directory``; the VM keeps running afterwards.
+
+        Now: the guest is paused (QMP ``stop``) for one migration to a file and for
+        ``while_paused`` (volume copies), then resumed. The returned function does the rest,
+        without the VM: a helper QEMU, never run, loads that stream into file-backed RAM
+        (``ram_file``, share=on) and saves it again with ``x-ignore-shared``. The result is
+        guest RAM as a plain file that restores map copy-on-write, plus a small device-state
+        stream (``state_file``).
+        """
+        if self.spec.config.mounts:
+            raise EngineError("snapshot: this VM has virtio-fs mounts, and QEMU "
+                              f"{qemu_version()}'s vhost-user-fs device is not migratable, so "
+                              "it cannot be snapshotted (use volumes, or no mounts)")
+        deadline = time.monotonic() + timeout
+        full = directory / "qemu-full.migration.tmp"
+        state, ram = directory / SNAPSHOT_STATE_FILE, directory / SNAPSHOT_RAM_FILE
+        qmp = self.qmp()
+        qmp.execute("migrate-set-parameters", **{"max-bandwidth": MIGRATION_MAX_BANDWIDTH})
+        # A restored VM loaded with x-ignore-shared; its own RAM (share=off) must go in full.
+        qmp.execute("migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": False}])
+        was_running = qmp.execute("query-status").get("running", False)
+        paused_at = time.monotonic()
+        qmp.execute("stop")
+        try:
+            qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(full))}")
+            wait_for_migration(qmp, deadline, self.is_running, "saving the snapshot")
+            if while_paused is not None:
+                while_paused()
+        except BaseException:
+            full.unlink(missing_ok=True)
+            raise
+        finally:
+            if was_running and self.is_running():
+                qmp.execute("cont")
+        paused_s = time.monotonic() - paused_at
+        spec = self.spec
+
+        def finish() -> dict:
+            helper = None
+            helper_dir = Path(tempfile.mkdtemp(prefix="sm-snap-", dir=spec.run_dir.parent))
+            helper_spec = dataclasses.replace(
+                spec, name=f"{spec.name}-snapshot", run_dir=helper_dir, console=ConsoleBuffer(),
+                volumes=tuple(dataclasses.replace(v, path=directory / f"volume{i}.img")
+                              for i, v in enumerate(spec.volumes)))
+            try:
+                helper = QemuInstance(helper_spec, self.accel, "snapshot helper",
+                                      restore=QemuRestore(ram, share=True, volume_snapshot=True))
+                helper.incoming(full, deadline, ignore_shared=False)
+                hq = helper.qmp()
+                hq.execute("migrate-set-capabilities",
+                           capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                hq.execute("migrate-set-parameters",
+                           **{"max-bandwidth": MIGRATION_MAX_BANDWIDTH})
+                hq.execute("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+                wait_for_migration(hq, deadline, helper.is_running, "converting the snapshot")
+            finally:
+                if helper is not None:
+                    helper.shutdown(None, timeout=2)
+                shutil.rmtree(helper_dir, ignore_errors=True)
+                full.unlink(missing_ok=True)
+            return {"qemu_version": qemu_version(), "accel": self.accel, "machine": "microvm",
+                    "ram_block": RAM_BLOCK_ID, "state_file": SNAPSHOT_STATE_FILE,
+                    "ram_file": SNAPSHOT_RAM_FILE, "paused_seconds": round(paused_s, 4)}
+
+        return finish
+
+    def incoming(self, state: Path, deadline: float, ignore_shared: bool = True) -> None:
+        """Load a migration stream (this QEMU was started with ``restore``); stays paused.
+
+        Raises EngineError when QEMU refuses the stream (its own message, from stderr) and
+        TimeoutError when ``deadline`` (monotonic) passes first."""
+        qmp = self.qmp()
+        if ignore_shared:
+            qmp.execute("migrate-set-capabilities",
+                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        qmp.execute("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state))}")
+        wait_for_migration(qmp, deadline, self.is_running, "loading the snapshot",
+                           stderr=self._stderr)
+
+    def resume(self) -> None:
+        """Run a restored guest (QMP ``cont``)."""
+        self.qmp().execute("cont")
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuRestore:
+    """How a QEMU started for a snapshot differs from one that boots.
+
+    Guest RAM is ``ram_file`` mapped through ``memory-backend-file``: ``share=off`` (restores:
+    copy-on-write, so many VMs share the file's page cache) or ``share=on`` (the snapshot
+    helper, which writes RAM into the file). No ``-kernel``: RAM already holds the guest.
+    """
+    ram_file: Path
+    share: bool = False
+    volume_formats: tuple[str, ...] = ()   # per volume; default raw
+    volume_snapshot: bool = False          # -drive snapshot=on (the helper never writes)
+
+    def machine_args(self, args: list[str], memory_mib: int) -> list[str]:
+        out, skip = [], False
+        for arg in args:
+            if skip:
+                skip = False
+                continue
+            if arg in ("-kernel", "-initrd", "-append"):
+                skip = True
+                continue
+            out.append(arg)
+        return out + [
+            "-object", f"memory-backend-file,id={RAM_BLOCK_ID},size={memory_mib}M,"
+                       f"mem-path={self.ram_file},share={'on' if self.share else 'off'}",
+            "-M", f"microvm,acpi=off,memory-backend={RAM_BLOCK_ID}"]
+
+
+def wait_for_migration(qmp: QmpClient, deadline: float, alive: "Callable[[], bool]",
+                       what: str, stderr: bytearray | None = None) -> None:
+    """Poll ``query-migrate`` until it completes; EngineError if it fails or QEMU dies."""
+    while True:
+        if not alive():
+            time.sleep(0.05)   # let the stderr pump catch QEMU's last words
+            said = bytes(stderr or b"").decode(errors="replace").strip()
+            raise EngineError(f"QEMU exited while {what}" + (f": {said}" if said else ""))
+        try:
+            info = qmp.execute("query-migrate")
+        except (EngineError, OSError) as exc:
+            # QMP usually breaks because QEMU is exiting: give it a moment to say why.
+            gone = time.monotonic() + 1.0
+            while alive() and time.monotonic() < gone:
+                time.sleep(0.01)
+            if not alive():
+                continue
+            raise EngineError(f"QMP failed while {what}: {exc}") from exc
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise EngineError(f"QEMU migration {status} while {what}: "
+                              f"{info.get('error-desc', 'no reason given')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"QEMU still {status or 'starting'} when the deadline passed "
+                               f"while {what}")
+        time.sleep(0.003)
+
+
+@functools.lru_cache(maxsize=None)
+def qemu_version() -> str:
+    """``major.minor.micro`` of the installed ``qemu-system-x86_64`` (cached)."""
+    binary = qemu_binary()
+    if binary is None:
+        raise EngineError(f"qemu-system-x86_64 not found: apt-get install {QEMU_PACKAGE}")
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                         check=False).stdout
+    words = out.split()
+    if len(words) > 3 and words[:3] == ["QEMU", "emulator", "version"]:
+        return words[3]
+    return out.strip()
+
 
 def start(spec: LaunchSpec, accel: str, reason: str) -> QemuInstance:
     return QemuInstance(spec, accel, reason)
 
 
-__all__ = ["QemuInstance", "start", "qemu_binary", "boots_to_init_with_kvm", "GUEST_READY_LINE"]
+__all__ = ["QemuInstance", "QemuRestore", "start", "qemu_binary", "qemu_version",
+           "boots_to_init_with_kvm", "GUEST_READY_LINE"]

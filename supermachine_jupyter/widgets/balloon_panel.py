@@ -13,7 +13,7 @@ import ipywidgets as widgets
 from ..balloon import BalloonNotEnabled
 from .chart import Series, line_chart
 from .format import ERROR_COLOUR, OK_COLOUR, clock, mib, mib_text, note_html
-from .sampler import Sampler, StopSampling
+from .sampler import Sampler, StopSampling, close_tree
 
 if TYPE_CHECKING:
     from ..vm import Vm
@@ -44,7 +44,7 @@ class BalloonPanel(widgets.VBox):
     ``close()``. A VM started without a balloon shows why (how to enable it) instead.
     """
 
-    def __init__(self, vm: "Vm", interval: float = 1.0, *,
+    def __init__(self, vm: Vm, interval: float = 1.0, *,
                  history_samples: int = DEFAULT_HISTORY_SAMPLES, **kwargs: Any):
         self.vm = vm
         self.interval = interval
@@ -99,7 +99,7 @@ class BalloonPanel(widgets.VBox):
     def close(self) -> None:
         """Stop sampling and close the widgets (the VM is left alone)."""
         self.sampler.stop()
-        super().close()
+        close_tree(self)
 
     def __repr__(self) -> str:
         sampling = "sampling" if self.sampler.running else f"ended: {self.sampler.end_reason}"
@@ -124,11 +124,12 @@ class BalloonPanel(widgets.VBox):
         return target
 
     def _sample(self) -> None:
+        requested = time.time()      # the tick's time: sampling latency does not skew rates
         try:
             stats = self.vm.balloon_stats()
         except BalloonNotEnabled as exc:
             raise StopSampling(str(exc)) from exc
-        sample = {"time": time.time(), **stats.to_dict(),
+        sample = {"time": requested, **stats.to_dict(),
                   "free_mib": mib(stats.free_memory),
                   "available_mib": mib(stats.available_memory),
                   "total_mib": mib(stats.total_memory)}
@@ -145,8 +146,10 @@ class BalloonPanel(widgets.VBox):
             Series("balloon actual", ACTUAL_COLOUR, [s["actual_mib"] for s in history]),
             Series("balloon target", TARGET_COLOUR, [s["target_mib"] for s in history],
                    dashed=True),
+            # available first, free on top: the two are often nearly equal
+            Series("guest available", AVAILABLE_COLOUR, [s["available_mib"] for s in history],
+                   width=4.0),
             Series("guest free", FREE_COLOUR, [s["free_mib"] for s in history]),
-            Series("guest available", AVAILABLE_COLOUR, [s["available_mib"] for s in history]),
         ]
         window = self.interval * (self._history.maxlen or len(history))
         self.chart.value = line_chart(times, series, self.vm.memory_mib,
@@ -157,10 +160,11 @@ class BalloonPanel(widgets.VBox):
             return
         last = history[-1]
         self.numbers.value = (
+            "<span style='line-height:1.5'>"
             f"<b>{escape(self.vm.name)}</b> · balloon <b>{last['actual_mib']} MiB</b> "
             f"({last['actual_pages']} pages) of target {last['target_mib']} MiB · guest "
             f"free {mib_text(last['free_mib'])} · available {mib_text(last['available_mib'])}"
-            f" · total {mib_text(last['total_mib'])} of {self.vm.memory_mib} MiB")
+            f" · total {mib_text(last['total_mib'])} of {self.vm.memory_mib} MiB</span>")
 
     def _disable(self, message: str, colour: str) -> None:
         for button in self.buttons.values():

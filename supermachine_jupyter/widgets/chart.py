@@ -7,18 +7,19 @@ update is one small comm message and needs no JavaScript, matplotlib or image en
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
 class Series:
     """One line of the chart: a label for the legend, a colour, optional dashes, the values
-    (one per timestamp; None leaves a gap)."""
+    (one per timestamp; None leaves a gap) and a line width in pixels."""
     label: str
     colour: str
     values: Sequence[float | None]
     dashed: bool = False
+    width: float = 1.8
 
 
 def line_chart(times: Sequence[float], series: Sequence[Series], y_max: float, *,
@@ -33,10 +34,10 @@ def line_chart(times: Sequence[float], series: Sequence[Series], y_max: float, *
     left, right, top, bottom = 44, 8, 8, 34
     plot_w, plot_h = width - left - right, height - top - bottom
     y_max = max(float(y_max), 1.0)
-    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-             f"viewBox='0 0 {width} {height}' style='font:10px sans-serif'>",
-             f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_h}' "
-             "fill='#fafafa' stroke='#bdbdbd'/>"]
+    parts = [(f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+              f"viewBox='0 0 {width} {height}' style='font:10px sans-serif'>"),
+             (f"<rect x='{left}' y='{top}' width='{plot_w}' height='{plot_h}' "
+              "fill='#fafafa' stroke='#bdbdbd'/>")]
     for quarter in range(5):
         value = y_max * quarter / 4
         y = top + plot_h - plot_h * quarter / 4
@@ -62,7 +63,7 @@ def line_chart(times: Sequence[float], series: Sequence[Series], y_max: float, *
                 if points:
                     dash = " stroke-dasharray='5,3'" if line.dashed else ""
                     parts.append(f"<polyline fill='none' stroke='{line.colour}' "
-                                 f"stroke-width='1.8'{dash} points='{points}'/>")
+                                 f"stroke-width='{line.width:g}'{dash} points='{points}'/>")
     else:
         parts.append(f"<text x='{left + plot_w / 2}' y='{top + plot_h / 2}' "
                      "text-anchor='middle' fill='#9e9e9e'>waiting for samples…</text>")

@@ -14,14 +14,25 @@ from the config side, clears the mark. A volume or mount row with an empty requi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ipywidgets as widgets
 from traitlets import Instance, TraitError
 
-from ..config import (DEFAULT_VOLUME_SIZE_MIB, ENGINES, FIELDS, MIN_MEMORY_MIB, MountSpec,
-                      VmConfig, VolumeSpec, host_cpu_count, host_memory_mib)
+from ..config import (
+    DEFAULT_VOLUME_SIZE_MIB,
+    ENGINES,
+    FIELDS,
+    MIN_MEMORY_MIB,
+    MountSpec,
+    VmConfig,
+    VolumeSpec,
+    host_cpu_count,
+    host_memory_mib,
+)
 from .format import ERROR_COLOUR, error_html, note_html
+from .sampler import close_tree
 
 MEMORY_STEP_MIB = 64
 #: The fields the form edits; the others (assets, vsock_mux_dir, restore_timeout) are kept.
@@ -37,7 +48,7 @@ class _Row:
     TEXT_FIELDS: tuple[tuple[str, str, str], ...] = ()
     spec_type: type = object
 
-    def __init__(self, on_change: Callable[[], None], on_remove: Callable[["_Row"], None]):
+    def __init__(self, on_change: Callable[[], None], on_remove: Callable[[_Row], None]):
         self.texts: dict[str, widgets.Text] = {}
         for attr, placeholder, width in self.TEXT_FIELDS:
             text = widgets.Text(placeholder=placeholder, continuous_update=False,
@@ -178,10 +189,10 @@ class VmConfigForm(widgets.VBox):
         #: one inline message line per field (red error, or grey note for incomplete rows)
         self.messages = {field: widgets.HTML() for field in FORM_FIELDS}
 
-        self.memory.observe(lambda _: self._edit_memory(), names="value")
-        self.memory_default.observe(lambda _: self._edit_memory(), names="value")
-        self.vcpus.observe(lambda _: self._edit_vcpus(), names="value")
-        self.vcpus_default.observe(lambda _: self._edit_vcpus(), names="value")
+        for field, slider, use_default in (("memory_mib", self.memory, self.memory_default),
+                                           ("vcpus", self.vcpus, self.vcpus_default)):
+            slider.observe(lambda _, f=field: self._edit_number(f, moved=True), names="value")
+            use_default.observe(lambda _, f=field: self._edit_number(f), names="value")
         self.balloon.observe(lambda c: self._edit("balloon", c["new"]), names="value")
         self.engine.observe(lambda c: self._edit("engine", c["new"]), names="value")
         self.name.observe(lambda c: self._edit("name", c["new"].strip() or None), names="value")
@@ -242,11 +253,7 @@ class VmConfigForm(widgets.VBox):
         if self._observed is not None:
             self._observed.unobserve(self._on_config_field, names=list(FIELDS))
             self._observed = None
-        for row in self.volume_rows + self.mount_rows:
-            for control in row.controls():
-                control.close()
-            row.box.close()
-        super().close()
+        close_tree(self)
 
     def __repr__(self) -> str:
         errors = f", errors={sorted(self._errors)}" if self._errors else ""
@@ -274,13 +281,18 @@ class VmConfigForm(widgets.VBox):
         self._set_message(field)
         return True
 
-    def _edit_memory(self) -> None:
-        self.memory.disabled = self.memory_default.value
-        self._edit("memory_mib", None if self.memory_default.value else self.memory.value)
-
-    def _edit_vcpus(self) -> None:
-        self.vcpus.disabled = self.vcpus_default.value
-        self._edit("vcpus", None if self.vcpus_default.value else self.vcpus.value)
+    def _edit_number(self, field: str, moved: bool = False) -> None:
+        """A slider or its "default" box changed. Moving the slider (possible from code; the
+        UI disables it under "default") means the user wants that number: untick default."""
+        if self._showing:
+            return
+        slider, use_default = ((self.memory, self.memory_default) if field == "memory_mib"
+                               else (self.vcpus, self.vcpus_default))
+        if moved and use_default.value:
+            with self._quiet():
+                use_default.value = False
+        slider.disabled = use_default.value
+        self._edit(field, None if use_default.value else slider.value)
 
     def _rows(self, field: str) -> list:
         return self.volume_rows if field == "volumes" else self.mount_rows

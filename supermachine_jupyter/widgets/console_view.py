@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from .format import note_html
+from .sampler import close_tree
 
 if TYPE_CHECKING:
     from ..vm import Vm
@@ -35,7 +36,7 @@ class ConsoleView(widgets.VBox):
     docstring.
     """
 
-    def __init__(self, vm: "Vm", *, limit_chars: int = DEFAULT_LIMIT_CHARS,
+    def __init__(self, vm: Vm, *, limit_chars: int = DEFAULT_LIMIT_CHARS,
                  max_rate_hz: float = DEFAULT_MAX_RATE_HZ, height: str = "320px",
                  **kwargs: Any):
         self.vm = vm
@@ -66,7 +67,7 @@ class ConsoleView(widgets.VBox):
         self._closed.set()
         self._wake.set()
         self._unsubscribe()
-        super().close()
+        close_tree(self)
 
     def __repr__(self) -> str:
         following = "following" if self.thread.is_alive() else "ended"
@@ -78,12 +79,15 @@ class ConsoleView(widgets.VBox):
             if not new and self.output.value:
                 return
             self._text = (self._text + new)[-self.limit_chars:]
-            text = self._text
-        self.output.value = (
-            f"<div style='height:{self._height};overflow:auto;display:flex;"
-            "flex-direction:column-reverse;background:#1e1e1e;border-radius:4px'>"
-            "<pre style='margin:0;padding:6px;color:#e0e0e0;font-size:12px;line-height:1.3;"
-            f"white-space:pre-wrap;word-break:break-all'>{escape(text)}</pre></div>")
+            # Under the lock: two flushes (constructor, thread) must not swap their updates.
+            # The pre must not shrink (flex:none), or column-reverse cannot keep the view
+            # scrolled to the newest line.
+            self.output.value = (
+                f"<div style='height:{self._height};overflow:auto;display:flex;"
+                "flex-direction:column-reverse;background:#1e1e1e;border-radius:4px'>"
+                "<pre style='flex:none;margin:0;padding:6px;color:#e0e0e0;font-size:12px;"
+                "line-height:1.3;white-space:pre-wrap;word-break:break-all'>"
+                f"{escape(self._text)}</pre></div>")
 
     def _run(self) -> None:
         try:
@@ -93,7 +97,7 @@ class ConsoleView(widgets.VBox):
                 if self._closed.is_set():
                     break
                 self._flush()
-                if self.vm.state != "running":
+                if self.vm.state in ("stopped", "failed"):   # "stopping" still prints
                     break
                 self._closed.wait(self._min_gap_s)   # rate limit: gather what comes meanwhile
             reason = "closed" if self._closed.is_set() else f"VM {self.vm.state}"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from .format import ERROR_COLOUR, clock, count_text, human_bytes, note_html
-from .sampler import Sampler
+from .sampler import Sampler, close_tree
 
 if TYPE_CHECKING:
     from ..vm import Vm
@@ -35,7 +35,7 @@ class MountPanel(widgets.VBox):
     (the last rows stay shown) or on ``close()``.
     """
 
-    def __init__(self, vm: "Vm", interval: float = 1.0, **kwargs: Any):
+    def __init__(self, vm: Vm, interval: float = 1.0, **kwargs: Any):
         self.vm = vm
         self.interval = interval
         self._rows: list[dict] = []
@@ -67,7 +67,7 @@ class MountPanel(widgets.VBox):
     def close(self) -> None:
         """Stop refreshing and close the widgets (the VM is left alone)."""
         self.sampler.stop()
-        super().close()
+        close_tree(self)
 
     def __repr__(self) -> str:
         following = "refreshing" if self.sampler.running else f"ended: {self.sampler.end_reason}"
@@ -110,12 +110,17 @@ class MountPanel(widgets.VBox):
                                 "(add them with VmConfig.with_volume / with_virtiofs, or "
                                 "%%vm --volume / --mount)</i>")
             return
-        head = "".join(f"<th style='text-align:left;padding:2px 8px'>{label}</th>"
-                       for _, label in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{cell}</td>"
-                                        for cell in _cells(row)) + "</tr>" for row in rows)
-        self.table.value = (f"<table style='border-collapse:collapse;font-size:90%'>"
-                            f"<tr>{head}</tr>{body}</table>")
+        cell_style = "padding:2px 8px;vertical-align:top"
+        head = "".join(f"<th style='{cell_style};text-align:left;white-space:nowrap'>{label}"
+                       "</th>" for _, label in COLUMNS)
+        body = "".join("<tr>" + "".join(
+            f"<td style='{cell_style}{';white-space:nowrap' if nowrap else ''}'>{cell}</td>"
+            for (cell, nowrap) in zip(_cells(row), _NOWRAP)) + "</tr>" for row in rows)
+        notes = "".join(
+            f"<br><small>* DAX off for {escape(row['kind'])} <code>{escape(row['tag'])}</code>: "
+            f"{escape(row['dax_note'])}</small>" for row in rows if row["dax"] is False)
+        self.table.value = ("<div style='line-height:1.4'><table style='border-collapse:"
+                            f"collapse;font-size:90%'><tr>{head}</tr>{body}</table>{notes}</div>")
 
     def _on_error(self, exc: BaseException) -> None:
         self.status.value = note_html(f"refresh failed: {exc}", ERROR_COLOUR)
@@ -126,14 +131,18 @@ class MountPanel(widgets.VBox):
             self.status.value = note_html(f"{reason}: no longer refreshed{at}")
 
 
+#: Columns kept on one line (numbers and short words); paths may wrap.
+_NOWRAP = [key not in ("host_path", "guest_path") for key, _ in COLUMNS]
+
+
 def _cells(row: dict) -> list[str]:
     """The HTML cells of one row, in COLUMNS order."""
     if row["dax"] is None:
         dax = "n/a"
     elif row["dax"]:
         dax = "on"
-    else:
-        dax = f"off <small>({escape(row['dax_note'])})</small>"
+    else:   # the note goes under the table (a narrow column would wrap it word by word)
+        dax = f"<span title='{escape(row['dax_note'])}'>off*</span>"
     return [escape(row["kind"]), f"<code>{escape(row['host_path'])}</code>",
             f"<code>{escape(row['guest_path'])}</code>", escape(row["tag"]),
             human_bytes(row["size_bytes"]), human_bytes(row["used_bytes"]),

@@ -3,18 +3,21 @@
 Panels must refresh without blocking the kernel, so each one owns a :class:`Sampler`: a
 daemon thread that calls ``sample()`` every ``interval`` seconds and writes widget values
 from there (ipywidgets sends the comm messages from any thread), while cells keep running
-on the kernel's main thread. The thread ends by itself when the VM is no longer running
-(stopped, failed) or when the panel is closed; ``on_end(reason)`` then runs once, on the
-thread, to leave a final status behind.
+on the kernel's main thread. The thread ends by itself when the VM has ended (stopped or
+failed; sampling pauses while it is stopping) or when the panel is closed;
+``on_end(reason)`` then runs once, on the thread, to leave a final status behind.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import ipywidgets
+
     from ..vm import Vm
 
 
@@ -32,7 +35,7 @@ class Sampler:
     ``on_error`` and sampling goes on, unless the VM stopped meanwhile.
     """
 
-    def __init__(self, vm: "Vm", interval: float, sample: Callable[[], None], *,
+    def __init__(self, vm: Vm, interval: float, sample: Callable[[], None], *,
                  on_error: Callable[[BaseException], None] | None = None,
                  on_end: Callable[[str], None] | None = None, name: str = "sampler"):
         if not (isinstance(interval, (int, float)) and 0 < interval <= 3600):
@@ -55,7 +58,7 @@ class Sampler:
     def running(self) -> bool:
         return self.thread.is_alive()
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self.thread.start()
         return self
 
@@ -70,8 +73,9 @@ class Sampler:
         return not self.thread.is_alive()
 
     def _vm_ended(self) -> str | None:
+        """Why sampling is over for good ("VM stopped", "VM failed"), else None."""
         state = self.vm.state
-        return None if state == "running" else f"VM {state}"
+        return None if state in ("running", "stopping") else f"VM {state}"
 
     def _run(self) -> None:
         reason = "closed"
@@ -83,7 +87,8 @@ class Sampler:
                     reason = ended
                     break
                 try:
-                    self._sample()
+                    if self.vm.state == "running":  # while stopping: wait for the final state
+                        self._sample()
                 except StopSampling as exc:
                     reason = str(exc)
                     break
@@ -96,8 +101,7 @@ class Sampler:
                         self._on_error(exc)
                 next_tick += self.interval
                 now = time.monotonic()
-                if next_tick < now:          # a sample overran whole ticks: skip them
-                    next_tick = now
+                next_tick = max(next_tick, now)   # a sample overran whole ticks: skip them
                 self._closed.wait(next_tick - now)
         finally:
             self.end_reason = reason
@@ -106,3 +110,10 @@ class Sampler:
                     self._on_end(reason)
                 except Exception:  # noqa: BLE001 - a closed widget may refuse the update
                     pass
+
+
+def close_tree(widget: ipywidgets.Widget) -> None:
+    """Close ``widget`` and every widget beneath it (``Widget.close`` closes only itself)."""
+    for child in getattr(widget, "children", ()):
+        close_tree(child)
+    widget.close()

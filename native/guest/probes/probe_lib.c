@@ -253,7 +253,7 @@ void virtio_ack_interrupts(uint64_t base)
     mmio_write32(base + VIRTIO_MMIO_INTERRUPT_ACK, s);
 }
 
-/* Entry: the core jumps here in 64-bit mode. */
+/* Entry: the core jumps here in 64-bit mode (raw ELF entry), or pvh_start64() does. */
 __attribute__((section(".text._start"), used, noreturn)) void _start(const char *cmdline, uint64_t mem_bytes)
 {
     g_cmdline = cmdline;
@@ -263,4 +263,62 @@ __attribute__((section(".text._start"), used, noreturn)) void _start(const char 
     put_dec((uint64_t)rc);
     put_char('\n');
     guest_reset();
+}
+
+/* ---- PVH entry (pvh_entry.S switches to long mode, then calls pvh_start64) ----
+ * struct hvm_start_info, xen/include/public/arch-x86/hvm/start_info.h; the memory map
+ * (version >= 1) is e820-like. */
+#define HVM_START_MAGIC_VALUE 0x336ec578u
+#define HVM_START_INFO_MEMMAP_VERSION 1
+#define E820_TYPE_RAM 1
+#define FOUR_GIB (1ull << 32)
+
+struct pvh_start_info {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t flags;
+    uint32_t nr_modules;
+    uint64_t modlist_paddr;
+    uint64_t cmdline_paddr;
+    uint64_t rsdp_paddr;
+    uint64_t memmap_paddr;
+    uint32_t memmap_entries;
+    uint32_t reserved;
+};
+
+struct pvh_memmap_entry {
+    uint64_t addr;
+    uint64_t size;
+    uint32_t type;
+    uint32_t reserved;
+};
+
+/* Guest RAM as the raw entry's rsi reports it: the end of RAM below 4 GiB plus the RAM above
+ * (both the native core and QEMU lay RAM out that way around the 32-bit MMIO hole). */
+static uint64_t pvh_ram_bytes(const struct pvh_start_info *si)
+{
+    const struct pvh_memmap_entry *m = (const struct pvh_memmap_entry *)si->memmap_paddr;
+    uint64_t low_end = 0, high = 0;
+    for (uint32_t i = 0; i < si->memmap_entries; i++) {
+        if (m[i].type != E820_TYPE_RAM)
+            continue;
+        if (m[i].addr >= FOUR_GIB)
+            high += m[i].size;
+        else if (m[i].addr + m[i].size > low_end)
+            low_end = m[i].addr + m[i].size;
+    }
+    return low_end + high;
+}
+
+__attribute__((used, noreturn)) void pvh_start64(const struct pvh_start_info *si)
+{
+    const char *cmdline = "";
+    uint64_t mem_bytes = 0;
+    if (si && si->magic == HVM_START_MAGIC_VALUE) {
+        if (si->cmdline_paddr)
+            cmdline = (const char *)si->cmdline_paddr;
+        if (si->version >= HVM_START_INFO_MEMMAP_VERSION && si->memmap_paddr)
+            mem_bytes = pvh_ram_bytes(si);
+    }
+    _start(cmdline, mem_bytes);
 }

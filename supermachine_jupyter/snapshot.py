@@ -1,0 +1,875 @@
+"""Snapshots: save a running VM to a directory, start new VMs from it instead of booting.
+
+``vm.snapshot(path)`` pauses the guest for a moment, writes its state and resumes it.
+``Image.from_snapshot(path).start(config)`` restores: a new engine process loads the state
+and the guest carries on exactly where the snapshot left it (files in ``/tmp``, running
+processes, the page cache), under a new name and in its own run directory. Every restore is
+independent of the others and of the VM the snapshot came from.
+
+A snapshot is a directory::
+
+    header                  versioned, checksummed header (see below)
+    qemu-state.migration    QEMU's migration stream: vCPU, irqchip, timers and device state
+                            (saved with ``x-ignore-shared``, so without guest RAM)
+    qemu-ram.img            guest RAM as a sparse file; every restore maps it copy-on-write
+                            (``memory-backend-file,share=off``), so N restores share the
+                            pages none of them has written
+    volume<i>.img           the data volumes as they were at the snapshot (sparse copies)
+
+``header`` is three lines: ``SUPERMACHINE-SNAPSHOT <format version>``, one line of JSON (the
+engine, QEMU version and accelerator, the ``VmConfig`` as ``to_dict()``, memory and vCPUs,
+kernel and initramfs paths with their SHA-256, the creation time, and the size and digest of
+every other file), and ``sha256:<hex>`` of that JSON line. Everything is checked before an
+engine starts; a snapshot that is truncated, corrupted, from another format version or from
+another QEMU version is refused with a :class:`SnapshotError` that says which and why.
+
+What a restored VM gets:
+
+* its **volumes** are the snapshot's copies, behind a per-VM copy-on-write overlay in its
+  run directory: the guest's filesystem matches its memory, restores never see each other's
+  writes, and the original volume file (which the source VM may have changed since) is never
+  touched. Writes end with the VM.
+* **host mounts** (virtio-fs) cannot be carried: QEMU 7.2's ``vhost-user-fs`` device is not
+  migratable, so a VM with mounts cannot be snapshotted (a clear error says so).
+* after the agent answers, the host sets the guest's **hostname** to the new VM's name,
+  mixes fresh host entropy into ``/dev/urandom`` and sets the guest **clock** (it stood still
+  while the snapshot sat on disk).
+* the **native** engine has no snapshot support yet: snapshotting or restoring with it raises
+  :class:`SnapshotNotSupportedError` naming what the core lacks.
+
+The default image's pre-booted snapshot is made on first use and cached in the user cache
+dir like the kernel, keyed by everything that shapes it (kernel and initramfs hashes, memory,
+vCPUs, balloon, QEMU version and accelerator, format version).
+``Image.start(config, snapshot_cache=True)`` uses it when the config allows (QEMU, no volumes,
+no mounts, default assets): the first start boots and snapshots the fresh VM before handing
+it over (:func:`start_with_cache`), later starts restore. :func:`default_snapshot` makes or
+returns it synchronously.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import AgentError, EngineError, VmError
+
+if TYPE_CHECKING:
+    from .config import VmConfig
+    from .image import Image
+    from .vm import Vm
+
+MAGIC = "SUPERMACHINE-SNAPSHOT"
+FORMAT_VERSION = 1
+HEADER_FILE = "header"
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+#: Digest of a sparse file: SHA-256 over (offset, bytes) of every non-zero 64 KiB chunk, so it
+#: does not depend on how the file system stores holes (a plain copy gives the same digest).
+CONTENT_DIGEST = "sha256-nonzero-64k"
+_CHUNK = 64 * 1024
+_BLOCK = 1024 * 1024
+_ZERO_CHUNK = bytes(_CHUNK)
+
+#: Whether ``%%vm`` cells (``Image.start(..., snapshot_cache=None)``) start from the default
+#: image's cached snapshot. On by default: on this workplace's QEMU/TCG a restore reaches
+#: the first exec output in ~0.15 s against ~1.5 s for a cold boot (benchmarks/bench_snapshot.py).
+#: ``SUPERMACHINE_SNAPSHOT_CACHE=0`` turns it off.
+CACHE_ENABLED_BY_DEFAULT = True
+#: How long a start waits for this process's first-use snapshot to be finished before it
+#: boots instead (finishing takes ~0.8 s here, a boot ~1.4 s).
+BACKGROUND_WAIT_S = 3.0
+
+NATIVE_MISSING = (
+    "the native core has no snapshot support yet: it cannot capture or load vCPU state "
+    "(KVM_GET/SET_REGS, SREGS, XSAVE, LAPIC, MSRs), the in-kernel irqchip and clock "
+    "(KVM_GET/SET_IRQCHIP, PIT2, CLOCK) or its virtio-mmio queue state, and has no file format "
+    "with guest memory mapped MAP_PRIVATE (native/src/snapshot.c is not written); "
+    "use engine='qemu' for snapshots")
+
+Progress = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+class SnapshotError(VmError):
+    """A snapshot could not be written, read or restored; the message says why."""
+
+
+class SnapshotVersionError(SnapshotError):
+    """The snapshot comes from another format version or another QEMU version."""
+
+
+class SnapshotTimeoutError(SnapshotError):
+    """A restore took longer than ``VmConfig.restore_timeout``."""
+
+
+class SnapshotNotSupportedError(SnapshotError, NotImplementedError):
+    """The engine cannot snapshot or restore (the native core, for now)."""
+
+
+# --- digests --------------------------------------------------------------------------------
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the parts of a file that hold data (holes skipped where supported)."""
+    ranges, offset = [], 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:          # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, end))
+            offset = end
+    except (OSError, AttributeError):
+        return [(0, size)]
+    return ranges
+
+
+def content_digest(path: Path) -> str:
+    """See CONTENT_DIGEST. Reads only the file's data extents."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        h.update(size.to_bytes(8, "little"))
+        done = 0                                   # blocks below this offset are hashed
+        for start, end in _data_ranges(fd, size):
+            block = max(start // _BLOCK * _BLOCK, done)
+            while block < end:
+                data = os.pread(fd, _BLOCK, block)
+                view = memoryview(data)
+                for off in range(0, len(data), _CHUNK):
+                    chunk = view[off:off + _CHUNK]
+                    if chunk != _ZERO_CHUNK[:len(chunk)]:
+                        h.update((block + off).to_bytes(8, "little"))
+                        h.update(chunk)
+                block += _BLOCK
+            done = block
+    return f"{CONTENT_DIGEST}:{h.hexdigest()}"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_BLOCK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
+
+
+def asset_sha256(path: Path) -> str | None:
+    """SHA-256 of a kernel or initramfs (cached by path, size and mtime); None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _cached_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+# --- the header -----------------------------------------------------------------------------
+
+def encode_header(fields: dict) -> bytes:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return (f"{MAGIC} {fields['format_version']}\n".encode() + body + b"\n"
+            + f"sha256:{hashlib.sha256(body).hexdigest()}\n".encode())
+
+
+def decode_header(data: bytes, where: str) -> dict:
+    """Check and parse a header; SnapshotError says what is wrong."""
+    first, _, rest = data.partition(b"\n")
+    if not first.startswith(MAGIC.encode()):
+        raise SnapshotError(f"{where} is not a supermachine snapshot: its header does not "
+                            f"start with {MAGIC!r} (bad magic)")
+    try:
+        version = int(first[len(MAGIC):].strip() or b"x")
+    except ValueError:
+        raise SnapshotError(f"snapshot {where} is corrupted: unreadable format version "
+                            f"{first[len(MAGIC):]!r} in its header") from None
+    if version != FORMAT_VERSION:
+        raise SnapshotVersionError(
+            f"snapshot {where} has format version {version}; this supermachine_jupyter reads "
+            f"version {FORMAT_VERSION} only: make the snapshot again with this version")
+    body, _, tail = rest.partition(b"\n")
+    if not tail.endswith(b"\n") or not tail.startswith(b"sha256:"):
+        raise SnapshotError(f"snapshot {where} is truncated: its header ends before its "
+                            "checksum line")
+    if tail.strip() != f"sha256:{hashlib.sha256(body).hexdigest()}".encode():
+        raise SnapshotError(f"snapshot {where} is corrupted: the header's checksum does not "
+                            "match its contents")
+    try:
+        fields = json.loads(body)
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot {where} is corrupted: header is not JSON ({exc})") from exc
+    if not isinstance(fields, dict) or fields.get("format_version") != version:
+        raise SnapshotError(f"snapshot {where} is corrupted: header fields disagree with its "
+                            "format version")
+    missing = [k for k in ("engine", "config", "memory_mib", "vcpus", "files", "volumes",
+                           "engine_state", "created_at") if k not in fields]
+    if missing:
+        raise SnapshotError(f"snapshot {where} is corrupted: header lacks {', '.join(missing)}")
+    return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A snapshot directory whose header has been checked. ``Snapshot.open(path)``."""
+    path: Path
+    header: dict
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Snapshot:
+        """Read and check the header, and that every file is there with its recorded size."""
+        path = Path(path).expanduser().absolute()
+        if path.is_file() and path.name == HEADER_FILE:
+            path = path.parent
+        if not path.exists():
+            raise SnapshotError(f"snapshot {path} does not exist")
+        head = path / HEADER_FILE
+        if not path.is_dir() or not head.is_file():
+            raise SnapshotError(f"{path} is not a supermachine snapshot: no {HEADER_FILE} file "
+                                "in it (a snapshot is a directory made by Vm.snapshot)")
+        with open(head, "rb") as f:
+            data = f.read(MAX_HEADER_BYTES + 1)
+        if len(data) > MAX_HEADER_BYTES:
+            raise SnapshotError(f"snapshot {path} is corrupted: header larger than "
+                                f"{MAX_HEADER_BYTES} bytes")
+        fields = decode_header(data, str(path))
+        if fields["engine"] != "qemu":
+            raise SnapshotError(f"snapshot {path} was made by engine {fields['engine']!r}, which "
+                                "this build cannot restore")
+        for name, info in fields["files"].items():
+            file = path / name
+            if "/" in name or not file.is_file():
+                raise SnapshotError(f"snapshot {path} is incomplete: {name} is missing")
+            size = file.stat().st_size
+            if size < info["size"]:
+                raise SnapshotError(f"snapshot {path} is truncated: {name} has {size} bytes, "
+                                    f"the header says {info['size']}")
+            if size != info["size"]:
+                raise SnapshotError(f"snapshot {path} is corrupted: {name} has {size} bytes, "
+                                    f"the header says {info['size']}")
+        return cls(path, fields)
+
+    # -- what it holds ----------------------------------------------------------------------
+    @property
+    def engine(self) -> str:
+        return self.header["engine"]
+
+    @property
+    def accel(self) -> str:
+        return self.header["engine_state"].get("accel", "tcg")
+
+    @property
+    def memory_mib(self) -> int:
+        return self.header["memory_mib"]
+
+    @property
+    def vcpus(self) -> int:
+        return self.header["vcpus"]
+
+    @property
+    def created_at(self) -> str:
+        return self.header["created_at"]
+
+    @property
+    def source_name(self) -> str:
+        return self.header.get("source_vm", "?")
+
+    def __repr__(self) -> str:
+        return (f"<Snapshot {str(self.path)!r} of {self.source_name!r} {self.engine}/"
+                f"{self.accel} {self.memory_mib}MiB {self.vcpus}vCPU {self.created_at}>")
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_host(self) -> None:
+        """Refuse a snapshot this host's engine cannot load (other QEMU, no KVM)."""
+        from .engines.qemu import qemu_version
+        made, here = self.header["engine_state"].get("qemu_version"), qemu_version()
+        if made != here:
+            raise SnapshotVersionError(
+                f"snapshot {self.path} was made by QEMU {made}; this host runs QEMU {here}, "
+                "whose migration format may differ: make the snapshot again here")
+        if self.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise SnapshotError(f"snapshot {self.path} was made under KVM (-cpu host) and "
+                                "/dev/kvm is not usable here")
+
+    def verify_state(self) -> None:
+        """SHA-256 of the engine's state stream against the header."""
+        name = self.header["engine_state"]["state_file"]
+        if file_sha256(self.path / name) != self.header["files"][name]["sha256"]:
+            raise SnapshotError(f"snapshot {self.path} is corrupted: {name} does not match "
+                                "the checksum in its header")
+
+    def verify_contents(self) -> None:
+        """Digests of guest RAM and the volume copies against the header."""
+        for name, info in self.header["files"].items():
+            if "digest" in info and content_digest(self.path / name) != info["digest"]:
+                raise SnapshotError(f"snapshot {self.path} is corrupted: {name} does not "
+                                    "match the digest in its header")
+
+    def restored_config(self, config: VmConfig) -> VmConfig:
+        """The config of a VM restored with ``config``: the snapshot's hardware (memory,
+        vCPUs, balloon, volumes) with the caller's name, run directory and timeout.
+        A ``config`` that asks for different hardware is refused."""
+        from traitlets import TraitError
+
+        from .config import VmConfig
+        saved = dict(self.header["config"])
+        conflicts = []
+        if config.memory_mib not in (None, self.memory_mib):
+            conflicts.append(f"memory_mib={config.memory_mib} (snapshot: {self.memory_mib})")
+        if config.vcpus not in (None, self.vcpus):
+            conflicts.append(f"vcpus={config.vcpus} (snapshot: {self.vcpus})")
+        if config.balloon and not saved.get("balloon"):
+            conflicts.append("balloon=True (the snapshot has no balloon)")
+        if config.volumes and [v.to_dict() for v in config.volumes] != saved.get("volumes"):
+            conflicts.append("volumes differ from the snapshot's")
+        if config.mounts:
+            conflicts.append("mounts (snapshots cannot carry virtio-fs mounts)")
+        if conflicts:
+            raise SnapshotError(
+                f"snapshot {self.path} cannot be restored with {'; '.join(conflicts)}: a "
+                "restore keeps the snapshot's hardware (leave those fields unset)")
+        saved.update(name=config.name, restore_timeout=config.restore_timeout,
+                     vsock_mux_dir=config.vsock_mux_dir, engine="qemu", assets=None)
+        try:
+            return VmConfig.from_dict(saved)
+        except TraitError:
+            # A volume's original directory is gone: the restore uses the snapshot's copy.
+            saved["volumes"] = [dict(v, host_path=str(self.path / f"volume{i}.img"))
+                                for i, v in enumerate(saved.get("volumes", []))]
+            try:
+                return VmConfig.from_dict(saved)
+            except TraitError as exc:
+                raise SnapshotError(f"snapshot {self.path}: its config is not valid here: "
+                                    f"{exc}") from exc
+
+
+# --- writing --------------------------------------------------------------------------------
+
+def _qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise SnapshotError("snapshot: volumes need qemu-img: apt-get install qemu-utils")
+    return path
+
+
+def _copy_volume(source: Path, target: Path) -> None:
+    """A sparse copy; a restored VM's qcow2 overlay is flattened into raw."""
+    if source.suffix == ".qcow2":
+        cmd = [_qemu_img(), "convert", "-U", "-q", "-f", "qcow2", "-O", "raw", str(source),
+               str(target)]
+    else:
+        cmd = ["cp", "--sparse=always", "--reflink=auto", str(source), str(target)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SnapshotError(f"snapshot: copying volume {source} failed: {result.stderr.strip()}")
+
+
+def write_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
+                   progress: Progress = _silent) -> Snapshot:
+    """What ``Vm.snapshot`` does. The directory appears complete or not at all."""
+    return begin_snapshot(vm, path, overwrite, progress)()
+
+
+def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
+                   progress: Progress = _silent) -> Callable[[], Snapshot]:
+    """Take the snapshot now (the guest pauses and resumes before this returns) and return
+    the function that finishes writing it; that one may run in another thread while the VM
+    goes on, and returns the :class:`Snapshot`."""
+    path = Path(path).expanduser().absolute()
+    spec, instance = vm._spec, vm.instance
+    if vm.engine != "qemu" or not hasattr(instance, "snapshot_to"):
+        raise SnapshotNotSupportedError(
+            f"snapshot: VM {vm.name!r} runs on engine={vm.engine!r}; {NATIVE_MISSING}")
+    if spec.config.mounts:
+        raise SnapshotError(
+            f"snapshot: VM {vm.name!r} has virtio-fs mounts, which cannot be snapshotted: "
+            "QEMU 7.2's vhost-user-fs device is not migratable (use volumes instead)")
+    if path.exists() and not overwrite:
+        raise SnapshotError(f"snapshot: {path} already exists (pass overwrite=True to "
+                            "replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+
+    def copy_volumes() -> None:
+        for i, volume in enumerate(spec.volumes):
+            _copy_volume(Path(volume.path), tmp / f"volume{i}.img")
+
+    progress(f"saving {vm.name} to {path}…")
+    created = time.time()
+    try:
+        finish_engine = instance.snapshot_to(tmp, while_paused=copy_volumes)
+    except NotImplementedError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SnapshotNotSupportedError(f"snapshot: {exc}") from exc
+    except (EngineError, TimeoutError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SnapshotError(f"snapshot of VM {vm.name!r} failed: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Everything the header needs from the VM, as it was when the guest was paused.
+    header = {
+        "format_version": FORMAT_VERSION,
+        "engine": vm.engine,
+        "created_at": datetime.datetime.fromtimestamp(created, datetime.UTC)
+                                      .isoformat(timespec="seconds"),
+        "created_unix": created,
+        "source_vm": vm.name,
+        "config": spec.config.to_dict(),
+        "memory_mib": spec.memory_mib,
+        "vcpus": spec.vcpus,
+        "kernel": str(spec.kernel),
+        "kernel_sha256": asset_sha256(spec.kernel),
+        "initrd": str(spec.initrd),
+        "initrd_sha256": asset_sha256(spec.initrd),
+        "cmdline": spec.cmdline,
+        "balloon_target_mib": getattr(vm, "_balloon_target_mib", 0),
+        "volumes": [{"index": i, "file": f"volume{i}.img", "serial": v.serial,
+                     "guest_path": v.spec.guest_path, "read_only": v.spec.read_only,
+                     "host_path": str(v.spec.host_path)}
+                    for i, v in enumerate(spec.volumes)],
+    }
+    name = vm.name
+
+    def finish() -> Snapshot:
+        try:
+            try:
+                engine_state = finish_engine()
+            except (EngineError, TimeoutError, OSError) as exc:
+                raise SnapshotError(f"snapshot of VM {name!r} failed: {exc}") from exc
+            state_name, ram_name = engine_state["state_file"], engine_state["ram_file"]
+            files = {state_name: {"size": (tmp / state_name).stat().st_size,
+                                  "sha256": file_sha256(tmp / state_name)}}
+            for file in [ram_name] + [v["file"] for v in header["volumes"]]:
+                files[file] = {"size": (tmp / file).stat().st_size,
+                               "digest": content_digest(tmp / file)}
+            header.update(engine_state=engine_state, files=files)
+            (tmp / HEADER_FILE).write_bytes(encode_header(header))
+            os.chmod(tmp, 0o755)
+            if path.exists():
+                # Never rewrite a snapshot in place: restored VMs map its RAM file. Renaming
+                # the old directory away keeps their files alive until they stop.
+                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Snapshot.open(path)
+
+    return finish
+
+
+# --- restoring ------------------------------------------------------------------------------
+
+class _Deadline:
+    def __init__(self, timeout: float, path: Path):
+        self.timeout, self.path = timeout, path
+        self.at = time.monotonic() + timeout
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def error(self, stage: str) -> SnapshotTimeoutError:
+        return SnapshotTimeoutError(
+            f"snapshot restore from {self.path} took longer than restore_timeout="
+            f"{self.timeout:g} s ({stage}); raise it with VmConfig(restore_timeout=…) or "
+            "config.with_restore_timeout(…)")
+
+
+def _overlay(base: Path, target: Path) -> None:
+    result = subprocess.run([_qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                             str(base), str(target)], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise SnapshotError(f"snapshot restore: qemu-img could not make an overlay for {base}: "
+                            f"{result.stderr.strip()}")
+
+
+def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | None = None,
+            progress: Progress = _silent) -> Vm:
+    """Start a new VM from ``snapshot`` (what ``Image.from_snapshot(p).start()`` does)."""
+    from .agent import AgentClient
+    from .config import VmConfig
+    from .console import ConsoleBuffer
+    from .engines.base import LaunchSpec
+    from .engines.qemu import QemuInstance, QemuRestore
+    from .vm import Vm
+    from .volumes import PreparedVolume
+
+    started = time.monotonic()
+    marks: dict[str, float] = {}
+
+    def mark(stage: str) -> None:
+        marks[stage] = round(time.monotonic() - started, 4)
+
+    config = config or VmConfig()
+    deadline = _Deadline(config.restore_timeout, snapshot.path)
+    if config.engine == "native":
+        raise SnapshotNotSupportedError(f"snapshot {snapshot.path}: engine='native' cannot "
+                                        f"restore it; {NATIVE_MISSING}")
+    snapshot.check_host()
+    effective = snapshot.restored_config(config)
+    snapshot.verify_state()
+    mark("header_checked")
+    name = name or config.name or f"vm-{secrets.token_hex(3)}"
+    h = snapshot.header
+    run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=effective.vsock_mux_dir))
+
+    # Guest RAM and volume digests are checked while QEMU starts and loads the state; the
+    # guest only runs once they match.
+    verdict: list[BaseException | None] = []
+
+    def verify() -> None:
+        try:
+            snapshot.verify_contents()
+            verdict.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            verdict.append(exc)
+
+    checker = threading.Thread(target=verify, name=f"snapshot-verify-{name}", daemon=True)
+    checker.start()
+    instance = None
+    try:
+        volumes, formats = [], []
+        for i, (vol, saved) in enumerate(zip(effective.volumes, h["volumes"])):
+            base = snapshot.path / saved["file"]
+            if saved["read_only"]:
+                path, fmt = base, "raw"
+            else:
+                path, fmt = run_dir / f"volume{i}.qcow2", "qcow2"
+                _overlay(base, path)
+            volumes.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
+            formats.append(fmt)
+        spec = LaunchSpec(
+            name=name, memory_mib=snapshot.memory_mib, vcpus=snapshot.vcpus,
+            kernel=Path(h["kernel"]), vmlinux=Path(h["kernel"]), initrd=Path(h["initrd"]),
+            cmdline=h["cmdline"], config=effective, run_dir=run_dir, console=ConsoleBuffer(),
+            volumes=tuple(volumes))
+        ram = snapshot.path / h["engine_state"]["ram_file"]
+        reason = f"restored from snapshot {snapshot.path} (made on qemu/{snapshot.accel})"
+        progress(f"restoring {name} from {snapshot.path} ({snapshot.memory_mib} MiB, "
+                 f"{snapshot.vcpus} vCPU)")
+        try:
+            instance = QemuInstance(spec, snapshot.accel, reason,
+                                    restore=QemuRestore(ram, volume_formats=tuple(formats)))
+            mark("qemu_started")
+            instance.incoming(snapshot.path / h["engine_state"]["state_file"], deadline.at)
+            mark("state_loaded")
+        except TimeoutError as exc:
+            raise deadline.error("QEMU loading the state") from exc
+        except EngineError as exc:
+            raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
+        checker.join(max(deadline.left(), 0))
+        if checker.is_alive():
+            raise deadline.error("checking the RAM and volume digests")
+        if verdict[0] is not None:
+            raise verdict[0]
+        mark("digests_checked")
+        instance.resume()
+        agent = None
+        try:
+            sock = instance.connect_agent(timeout=max(deadline.left(), 0.01))
+            agent = AgentClient(sock, name=name)
+            agent.handshake(timeout=max(deadline.left(), 0.01))
+            mark("agent_hello")
+            _refresh_guest(agent, name, timeout=max(deadline.left(), 0.01))
+            mark("guest_refreshed")
+        except TimeoutError as exc:
+            if agent is not None:
+                agent.close()
+            raise deadline.error("waiting for the guest agent") from exc
+        except (AgentError, EngineError, OSError) as exc:
+            if agent is not None:
+                agent.close()
+            why = instance.exit_description() or str(exc)
+            if deadline.left() <= 0:
+                raise deadline.error(f"waiting for the guest agent: {why}") from exc
+            raise SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent did "
+                                f"not answer: {why}") from exc
+    except BaseException:
+        checker.join(5)
+        if instance is not None:
+            instance.shutdown(None, timeout=2)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    spec.console.append(f"[supermachine: {name} restored from snapshot {snapshot.path} of "
+                        f"{snapshot.source_name!r}, made {snapshot.created_at}]\n".encode())
+    vm = Vm(spec, instance, agent, time.monotonic() - started)
+    vm.restored_from = snapshot.path
+    #: seconds from the start of the restore to each stage
+    vm.restore_timings = marks
+    balloon = int(h.get("balloon_target_mib") or 0)
+    vm._balloon_target_mib = balloon
+    instance._balloon_target_mib = balloon
+    return vm
+
+
+def _refresh_guest(agent, name: str, timeout: float) -> None:
+    """Make a restored guest its own: hostname, fresh entropy (mixed into the pool, which the
+    kernel reseeds from within seconds of an early-uptime restore), the current time (busybox
+    ``date -s``: whole seconds)."""
+    ends = time.monotonic() + timeout
+    clock = agent.exec(["date", "-s", f"@{int(time.time())}"])
+    agent.write_file("/proc/sys/kernel/hostname", name.encode(), timeout=timeout)
+    agent.write_file("/dev/urandom", os.urandom(64), timeout=max(ends - time.monotonic(), 0.01))
+    clock.wait(timeout=max(ends - time.monotonic(), 0.01))
+
+
+# --- the default image's pre-booted snapshot -------------------------------------------------
+
+def cache_enabled() -> bool:
+    value = os.environ.get("SUPERMACHINE_SNAPSHOT_CACHE")
+    if value is None:
+        return CACHE_ENABLED_BY_DEFAULT
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def snapshots_dir() -> Path:
+    from .assets import cache_dir
+    path = cache_dir() / "snapshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cacheable(image: Image, config: VmConfig) -> str | None:
+    """None when the default snapshot can stand in for a boot of ``config``, else why not."""
+    if getattr(image, "snapshot", None) is not None:
+        return "the image is itself a snapshot"
+    if config.volumes:
+        return "the VM has volumes"
+    if config.mounts:
+        return "the VM has mounts"
+    if config.assets is not None:
+        return "the VM boots its own kernel"
+    if config.engine == "native":
+        return "engine='native' has no snapshots"
+    from .engines import choose_engine
+    try:
+        if choose_engine(config.engine).name != "qemu":
+            return "the chosen engine is not QEMU"
+    except EngineError as exc:
+        return str(exc)
+    return None
+
+
+def default_snapshot_key(image: Image, config: VmConfig) -> str:
+    from .engines import choose_engine
+    from .engines.qemu import qemu_version
+    from .image import BASE_CMDLINE
+    parts = {
+        "format": FORMAT_VERSION, "qemu": qemu_version(),
+        "accel": choose_engine("qemu").accel,
+        "kernel": asset_sha256(image.kernel), "initrd": asset_sha256(image.initrd),
+        "memory_mib": config.memory_mib or image.default_memory_mib,
+        "vcpus": config.vcpus or image.default_vcpus, "balloon": bool(config.balloon),
+        "cmdline": BASE_CMDLINE,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def default_snapshot(image: Image, config: VmConfig,
+                     progress: Progress = _silent) -> Snapshot:
+    """The cached pre-booted snapshot of ``image`` for ``config``'s hardware, made on first
+    use: boot a template VM, snapshot it, stop it."""
+    from .config import VmConfig
+    key = default_snapshot_key(image, config)
+    path = snapshots_dir() / f"default-{key}"
+    with _locked(snapshots_dir() / f"default-{key}.lock"):
+        if path.exists():
+            try:
+                return Snapshot.open(path)
+            except SnapshotError as exc:
+                progress(f"cached snapshot unusable ({exc}); making it again")
+        memory = config.memory_mib or image.default_memory_mib
+        vcpus = config.vcpus or image.default_vcpus
+        template = VmConfig(memory_mib=memory, vcpus=vcpus, balloon=bool(config.balloon),
+                            engine="qemu", vsock_mux_dir=config.vsock_mux_dir)
+        progress(f"making the pre-booted snapshot ({memory} MiB, {vcpus} vCPU) for later "
+                 "cells…")
+        with image.start(template, name="sm-template", progress=progress) as vm:
+            made = vm.snapshot(path, overwrite=True)
+    _prune_stale_defaults(made)
+    return made
+
+
+def _prune_stale_defaults(current: Snapshot) -> None:
+    """Delete cached default snapshots of other kernels, initramfs or QEMU versions (running
+    VMs restored from them keep their open files)."""
+    h = current.header
+    mark = (h["kernel_sha256"], h["initrd_sha256"], h["engine_state"]["qemu_version"])
+    for entry in current.path.parent.glob(".default-*.partial"):
+        with contextlib.suppress(OSError):
+            if time.time() - entry.stat().st_mtime > 3600:   # left by a process that died
+                shutil.rmtree(entry, ignore_errors=True)
+    for entry in current.path.parent.glob("default-*"):
+        if entry == current.path or not entry.is_dir():
+            continue
+        try:
+            lines = (entry / HEADER_FILE).read_bytes().split(b"\n")
+            other = json.loads(lines[1])
+            if (other["kernel_sha256"], other["initrd_sha256"],
+                    other["engine_state"]["qemu_version"]) == mark:
+                continue
+        except (OSError, IndexError, ValueError, KeyError, TypeError):
+            pass
+        shutil.rmtree(entry, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            entry.with_name(entry.name + ".lock").unlink()
+
+
+#: snapshot path → the thread finishing it (this process's first-use snapshots)
+_background: dict[Path, threading.Thread] = {}
+
+
+def start_with_cache(image: Image, config: VmConfig, *, name: str | None = None,
+                     progress: Progress = _silent, boot_timeout: float = 120.0) -> Vm:
+    """Start a VM of ``image`` from its cached pre-booted snapshot for ``config``'s hardware.
+
+    Without one (first use), boot as usual and snapshot the fresh VM before returning it
+    (the guest pauses for a few tens of milliseconds, before it runs anything else); the
+    snapshot file is finished in a background thread, so the first VM costs about a cold
+    boot and the next ones restore. A cached snapshot that fails to restore falls back to a
+    boot (and is made again unless the failure was the restore timeout)."""
+    path = snapshots_dir() / f"default-{default_snapshot_key(image, config)}"
+    remake = True
+    pending = _background.get(path)
+    if pending is not None:
+        pending.join(BACKGROUND_WAIT_S)     # finishing takes less than a boot
+    if path.exists():
+        try:
+            return restore(Snapshot.open(path), config, name=name, progress=progress)
+        except SnapshotError as exc:
+            progress(f"pre-booted snapshot not used ({exc}); booting")
+            remake = not isinstance(exc, SnapshotTimeoutError)
+    began = time.time()
+    vm = image.start(config, name=name, progress=progress, boot_timeout=boot_timeout,
+                     snapshot_cache=False)
+    if remake and not remade_since(path, began):
+        _snapshot_in_background(vm, path, began)
+    return vm
+
+
+def remade_since(path: Path, when: float) -> bool:
+    """Did another start finish the cached snapshot at ``path`` after ``when`` (unix time)?"""
+    try:
+        return (path / HEADER_FILE).stat().st_mtime >= when
+    except OSError:
+        return False
+
+
+def _snapshot_in_background(vm: Vm, path: Path, began: float) -> None:
+    """Pause-and-save now, finish in a thread; skipped when another process is making it."""
+    lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115 - held by the thread
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return
+    if remade_since(path, began):
+        lock.close()
+        return
+    try:
+        finish = begin_snapshot(vm, path, overwrite=True)
+    except (VmError, OSError):
+        lock.close()
+        return
+
+    def run() -> None:
+        try:
+            _prune_stale_defaults(finish())
+        except Exception:  # noqa: BLE001, S110 - the cache is best effort; next use retries
+            pass
+        finally:
+            lock.close()
+
+    if not _background:
+        atexit.register(wait_for_background, 5.0)
+    thread = threading.Thread(target=run, name="snapshot-cache", daemon=True)
+    _background[path] = thread
+    thread.start()
+
+
+def wait_for_background(timeout: float | None = None) -> bool:
+    """Wait for pre-booted snapshots being finished in the background; True when none is."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in list(_background.values()):
+        thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+    return not any(t.is_alive() for t in _background.values())
+
+
+def named_snapshot_path(name: str) -> Path:
+    """Where ``%%vm --snapshot NAME`` keeps a snapshot: ``<cache>/snapshots/named/NAME``."""
+    from .config import _NAME_RE
+    if not _NAME_RE.fullmatch(name or ""):
+        raise SnapshotError(f"snapshot name {name!r} is not valid: a letter or digit, then up "
+                            "to 62 letters, digits, '_', '.' or '-'")
+    path = snapshots_dir() / "named"
+    path.mkdir(exist_ok=True)
+    return path / name
+
+
+def list_snapshots() -> list[Snapshot]:
+    """The named snapshots (``%%vm --snapshot``) that open cleanly."""
+    out = []
+    for entry in sorted((snapshots_dir() / "named").glob("*")):
+        if entry.name.startswith("."):
+            continue
+        with contextlib.suppress(SnapshotError, OSError):
+            out.append(Snapshot.open(entry))
+    return out
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotNotSupportedError",
+    "SnapshotTimeoutError",
+    "SnapshotVersionError",
+    "begin_snapshot",
+    "cache_enabled",
+    "default_snapshot",
+    "list_snapshots",
+    "named_snapshot_path",
+    "restore",
+    "start_with_cache",
+    "wait_for_background",
+    "write_snapshot",
+]

@@ -1,0 +1,191 @@
+"""The jupyter_server extension: REST API over the VM registry, tested against a real
+Jupyter server (pytest-jupyter) and real VMs; plus the packaging check that the server
+extension and the labextension are enabled in this environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+from supermachine_jupyter import registry
+from supermachine_jupyter.config import MountSpec
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+API = ("supermachine", "api")
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory):
+    """One private registry for this module's VMs and servers."""
+    path = tmp_path_factory.mktemp("registry")
+    patch = pytest.MonkeyPatch()
+    patch.setenv(registry.REGISTRY_DIR_ENV, str(path))
+    yield path
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def vms(registry_dir, guest_image, tmp_path_factory):
+    """Two VMs: ``srv-full`` (balloon, a host mount) and ``srv-plain`` (neither)."""
+    from supermachine_jupyter.config import VmConfig
+    share = tmp_path_factory.mktemp("share")
+    (share / "hello.txt").write_text("hello from the host\n")
+    full = guest_image.start(VmConfig(engine="qemu", name="srv-full", memory_mib=256,
+                                      balloon=True,
+                                      mounts=[MountSpec(str(share), "share", "/mnt/share")]))
+    plain = guest_image.start(VmConfig(engine="qemu", name="srv-plain"))
+    assert full.run("cat /mnt/share/hello.txt", timeout=30).stdout == "hello from the host\n"
+    yield {"full": full, "plain": plain}
+    full.stop(timeout=5)
+    plain.stop(timeout=5)
+
+
+@pytest.fixture
+def jp_server_config():
+    return {"ServerApp": {"jpserver_extensions": {"supermachine_jupyter": True}}}
+
+
+async def get_json(jp_fetch, *path):
+    response = await jp_fetch(*API, *path)
+    assert response.code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    return json.loads(response.body)
+
+
+async def post_json(jp_fetch, *path, body: object = None):
+    raw = body if isinstance(body, (bytes, str)) else json.dumps(body or {})
+    response = await jp_fetch(*API, *path, method="POST", body=raw)
+    return json.loads(response.body)
+
+
+async def error_of(call) -> tuple[int, dict]:
+    with pytest.raises(HTTPClientError) as err:
+        await call
+    return err.value.code, json.loads(err.value.response.body)
+
+
+async def test_list_shows_every_live_vm_with_its_state(jp_fetch, vms):
+    data = await get_json(jp_fetch, "vms")
+    by_name = {vm["name"]: vm for vm in data["vms"]}
+    assert {"srv-full", "srv-plain"} <= set(by_name)
+    full = by_name["srv-full"]
+    assert full["id"] == registry.vm_id(vms["full"])
+    assert (full["state"], full["engine"], full["memory_mib"]) == ("running", "qemu", 256)
+    assert full["balloon"] is True and full["balloon_stats"]["target_mib"] == 0
+    assert [m["tag"] for m in full["mounts"]] == ["share"]
+    assert by_name["srv-plain"]["balloon_stats"] is None
+
+
+async def test_detail_has_config_engine_balloon_and_mount_counters(jp_fetch, vms):
+    vm = vms["full"]
+    vm.run("cat /mnt/share/hello.txt >/dev/null", timeout=30)
+    data = await get_json(jp_fetch, "vms", registry.vm_id(vm))
+    assert data["config"] == vm.config.to_dict()
+    assert data["reason"] == vm.engine_reason and data["accel"] == vm.accel
+    assert data["state"] == "running" and data["failure"] is None
+    assert data["uptime_s"] >= 0
+    stats = data["balloon_stats"]
+    assert {"target_mib", "actual_mib", "free_memory", "total_memory"} <= set(stats)
+    (mount,) = data["mounts"]
+    assert mount["guest_path"] == "/mnt/share" and mount["ops"] > 0
+    assert mount["bytes_read"] >= len("hello from the host\n")
+    assert data["volumes"] == []
+
+
+async def test_balloon_sets_the_target_and_the_guest_follows(jp_fetch, vms):
+    vm_id = registry.vm_id(vms["full"])
+    assert await post_json(jp_fetch, "vms", vm_id, "balloon",
+                           body={"target_mib": 64}) == {"id": vm_id, "target_mib": 64}
+    deadline = time.monotonic() + 30
+    while True:
+        stats = (await get_json(jp_fetch, "vms", vm_id))["balloon_stats"]
+        if stats["actual_mib"] == 64 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    assert (stats["target_mib"], stats["actual_mib"]) == (64, 64)
+    await post_json(jp_fetch, "vms", vm_id, "balloon", body={"target_mib": 0})
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"not json", "not JSON"),
+    ({}, "target_mib"),
+    ({"target_mib": -1}, ">= 0"),
+    ({"target_mib": "64"}, "target_mib"),
+    ({"target_mib": True}, "target_mib"),
+    ([64], "target_mib"),
+    ({"target_mib": 256}, "from 0 to 255"),          # the VM refuses: it has 256 MiB
+])
+async def test_bad_balloon_bodies_get_400_with_a_message(jp_fetch, vms, body, words):
+    vm_id = registry.vm_id(vms["full"])
+    code, data = await error_of(post_json(jp_fetch, "vms", vm_id, "balloon", body=body))
+    assert code == 400 and data["kind"] == "bad_request" and words in data["message"]
+
+
+async def test_bad_ids_and_paths_get_404_json(jp_fetch, vms):
+    for vm_id in ("nope", "000000000000", "..%2F..%2Fetc"):
+        code, data = await error_of(get_json(jp_fetch, "vms", vm_id))
+        assert code == 404 and data["kind"] == "not_found", vm_id
+    code, data = await error_of(post_json(jp_fetch, "vms", "000000000000", "stop"))
+    assert code == 404
+    code, data = await error_of(get_json(jp_fetch, "nothing-here"))
+    assert code == 404 and "no such endpoint" in data["message"]
+
+
+async def test_balloon_on_a_vm_without_one_is_a_conflict(jp_fetch, vms):
+    vm_id = registry.vm_id(vms["plain"])
+    code, data = await error_of(post_json(jp_fetch, "vms", vm_id, "balloon",
+                                          body={"target_mib": 16}))
+    assert code == 409 and data["kind"] == "no_balloon" and "--balloon" in data["message"]
+
+
+async def test_requests_without_a_token_are_refused(jp_fetch, vms):
+    vm_id = registry.vm_id(vms["plain"])
+    no_auth = {"Authorization": ""}
+    for call in (jp_fetch(*API, "vms", headers=no_auth),
+                 jp_fetch(*API, "vms", vm_id, headers=no_auth),
+                 jp_fetch(*API, "vms", vm_id, "stop", method="POST", body="{}",
+                          headers=no_auth),
+                 jp_fetch(*API, "vms", vm_id, "balloon", method="POST",
+                          body='{"target_mib": 1}', headers=no_auth)):
+        with pytest.raises(HTTPClientError) as err:
+            await call
+        assert err.value.code in (401, 403)
+    code, _ = await error_of(jp_fetch(*API, "vms", headers={"Authorization": "token wrong"}))
+    assert code in (401, 403)
+    assert vms["plain"].state == "running"
+
+
+async def test_stop_stops_the_vm_in_its_owner(jp_fetch, vms):
+    vm = vms["plain"]
+    vm_id = registry.vm_id(vm)
+    assert await post_json(jp_fetch, "vms", vm_id, "stop") == {"id": vm_id, "state": "stopped"}
+    assert vm.state == "stopped"
+    names = [v["name"] for v in (await get_json(jp_fetch, "vms"))["vms"]]
+    assert "srv-plain" not in names and "srv-full" in names
+    code, _ = await error_of(get_json(jp_fetch, "vms", vm_id))
+    assert code == 404
+
+
+def _jupyter(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "jupyter", *args], capture_output=True,
+                         text=True, timeout=120)
+    return re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+
+
+def test_server_extension_and_labextension_are_enabled_after_setup():
+    """What README's set-up leaves behind: both extensions enabled, no manual step."""
+    servers = _jupyter("server", "extension", "list")
+    assert re.search(r"supermachine_jupyter enabled", servers), servers
+    assert re.search(r"supermachine_jupyter \S+ OK", servers), servers
+    labs = _jupyter("labextension", "list")
+    assert re.search(r"supermachine-jupyter v\S+ enabled OK", labs), (
+        "the labextension is not installed: `make setup` builds it into "
+        "supermachine_jupyter/labextension/ and links it into the venv\n" + labs)

@@ -1,0 +1,395 @@
+"""The notebook widgets against real VMs (QEMU here): form ↔ config, live panels, dashboard,
+and the ``%%vm --panel`` / ``%vm panel`` magics.
+
+Widgets are built without a frontend (ipywidgets falls back to a dummy comm), so the tests
+read widget values and the panels' data; the VMs, their devices and the panels' threads are
+all real.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import os
+import time
+
+import pytest
+from traitlets import TraitError
+
+from supermachine_jupyter.config import MountSpec, VmConfig, VolumeSpec, host_cpu_count
+from supermachine_jupyter.widgets import (
+    BalloonPanel,
+    ConsoleView,
+    MountPanel,
+    VmConfigForm,
+    VmDashboard,
+)
+from supermachine_jupyter.widgets.format import ERROR_COLOUR
+
+MIB = 1024 * 1024
+
+
+def wait_for(predicate, timeout: float, every: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy (returned) or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def assert_threads_end(threads, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"threads still running {timeout} s after their VM stopped: {alive}"
+
+
+# -- VmConfigForm (no VM needed) ------------------------------------------------------------
+
+def test_form_changes_config_and_follows_it(tmp_path):
+    config = VmConfig(engine="qemu")
+    form = VmConfigForm(config)
+    assert form.config is config
+    assert form.memory_default.value and form.memory.disabled   # None: the image's default
+
+    form.memory.value = 512            # moving the slider unticks "default"
+    assert config.memory_mib == 512 and not form.memory_default.value
+    form.memory_default.value = True
+    assert config.memory_mib is None
+    form.vcpus.value = host_cpu_count()
+    assert config.vcpus == host_cpu_count()
+    form.balloon.value = True
+    assert config.balloon is True
+    form.engine.value = "native"
+    assert config.engine == "native"
+    form.name.value = "lab1"
+    assert config.name == "lab1"
+    form.name.value = ""
+    assert config.name is None
+
+    (tmp_path / "share").mkdir()
+    row = form.add_volume_button.click() or form.volume_rows[-1]
+    row.host_path.value = str(tmp_path / "data.img")
+    assert config.volumes == [] and "incomplete" in form.notes["volumes"]
+    row.guest_path.value = "/data/"
+    row.size_mib.value = 64
+    assert config.volumes == [VolumeSpec(str(tmp_path / "data.img"), "/data", 64)]
+    assert "volumes" not in form.notes
+    row.read_only.value = True
+    assert config.volumes[0].read_only
+    mount = form.add_row("mounts")
+    mount.host_path.value, mount.tag.value = str(tmp_path / "share"), "share"
+    mount.guest_path.value = "/mnt/share"
+    assert config.mounts == [MountSpec(str(tmp_path / "share"), "share", "/mnt/share")]
+    row.remove_button.click()
+    assert config.volumes == [] and form.volume_rows == []
+
+    # config → widgets
+    config.memory_mib = 1024
+    assert form.memory.value == 1024 and not form.memory_default.value
+    config.vcpus = None
+    assert form.vcpus_default.value and form.vcpus.disabled
+    config.balloon = False
+    config.engine = "qemu"
+    config.name = "lab2"
+    assert (form.balloon.value, form.engine.value, form.name.value) == (False, "qemu", "lab2")
+    config.volumes = [VolumeSpec(str(tmp_path / "a.img"), "/a", 8),
+                      VolumeSpec(str(tmp_path / "b.img"), "/b", 16, read_only=True)]
+    assert [(r.guest_path.value, r.size_mib.value, r.read_only.value)
+            for r in form.volume_rows] == [("/a", 8, False), ("/b", 16, True)]
+    config.mounts = []
+    assert form.mount_rows == []
+
+    # a whole new config: the form follows it and lets go of the old one
+    other = VmConfig(memory_mib=128, vcpus=1, engine="auto").with_virtiofs(
+        tmp_path / "share", "t", "/mnt/t")
+    form.config = other
+    assert (form.memory.value, form.vcpus.value, form.engine.value) == (128, 1, "auto")
+    assert [r.tag.value for r in form.mount_rows] == ["t"] and form.volume_rows == []
+    config.memory_mib = 2048
+    assert form.memory.value == 128
+    form.memory.value = 192
+    assert other.memory_mib == 192 and config.memory_mib == 2048
+    assert "VmConfigForm(VmConfig(memory_mib=192" in repr(form)
+
+
+def test_form_invalid_entries_show_inline_error_and_leave_config(tmp_path):
+    (tmp_path / "share").mkdir()
+    (tmp_path / "other").mkdir()
+    config = VmConfig(engine="qemu").with_virtiofs(tmp_path / "share", "share", "/mnt/share")
+    form = VmConfigForm(config)
+    before = list(config.mounts)
+
+    def shows_error(field, *words):
+        message = form.errors[field]
+        html = form.messages[field].value
+        assert ERROR_COLOUR in html and all(w in message for w in words), message
+        assert all(w.replace("'", "&#x27;") in html for w in words), html
+
+    # a nonexistent host directory
+    row = form.add_row("mounts")
+    row.tag.value, row.guest_path.value = "second", "/mnt/second"
+    row.host_path.value = str(tmp_path / "missing")
+    shows_error("mounts", "MountSpec.host_path", "an existing host directory", "does not exist")
+    assert config.mounts == before
+    assert row.box.layout.border and row.host_path.value == str(tmp_path / "missing")  # kept
+
+    # fixed → applied, error gone; then a duplicate tag (a cross-row rule of VmConfig)
+    row.host_path.value = str(tmp_path / "other")
+    assert "mounts" not in form.errors and form.messages["mounts"].value == ""
+    assert len(config.mounts) == 2 and not row.box.layout.border
+    row.tag.value = "share"
+    shows_error("mounts", "tag 'share'", "mount tags must be unique")
+    assert [m.tag for m in config.mounts] == ["share", "second"]
+
+    # a bad guest path
+    row.tag.value = "second"
+    row.guest_path.value = "mnt/relative"
+    shows_error("mounts", "MountSpec.guest_path", "an absolute guest path")
+    row.guest_path.value = "/mnt/../etc"
+    shows_error("mounts", "MountSpec.guest_path", "no '..'")
+    assert [m.guest_path for m in config.mounts] == ["/mnt/share", "/mnt/second"]
+
+    # a guest path taken by a volume, a bad volume size, a bad name
+    row.guest_path.value = "/mnt/second"
+    volume = form.add_row("volumes")
+    volume.host_path.value, volume.guest_path.value = str(tmp_path / "v.img"), "/mnt/share"
+    shows_error("volumes", "guest path '/mnt/share'", "unique across volumes and mounts")
+    volume.guest_path.value = "/data"
+    volume.size_mib.value = 0
+    shows_error("volumes", "VolumeSpec.size_mib", "from 1 to")
+    assert config.volumes == [VolumeSpec(str(tmp_path / "v.img"), "/data", 1024)]  # last valid
+    form.name.value = "no spaces allowed"
+    shows_error("name", "VmConfig.name", "a letter or digit")
+    assert config.name is None and form.name.value == "no spaces allowed"   # kept, marked
+
+    # a change from the config side wins and clears the mark
+    config.name = "fine"
+    assert form.name.value == "fine" and "name" not in form.errors
+    config.volumes = []
+    assert form.volume_rows == [] and "volumes" not in form.errors
+
+    # the config itself never took an invalid value
+    with pytest.raises(TraitError):
+        config.memory_mib = 1
+    assert form.memory_default.value
+
+
+# -- live panels on one real VM: balloon, volume, virtio-fs mount ----------------------------
+
+@pytest.fixture(scope="module")
+def device_vm(start_vm, tmp_path_factory):
+    if os.geteuid() != 0 or not os.path.exists("/usr/lib/qemu/virtiofsd"):
+        pytest.skip("virtio-fs under QEMU needs root and /usr/lib/qemu/virtiofsd")
+    share = tmp_path_factory.mktemp("share")
+    (share / "hello.txt").write_text("hello from the host\n" * 100)
+    volume = tmp_path_factory.mktemp("volumes") / "data.img"
+    vm = start_vm(memory_mib=256, balloon=True,
+                  mounts=[MountSpec(str(share), "share", "/mnt/share")],
+                  volumes=[VolumeSpec(str(volume), "/data", 64)])
+    vm.share_dir = share
+    return vm
+
+
+def test_balloon_panel_follows_a_real_vm(device_vm):
+    vm = device_vm
+    started = time.monotonic()
+    panel = BalloonPanel(vm)                 # default interval: 1 s
+    assert time.monotonic() - started < 0.5, "the panel must not block the kernel"
+    assert panel.thread.is_alive()
+    try:
+        assert wait_for(lambda: len(panel.history) >= 2, 5), panel
+        first = panel.history[0]
+        assert first["target_mib"] == 0 and first["total_memory"], first
+        assert {"time", "actual_pages", "free_mib", "available_mib"} <= first.keys()
+
+        panel.buttons[64].click()
+        assert "target 64 MiB" in panel.status.value
+        inflated = wait_for(lambda: [s for s in panel.history if s["actual_mib"] >= 64], 15)
+        assert inflated, f"balloon never reached 64 MiB: {panel.history[-3:]}"
+        assert inflated[-1]["actual_pages"] >= 16384 and inflated[-1]["target_mib"] == 64
+        assert "balloon <b>64 MiB</b>" in panel.numbers.value
+        assert panel.chart.value.count("<polyline") >= 3        # actual, target, free, avail
+
+        # a cell runs on the main thread while the panel keeps sampling
+        count = len(panel.history)
+        assert vm.run("sleep 2.2").ok
+        assert len(panel.history) >= count + 2
+
+        panel.buttons[-64].click()
+        assert "target 0 MiB" in panel.status.value
+        assert wait_for(lambda: panel.history[-1]["actual_mib"] == 0, 15), panel.history[-3:]
+
+        history = panel.history
+        times = [s["time"] for s in history]
+        rate_hz = (len(times) - 1) / (times[-1] - times[0])
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        # 1 Hz nominal at a fixed rate; 2 % allows for thread wake-up jitter at the ends.
+        assert rate_hz >= 0.98 and max(gaps) < 1.5, (rate_hz, gaps)
+        assert repr(panel).startswith(f"BalloonPanel(vm={vm.name!r}, interval=1, samples=")
+    finally:
+        panel.close()
+    assert_threads_end([panel.thread])
+    assert panel.sampler.end_reason == "closed"
+
+
+def test_mount_panel_lists_real_mounts_with_moving_counters(device_vm):
+    vm = device_vm
+    panel = MountPanel(vm)
+    try:
+        rows = wait_for(panel.rows, 5)
+        volume, mount = rows
+        assert volume["kind"] == "volume" and volume["guest_path"] == "/data"
+        assert volume["tag"] == "smvol0" and volume["size_bytes"] == 64 * MIB
+        assert volume["read_only"] is False and volume["ops"] is None
+        assert mount["kind"] == "mount" and mount["host_path"] == str(vm.share_dir)
+        assert (mount["tag"], mount["guest_path"]) == ("share", "/mnt/share")
+        assert mount["dax"] is False and "DAX" in mount["dax_note"]
+        assert html.escape(mount["dax_note"]) in panel.table.value    # said where DAX is off
+        assert "smvol0" in panel.table.value and "/mnt/share" in panel.table.value
+
+        result = vm.run("cat /mnt/share/hello.txt > /dev/null && "
+                        "dd if=/dev/zero of=/mnt/share/out.bin bs=64k count=4 2>/dev/null && "
+                        "dd if=/dev/urandom of=/data/blob bs=1M count=4 2>/dev/null && sync")
+        assert result.ok, result
+
+        def moved():
+            now_volume, now_mount = panel.rows()
+            return (now_mount["ops"] > mount["ops"]
+                    and now_mount["bytes_read"] > mount["bytes_read"]
+                    and now_mount["bytes_written"] >= mount["bytes_written"] + 256 * 1024
+                    and now_volume["used_bytes"] >= volume["used_bytes"] + 4 * MIB)
+        assert wait_for(moved, 5), (rows, panel.rows())
+        assert (vm.share_dir / "out.bin").stat().st_size == 256 * 1024
+    finally:
+        panel.close()
+    assert_threads_end([panel.thread])
+
+
+def test_console_view_follows_the_guest_console(device_vm):
+    vm = device_vm
+    view = ConsoleView(vm)
+    try:
+        assert "supermachine-agent" in view.text          # the boot log so far
+        vm.run("echo widget-console-marker > /dev/console")
+        assert wait_for(lambda: "widget-console-marker" in view.text, 5), view.text[-500:]
+        assert wait_for(lambda: "widget-console-marker" in view.output.value, 2)
+    finally:
+        view.close()
+    assert_threads_end([view.thread])
+
+
+def test_panel_threads_end_when_their_vm_stops(start_vm):
+    vm = start_vm(balloon=True)
+    panels = [ConsoleView(vm), BalloonPanel(vm, interval=0.5), MountPanel(vm, interval=0.5)]
+    dashboard = VmDashboard(vm)
+    threads = [p.thread for p in panels] + dashboard.threads()
+    assert len(threads) == 7 and all(t.is_alive() for t in threads)
+    assert wait_for(lambda: len(panels[1].history) >= 1, 5)
+    vm.stop()
+    assert_threads_end(threads)
+    assert "VM stopped" in panels[1].status.value and "VM stopped" in panels[2].status.value
+    assert "VM stopped" in panels[0].status.value
+    assert all(b.disabled for b in panels[1].buttons.values())
+    assert "stopped" in dashboard.state_line.value and not dashboard.start_button.disabled
+
+
+# -- VmDashboard -----------------------------------------------------------------------------
+
+def test_dashboard_starts_and_stops_a_vm_with_its_buttons(guest_image):
+    dashboard = VmDashboard(config=VmConfig(engine="qemu", memory_mib=192), image=guest_image)
+    assert dashboard.vm is None and "no VM yet" in dashboard.state_line.value
+    clicked = time.monotonic()
+    dashboard.start_button.click()
+    assert time.monotonic() - clicked < 0.5, "start must boot in the background"
+    assert dashboard.start_button.disabled
+    dashboard.form.memory.value = 256           # edits after start do not touch that VM
+    try:
+        assert dashboard.wait(60), "the VM did not boot within 60 s"
+        vm = dashboard.vm
+        assert vm is not None and vm.state == "running", dashboard.progress.value
+        assert vm.memory_mib == 192 and vm.engine == "qemu"
+        assert "ready in" in dashboard.progress.value
+        state = dashboard.state_line.value
+        assert "running" in state and "qemu/" in state and vm.engine_reason.split(";")[0] in state
+        assert [type(box.children[0]) for box in dashboard.tabs.children[1:]] == [
+            ConsoleView, BalloonPanel, MountPanel]
+        # no balloon on this VM: the panel says how to get one instead of failing
+        assert "balloon=True" in dashboard.balloon.status.value
+        assert dashboard.balloon.buttons[64].disabled
+        assert wait_for(lambda: "supermachine-agent" in dashboard.console.text, 5)
+        dashboard.start_button.click()                  # already running: refused
+        assert dashboard.vm is vm
+        threads = dashboard.threads()
+        assert threads
+
+        dashboard.stop_button.click()
+        assert dashboard.wait(30)
+        assert vm.state == "stopped"
+        assert_threads_end(threads)
+        assert dashboard.threads() == []
+        assert wait_for(lambda: "stopped" in dashboard.state_line.value, 2)
+        assert not dashboard.start_button.disabled and dashboard.stop_button.disabled
+    finally:
+        if dashboard.vm is not None:
+            dashboard.vm.stop()
+
+
+# -- %%vm --panel and %vm panel NAME ---------------------------------------------------------
+
+@pytest.fixture
+def ip_displays(monkeypatch):
+    """An IPython shell with the extension, and the list of objects it displays."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    # start_ipython() returns the shell only on its first call in a process (None after).
+    shell = start_ipython() or InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "supermachine_jupyter")
+    shown = []
+    real_format = shell.display_formatter.format
+
+    def recording_format(obj, *args, **kwargs):
+        shown.append(obj)
+        return real_format(obj, *args, **kwargs)
+
+    monkeypatch.setattr(shell.display_formatter, "format", recording_format)
+    return shell, shown
+
+
+def test_vm_magics_show_the_dashboard(ip_displays, capsys):
+    shell, shown = ip_displays
+    magics = shell._supermachine_magics
+    try:
+        shell.run_cell_magic("vm", "--name wpanel --engine qemu --balloon --panel --quiet",
+                             "echo via-panel > /dev/console; echo done")
+        assert "done" in capsys.readouterr().out
+        cell_dashboards = [obj for obj in shown if isinstance(obj, VmDashboard)]
+        assert len(cell_dashboards) == 1
+        vm = magics.vms["wpanel"]
+        dashboard = cell_dashboards[0]
+        assert dashboard.vm is vm and dashboard.balloon is not None
+        # displayed before the command ran, so its console followed the command's output
+        assert wait_for(lambda: "via-panel" in dashboard.console.text, 5)
+        assert dashboard.form.config == vm.config and dashboard.form.config is not vm.config
+
+        shown.clear()
+        result = shell.run_cell("%vm panel wpanel")
+        assert result.success, result.error_in_exec
+        assert isinstance(result.result, VmDashboard) and result.result.vm is vm
+        assert any(obj is result.result for obj in shown)       # shown as the cell's output
+        named_dashboard = result.result
+
+        failed = shell.run_cell("%vm panel nosuchvm")
+        assert "no VM named 'nosuchvm'" in str(failed.error_in_exec)
+
+        threads = dashboard.threads() + named_dashboard.threads()
+        assert len(threads) == 8
+        shell.run_line_magic("vm", "stop wpanel")
+        assert_threads_end(threads)
+    finally:
+        if "wpanel" in magics.vms:
+            shell.run_line_magic("vm", "stop wpanel")
+
