@@ -38,8 +38,11 @@ def _build_labextension() -> None:
             "Run `make setup` first (it builds it), or set "
             f"{SKIP_LABEXTENSION_ENV}=1 to build a wheel without the sidebar.")
     src = os.path.join(HERE, LABEXTENSION_SRC)
-    subprocess.check_call([jlpm, "install"], cwd=src)
-    subprocess.check_call([jlpm, "build"], cwd=src)
+    # pip's isolated build env hides other site-packages through PYTHONPATH; jlpm and
+    # `jupyter labextension build` need the environment that JupyterLab is installed in.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    subprocess.check_call([jlpm, "install"], cwd=src, env=env)
+    subprocess.check_call([jlpm, "build"], cwd=src, env=env)
 
 
 def jupyter_data_files() -> list:

@@ -41,9 +41,11 @@ import hashlib
 import json
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +64,8 @@ POLL_S = 0.0002                     # console ring polling interval (native, in 
 KIB = 1024
 MIB = 1024 * 1024
 ACCELS = ("tcg", "kvm")
+#: probe name -> private copy of its ELF for this run (see snapshot_guests)
+GUESTS: dict[str, Path] = {}
 
 #: Fresh-process native VM: loads the core, starts the probe, copies the first console byte to
 #: stdout (so the parent times it exactly like QEMU's serial output).
@@ -71,7 +75,7 @@ from supermachine_jupyter.engines import native
 probe, memory_mib = sys.argv[1], int(sys.argv[2])
 poll_s, timeout_s = float(sys.argv[3]), float(sys.argv[4])
 ffi, lib = native.library()
-vm = native.NativeVm(native.probe_path(probe), memory_mib=memory_mib, strict_unhandled_exits=True)
+vm = native.NativeVm(probe, memory_mib=memory_mib, strict_unhandled_exits=True)
 vm.start()
 deadline = time.monotonic() + timeout_s
 while lib.sm_vm_console_total(vm._handle()) == 0:
@@ -100,8 +104,7 @@ if not ok:
 samples = [status()]
 vms = []
 for _ in range(2):
-    vm = native.NativeVm(native.probe_path(probe), memory_mib=memory_mib,
-                         strict_unhandled_exits=True)
+    vm = native.NativeVm(probe, memory_mib=memory_mib, strict_unhandled_exits=True)
     vm.start()
     out = vm.wait_for_console(ready, timeout_s)
     if ready not in out:
@@ -115,6 +118,17 @@ print(json.dumps({"samples": samples, "guest_resident": [v.guest_resident_bytes(
 for vm in vms:
     vm.close()
 """
+
+
+def snapshot_guests(directory: str) -> None:
+    """Copy the probe ELFs once, so every engine boots the very same bytes all run long (the
+    native tests rebuild the probes when their sources change, possibly mid-run)."""
+    for name in (FIRST_BYTE_PROBE, IDLE_PROBE):
+        GUESTS[name] = Path(shutil.copy2(native.probe_path(name), directory))
+
+
+def guest(name: str) -> Path:
+    return GUESTS[name]
 
 
 def child_env() -> dict:
@@ -168,7 +182,7 @@ def qemu_cmd(accel: str, probe: Path, memory_mib: int) -> list[str]:
 def native_in_process_first_byte(memory_mib: int) -> float:
     _ffi, lib = native.library()
     started = time.perf_counter()
-    vm = native.NativeVm(native.probe_path(FIRST_BYTE_PROBE), memory_mib=memory_mib,
+    vm = native.NativeVm(guest(FIRST_BYTE_PROBE), memory_mib=memory_mib,
                          strict_unhandled_exits=True)
     try:
         vm.start()
@@ -187,8 +201,8 @@ def native_in_process_first_byte(memory_mib: int) -> float:
 
 
 def native_fresh_process_first_byte(memory_mib: int) -> float:
-    cmd = [sys.executable, "-c", NATIVE_FIRST_BYTE_CHILD, FIRST_BYTE_PROBE, str(memory_mib),
-           str(POLL_S), str(TIMEOUT_S)]
+    cmd = [sys.executable, "-c", NATIVE_FIRST_BYTE_CHILD, str(guest(FIRST_BYTE_PROBE)),
+           str(memory_mib), str(POLL_S), str(TIMEOUT_S)]
     env = child_env()
     started = time.perf_counter()
     proc = spawn(cmd, env)
@@ -202,7 +216,7 @@ def native_fresh_process_first_byte(memory_mib: int) -> float:
 
 
 def qemu_first_byte(accel: str, memory_mib: int) -> float:
-    cmd = qemu_cmd(accel, native.probe_path(FIRST_BYTE_PROBE), memory_mib)
+    cmd = qemu_cmd(accel, guest(FIRST_BYTE_PROBE), memory_mib)
     started = time.perf_counter()
     proc = spawn(cmd)
     try:
@@ -217,8 +231,8 @@ def qemu_first_byte(accel: str, memory_mib: int) -> float:
 
 # -- idle host RSS -------------------------------------------------------------------------
 def native_rss(memory_mib: int, idle_s: float) -> dict:
-    cmd = [sys.executable, "-c", NATIVE_RSS_CHILD, IDLE_PROBE, str(memory_mib), str(idle_s),
-           IDLE_READY.decode(), str(TIMEOUT_S)]
+    cmd = [sys.executable, "-c", NATIVE_RSS_CHILD, str(guest(IDLE_PROBE)), str(memory_mib),
+           str(idle_s), IDLE_READY.decode(), str(TIMEOUT_S)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(),
                           timeout=TIMEOUT_S + 4 * idle_s)
     if proc.returncode != 0:
@@ -232,7 +246,7 @@ def native_rss(memory_mib: int, idle_s: float) -> dict:
 
 
 def qemu_rss(accel: str, memory_mib: int, idle_s: float) -> dict:
-    proc = spawn(qemu_cmd(accel, native.probe_path(IDLE_PROBE), memory_mib))
+    proc = spawn(qemu_cmd(accel, guest(IDLE_PROBE), memory_mib))
     try:
         read_until(proc, IDLE_READY, TIMEOUT_S, f"QEMU {accel} idle probe")
         time.sleep(idle_s)
@@ -246,6 +260,8 @@ def qemu_rss(accel: str, memory_mib: int, idle_s: float) -> dict:
 
 # -- output --------------------------------------------------------------------------------
 def fmt_mib(value: float) -> str:
+    if abs(value) < MIB:
+        return f"{value / KIB:.0f} KiB"
     return f"{value / MIB:.1f} MiB"
 
 
@@ -262,7 +278,7 @@ def ratio(numerator: list[float], denominator: list[float]) -> str:
 
 
 def probe_line(name: str) -> str:
-    path = native.probe_path(name)
+    path = guest(name)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return f"`{path.name}` ({path.stat().st_size} bytes, sha256 {digest}…)"
 
@@ -292,7 +308,13 @@ def main() -> int:
         return 1
     mib = args.memory_mib
     speed = native.calibrate()
+    with tempfile.TemporaryDirectory(prefix="bench-native-") as directory:
+        snapshot_guests(directory)
+        return run(args, mib, speed)
 
+
+def run(args: argparse.Namespace, mib: int, speed: dict) -> int:
+    """Measure (interleaved), then print the report."""
     first_byte = {
         "native, in process (NativeVm → console ring)": lambda: native_in_process_first_byte(mib),
         "native, fresh process (spawn python → pipe)":
@@ -328,7 +350,7 @@ def main() -> int:
     print(f"KVM here: {speed['speed']} (calib probe: guest/host cycle ratio {speed['ratio']:.0f}). "
           f"VMs: 1 vCPU, {mib} MiB guest RAM; QEMU -M microvm, "
           f"TCG `{' '.join(accel_args('tcg'))}`, KVM `{' '.join(accel_args('kvm'))}`.")
-    print(f"Guests, the same ELF under both engines (PVH entry): "
+    print(f"Guests, the same ELF under both engines (PVH entry; copied once for this run): "
           f"first byte {probe_line(FIRST_BYTE_PROBE)}, idle {probe_line(IDLE_PROBE)}.")
     print()
     print(f"Start → first UART byte ({args.runs} runs each, interleaved, "

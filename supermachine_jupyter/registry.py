@@ -402,14 +402,21 @@ def _load(json_path: Path, probe: bool = True) -> dict | None:
     return entry
 
 
+_TMP_RE = re.compile(r"\.[0-9a-f]{12}\.json\.tmp-(\d+)-\d+")
+
+
 def list_vms() -> list[dict]:
     """Every live VM's entry, oldest first. Stale entries are removed on the way."""
     directory = registry_dir()
     try:
-        paths = [p for p in directory.iterdir()
-                 if p.suffix == ".json" and ID_RE.fullmatch(p.stem)]
+        names = list(directory.iterdir())
     except FileNotFoundError:
         return []
+    paths = [p for p in names if p.suffix == ".json" and ID_RE.fullmatch(p.stem)]
+    for p in names:           # a writer killed between write and rename leaves its temp file
+        match = _TMP_RE.fullmatch(p.name)
+        if match and not _pid_alive(int(match.group(1)), None):
+            p.unlink(missing_ok=True)
     entries = [e for e in (_load(p) for p in paths) if e is not None]
     return sorted(entries, key=lambda e: (e.get("started_at") or 0, e.get("id", "")))
 

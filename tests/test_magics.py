@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 from traitlets import TraitError
 
@@ -16,7 +17,7 @@ from tests.helpers import engine_pids
 
 @pytest.fixture(scope="module")
 def ip():
-    shell = start_ipython()
+    shell = start_ipython() or InteractiveShell.instance()
     shell.run_line_magic("load_ext", "supermachine_jupyter")
     yield shell
     shell.run_line_magic("vm", "stop --all")
@@ -92,7 +93,9 @@ def test_list_console_config(ip, capsys):
     table = ip.run_line_magic("vm", "list")
     assert "m1" in repr(table) and "running" in repr(table)
     ip.run_line_magic("vm", "console m1")
-    assert "supermachine-init: ready" in capsys.readouterr().out
+    console = capsys.readouterr().out
+    # A booted VM shows its init; one restored from the pre-booted snapshot says so.
+    assert "supermachine-init: ready" in console or "restored from snapshot" in console
     config = ip.run_line_magic("vm", "config m1")
     assert config.name == "m1"
 
@@ -121,6 +124,24 @@ def test_unnamed_vm_is_stopped_after_the_cell(ip, capsys):
     before = set(engine_pids(parent=os.getpid()))
     run_cell(ip, capsys, "", "echo transient")
     assert set(engine_pids(parent=os.getpid())) - before == set()
+
+
+def test_snapshot_and_from(ip, capsys):
+    run_cell(ip, capsys, "--name s1 --quiet --snapshot snap-test", "echo kept > /root/state")
+    out = run_cell(ip, capsys, "--name s2 --from snap-test", "cat /root/state; hostname")
+    assert "kept" in out.out and "s2" in out.out
+    ip.run_line_magic("vm", "snapshots")
+    assert "snap-test" in capsys.readouterr().out
+    ip.run_line_magic("vm", "stop s1 s2")
+
+
+def test_second_unnamed_cell_restores_from_the_prebooted_snapshot(ip, capsys):
+    run_cell(ip, capsys, "--quiet", "true")        # makes the pre-booted snapshot if missing
+    from supermachine_jupyter import snapshot
+    snapshot.wait_for_background(timeout=60)
+    out = run_cell(ip, capsys, "", "echo restored")
+    assert ip._supermachine_magics.last_result.stdout == "restored\n"
+    assert " · restore 0." in out.out      # the status line: restored in well under a second
 
 
 def test_stop_all_leaves_no_engine_process(ip, capsys):

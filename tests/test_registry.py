@@ -161,8 +161,9 @@ def test_entries_whose_socket_refuses_or_whose_pid_was_reused_disappear(registry
     _fake_entry(registry_dir, "bbbbbbbbbbbb", pid_start=1)
     # A pid that no longer exists.
     _fake_entry(registry_dir, "cccccccccccc", pid=2**22 + 12345, pid_start=None)
-    # Garbage.
+    # Garbage, and the temp file of a writer that died before its rename.
     (registry_dir / "dddddddddddd.json").write_text("{truncated")
+    (registry_dir / f".eeeeeeeeeeee.json.tmp-{2**22 + 12345}-1").write_text("{")
 
     assert registry.list_vms() == []
     assert sorted(p.name for p in registry_dir.iterdir()) == []
@@ -175,3 +176,14 @@ def test_an_unwritable_registry_does_not_stop_a_vm_from_starting(start_vm, monke
     vm = start_vm(name="reg-d")
     assert vm.state == "running" and registry.vm_id(vm) is None
     vm.stop()
+
+
+def test_a_registry_too_deep_for_a_socket_path_still_works(start_vm, monkeypatch, tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "registry"
+    monkeypatch.setenv(registry.REGISTRY_DIR_ENV, str(deep))
+    vm = start_vm(name="reg-e")
+    entry = registry.get(registry.vm_id(vm))
+    assert not entry["socket"].startswith(str(deep)) and len(entry["socket"]) <= 100
+    assert registry.request(entry["id"], "state")["state"] == "running"
+    vm.stop()
+    assert not os.path.exists(entry["socket"]) and registry.list_vms() == []

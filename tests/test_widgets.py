@@ -295,6 +295,10 @@ def test_panel_threads_end_when_their_vm_stops(start_vm):
     assert "VM stopped" in panels[0].status.value
     assert all(b.disabled for b in panels[1].buttons.values())
     assert "stopped" in dashboard.state_line.value and not dashboard.start_button.disabled
+    # panels made for a VM that has already stopped say so and start no lasting thread
+    late = [BalloonPanel(vm), MountPanel(vm), ConsoleView(vm)]
+    assert_threads_end([p.thread for p in late])
+    assert all("VM stopped" in p.status.value for p in late)
 
 
 # -- VmDashboard -----------------------------------------------------------------------------
@@ -385,8 +389,15 @@ def test_vm_magics_show_the_dashboard(ip_displays, capsys):
         failed = shell.run_cell("%vm panel nosuchvm")
         assert "no VM named 'nosuchvm'" in str(failed.error_in_exec)
 
-        threads = dashboard.threads() + named_dashboard.threads()
-        assert len(threads) == 8
+        # closing a dashboard ends its threads and leaves the VM alone
+        named_threads = named_dashboard.threads()
+        assert len(named_threads) == 4
+        named_dashboard.close()
+        assert_threads_end(named_threads)
+        assert vm.state == "running"
+
+        threads = dashboard.threads()
+        assert len(threads) == 4
         shell.run_line_magic("vm", "stop wpanel")
         assert_threads_end(threads)
     finally:

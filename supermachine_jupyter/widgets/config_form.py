@@ -46,7 +46,6 @@ class _Row:
 
     #: (attribute, placeholder, width) of the row's text fields, in order
     TEXT_FIELDS: tuple[tuple[str, str, str], ...] = ()
-    spec_type: type = object
 
     def __init__(self, on_change: Callable[[], None], on_remove: Callable[[_Row], None]):
         self.texts: dict[str, widgets.Text] = {}
@@ -85,14 +84,18 @@ class _Row:
         self.box.layout.border = _INVALID_BORDER if invalid else ""
 
     def values(self) -> dict[str, Any]:
+        """What the row's widgets hold, by field name."""
         return {attr: text.value for attr, text in self.texts.items()} | {
             "read_only": self.read_only.value}
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.values().items())
+        return f"{type(self).__name__}({fields})"
 
 
 class _VolumeRow(_Row):
     TEXT_FIELDS = (("host_path", "host file (created on first use)", "260px"),
                    ("guest_path", "guest path, e.g. /data", "160px"))
-    spec_type = VolumeSpec
 
     def __init__(self, on_change, on_remove):
         self.size_mib = widgets.IntText(value=DEFAULT_VOLUME_SIZE_MIB, description="MiB",
@@ -121,7 +124,6 @@ class _MountRow(_Row):
     TEXT_FIELDS = (("host_path", "host directory", "260px"),
                    ("tag", "virtio-fs tag", "120px"),
                    ("guest_path", "guest path, e.g. /mnt/host", "160px"))
-    spec_type = MountSpec
 
     def spec(self) -> MountSpec:
         return MountSpec(self.host_path.value.strip(), self.tag.value.strip(),
@@ -180,7 +182,7 @@ class VmConfigForm(widgets.VBox):
         self.volume_rows: list[_VolumeRow] = []
         self.mount_rows: list[_MountRow] = []
         self._rows_box = {"volumes": widgets.VBox(), "mounts": widgets.VBox()}
-        self.add_volume_button = widgets.Button(description="+ volume", icon="",
+        self.add_volume_button = widgets.Button(description="+ volume",
                                                 tooltip="add a virtio-blk data volume")
         self.add_mount_button = widgets.Button(description="+ mount",
                                                tooltip="add a virtio-fs host directory mount")

@@ -46,7 +46,13 @@ class MountPanel(widgets.VBox):
         self.sampler = Sampler(vm, interval, self._refresh_and_render, on_error=self._on_error,
                                on_end=self._on_end, name="mounts")
         super().__init__(children=[self.table, self.status], **kwargs)
-        self._render()
+        try:
+            # Rows at once (stat and /proc reads, no guest round trip), also for a VM that
+            # has already stopped; the thread takes over from here.
+            self._refresh_and_render()
+        except Exception as exc:  # noqa: BLE001 - shown; the thread retries
+            self._render()
+            self._on_error(exc)
         self.sampler.start()
 
     @property

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import ipywidgets
+import ipywidgets
 
+if TYPE_CHECKING:
     from ..vm import Vm
 
 
@@ -113,7 +113,14 @@ class Sampler:
 
 
 def close_tree(widget: ipywidgets.Widget) -> None:
-    """Close ``widget`` and every widget beneath it (``Widget.close`` closes only itself)."""
+    """Close ``widget`` and every widget beneath it (``Widget.close`` closes only itself).
+
+    Call it from a panel's ``close()``. A descendant with its own ``close()`` (another
+    panel: it stops its thread) is closed through it; plain widgets are walked here.
+    """
     for child in getattr(widget, "children", ()):
-        close_tree(child)
-    widget.close()
+        if type(child).close is not ipywidgets.Widget.close:
+            child.close()
+        else:
+            close_tree(child)
+    ipywidgets.Widget.close(widget)

@@ -98,6 +98,11 @@ def lab(tmp_path_factory, guest_image):
                     pytest.fail("jupyter lab did not answer:\n" +
                                 (top / "lab.log").read_text()[-3000:])
                 time.sleep(0.3)
+        with urllib.request.urlopen(f"{base}/lab?token={TOKEN}", timeout=30) as response:
+            page_config = response.read().decode()
+        if "supermachine-jupyter" not in page_config:
+            pytest.fail("JupyterLab does not load the supermachine-jupyter labextension: "
+                        "`make setup` builds it and links it into the venv")
         yield {"base": base, "root": root, "log": top / "lab.log", "dir": top}
     finally:
         proc.terminate()
