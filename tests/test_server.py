@@ -4,7 +4,6 @@ extension and the labextension are enabled in this environment."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -17,7 +16,11 @@ from tornado.httpclient import HTTPClientError
 from supermachine_jupyter import registry
 from supermachine_jupyter.config import MountSpec
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
+# pytest-jupyter's fixtures (jp_fetch, jp_serverapp, …), imported into this module only: as a
+# plugin (pytest_plugins) its autouse fixtures would wrap every test of the session, and its
+# event loop clashes with Playwright's in tests/ui. So these tests are sync and drive the
+# server's loop themselves (``Api.call``).
+from pytest_jupyter.jupyter_server import *  # noqa: E402,F401,F403
 
 API = ("supermachine", "api")
 
@@ -53,27 +56,39 @@ def jp_server_config():
     return {"ServerApp": {"jpserver_extensions": {"supermachine_jupyter": True}}}
 
 
-async def get_json(jp_fetch, *path):
-    response = await jp_fetch(*API, *path)
-    assert response.code == 200
-    assert response.headers["Content-Type"].startswith("application/json")
-    return json.loads(response.body)
+class Api:
+    """Sync calls to the test server's REST API (the server runs on ``loop``)."""
+
+    def __init__(self, fetch, loop):
+        self.fetch, self.loop = fetch, loop
+
+    def call(self, *path, **kwargs):
+        return self.loop.run_until_complete(self.fetch(*API, *path, **kwargs))
+
+    def get(self, *path) -> dict:
+        response = self.call(*path)
+        assert response.code == 200
+        assert response.headers["Content-Type"].startswith("application/json")
+        return json.loads(response.body)
+
+    def post(self, *path, body: object = None) -> dict:
+        raw = body if isinstance(body, (bytes, str)) else json.dumps(body or {})
+        return json.loads(self.call(*path, method="POST", body=raw).body)
+
+    @staticmethod
+    def error(call, *args, **kwargs) -> tuple[int, dict]:
+        with pytest.raises(HTTPClientError) as err:
+            call(*args, **kwargs)
+        return err.value.code, json.loads(err.value.response.body)
 
 
-async def post_json(jp_fetch, *path, body: object = None):
-    raw = body if isinstance(body, (bytes, str)) else json.dumps(body or {})
-    response = await jp_fetch(*API, *path, method="POST", body=raw)
-    return json.loads(response.body)
+@pytest.fixture
+def api(jp_fetch, jp_asyncio_loop):
+    return Api(jp_fetch, jp_asyncio_loop)
 
 
-async def error_of(call) -> tuple[int, dict]:
-    with pytest.raises(HTTPClientError) as err:
-        await call
-    return err.value.code, json.loads(err.value.response.body)
-
-
-async def test_list_shows_every_live_vm_with_its_state(jp_fetch, vms):
-    data = await get_json(jp_fetch, "vms")
+def test_list_shows_every_live_vm_with_its_state(api, vms):
+    data = api.get("vms")
     by_name = {vm["name"]: vm for vm in data["vms"]}
     assert {"srv-full", "srv-plain"} <= set(by_name)
     full = by_name["srv-full"]
@@ -84,10 +99,10 @@ async def test_list_shows_every_live_vm_with_its_state(jp_fetch, vms):
     assert by_name["srv-plain"]["balloon_stats"] is None
 
 
-async def test_detail_has_config_engine_balloon_and_mount_counters(jp_fetch, vms):
+def test_detail_has_config_engine_balloon_and_mount_counters(api, vms):
     vm = vms["full"]
     vm.run("cat /mnt/share/hello.txt >/dev/null", timeout=30)
-    data = await get_json(jp_fetch, "vms", registry.vm_id(vm))
+    data = api.get("vms", registry.vm_id(vm))
     assert data["config"] == vm.config.to_dict()
     assert data["reason"] == vm.engine_reason and data["accel"] == vm.accel
     assert data["state"] == "running" and data["failure"] is None
@@ -100,18 +115,18 @@ async def test_detail_has_config_engine_balloon_and_mount_counters(jp_fetch, vms
     assert data["volumes"] == []
 
 
-async def test_balloon_sets_the_target_and_the_guest_follows(jp_fetch, vms):
+def test_balloon_sets_the_target_and_the_guest_follows(api, vms):
     vm_id = registry.vm_id(vms["full"])
-    assert await post_json(jp_fetch, "vms", vm_id, "balloon",
+    assert api.post("vms", vm_id, "balloon",
                            body={"target_mib": 64}) == {"id": vm_id, "target_mib": 64}
     deadline = time.monotonic() + 30
     while True:
-        stats = (await get_json(jp_fetch, "vms", vm_id))["balloon_stats"]
+        stats = (api.get("vms", vm_id))["balloon_stats"]
         if stats["actual_mib"] == 64 or time.monotonic() > deadline:
             break
-        await asyncio.sleep(0.3)
+        time.sleep(0.3)
     assert (stats["target_mib"], stats["actual_mib"]) == (64, 64)
-    await post_json(jp_fetch, "vms", vm_id, "balloon", body={"target_mib": 0})
+    api.post("vms", vm_id, "balloon", body={"target_mib": 0})
 
 
 @pytest.mark.parametrize("body, words", [
@@ -123,54 +138,52 @@ async def test_balloon_sets_the_target_and_the_guest_follows(jp_fetch, vms):
     ([64], "target_mib"),
     ({"target_mib": 256}, "from 0 to 255"),          # the VM refuses: it has 256 MiB
 ])
-async def test_bad_balloon_bodies_get_400_with_a_message(jp_fetch, vms, body, words):
+def test_bad_balloon_bodies_get_400_with_a_message(api, vms, body, words):
     vm_id = registry.vm_id(vms["full"])
-    code, data = await error_of(post_json(jp_fetch, "vms", vm_id, "balloon", body=body))
+    code, data = api.error(api.post, "vms", vm_id, "balloon", body=body)
     assert code == 400 and data["kind"] == "bad_request" and words in data["message"]
 
 
-async def test_bad_ids_and_paths_get_404_json(jp_fetch, vms):
+def test_bad_ids_and_paths_get_404_json(api, vms):
     for vm_id in ("nope", "000000000000", "..%2F..%2Fetc"):
-        code, data = await error_of(get_json(jp_fetch, "vms", vm_id))
+        code, data = api.error(api.get, "vms", vm_id)
         assert code == 404 and data["kind"] == "not_found", vm_id
-    code, data = await error_of(post_json(jp_fetch, "vms", "000000000000", "stop"))
+    code, data = api.error(api.post, "vms", "000000000000", "stop")
     assert code == 404
-    code, data = await error_of(get_json(jp_fetch, "nothing-here"))
+    code, data = api.error(api.get, "nothing-here")
     assert code == 404 and "no such endpoint" in data["message"]
 
 
-async def test_balloon_on_a_vm_without_one_is_a_conflict(jp_fetch, vms):
+def test_balloon_on_a_vm_without_one_is_a_conflict(api, vms):
     vm_id = registry.vm_id(vms["plain"])
-    code, data = await error_of(post_json(jp_fetch, "vms", vm_id, "balloon",
-                                          body={"target_mib": 16}))
+    code, data = api.error(api.post, "vms", vm_id, "balloon", body={"target_mib": 16})
     assert code == 409 and data["kind"] == "no_balloon" and "--balloon" in data["message"]
 
 
-async def test_requests_without_a_token_are_refused(jp_fetch, vms):
+def test_requests_without_a_token_are_refused(api, vms):
     vm_id = registry.vm_id(vms["plain"])
     no_auth = {"Authorization": ""}
-    for call in (jp_fetch(*API, "vms", headers=no_auth),
-                 jp_fetch(*API, "vms", vm_id, headers=no_auth),
-                 jp_fetch(*API, "vms", vm_id, "stop", method="POST", body="{}",
-                          headers=no_auth),
-                 jp_fetch(*API, "vms", vm_id, "balloon", method="POST",
-                          body='{"target_mib": 1}', headers=no_auth)):
+    for path, kwargs in ((("vms",), {}),
+                         (("vms", vm_id), {}),
+                         (("vms", vm_id, "stop"), {"method": "POST", "body": "{}"}),
+                         (("vms", vm_id, "balloon"), {"method": "POST",
+                                                      "body": '{"target_mib": 1}'})):
         with pytest.raises(HTTPClientError) as err:
-            await call
-        assert err.value.code in (401, 403)
-    code, _ = await error_of(jp_fetch(*API, "vms", headers={"Authorization": "token wrong"}))
+            api.call(*path, headers=no_auth, **kwargs)
+        assert err.value.code in (401, 403), path
+    code, _ = api.error(api.call, "vms", headers={"Authorization": "token wrong"})
     assert code in (401, 403)
     assert vms["plain"].state == "running"
 
 
-async def test_stop_stops_the_vm_in_its_owner(jp_fetch, vms):
+def test_stop_stops_the_vm_in_its_owner(api, vms):
     vm = vms["plain"]
     vm_id = registry.vm_id(vm)
-    assert await post_json(jp_fetch, "vms", vm_id, "stop") == {"id": vm_id, "state": "stopped"}
+    assert api.post("vms", vm_id, "stop") == {"id": vm_id, "state": "stopped"}
     assert vm.state == "stopped"
-    names = [v["name"] for v in (await get_json(jp_fetch, "vms"))["vms"]]
+    names = [v["name"] for v in (api.get("vms"))["vms"]]
     assert "srv-plain" not in names and "srv-full" in names
-    code, _ = await error_of(get_json(jp_fetch, "vms", vm_id))
+    code, _ = api.error(api.get, "vms", vm_id)
     assert code == 404
 
 
