@@ -1,6 +1,7 @@
 """%%vm and %vm through a real IPython shell and real VMs (QEMU here)."""
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -11,6 +12,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 from traitlets import TraitError
 
+from supermachine_jupyter import snapshot
 from supermachine_jupyter.magics import VmCommandError
 from tests.helpers import engine_pids
 
@@ -133,11 +135,11 @@ def test_snapshot_and_from(ip, capsys):
     ip.run_line_magic("vm", "snapshots")
     assert "snap-test" in capsys.readouterr().out
     ip.run_line_magic("vm", "stop s1 s2")
+    shutil.rmtree(snapshot.named_snapshot_path("snap-test"))
 
 
 def test_second_unnamed_cell_restores_from_the_prebooted_snapshot(ip, capsys):
     run_cell(ip, capsys, "--quiet", "true")        # makes the pre-booted snapshot if missing
-    from supermachine_jupyter import snapshot
     snapshot.wait_for_background(timeout=60)
     out = run_cell(ip, capsys, "", "echo restored")
     assert ip._supermachine_magics.last_result.stdout == "restored\n"

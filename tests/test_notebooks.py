@@ -169,6 +169,51 @@ EXPECTATIONS: dict[str, Callable[[], list[Expect]]] = {
         Expect("%vm stop panel-demo", r"^stopped panel-demo$"),
     ],
     "05-engines": _expectations_05,
+    "06-snapshots": lambda: [
+        Expect("source = image.start", r"^written before the snapshot$"),
+        Expect("source = image.start", r"^\s*\d+ root\s+sh /tmp/counter\.sh$"),
+        Expect("snap = source.snapshot(", r"^<Snapshot '.*' of 'source' qemu/\w+ 256MiB 1vCPU "),
+        Expect("snap = source.snapshot(", r"^qemu-ram\.img\s+size 256\.0 MiB, allocated on the "
+               r"host\s+(\d+\.\d) MiB$", lambda m: float(m[1]) < 200, "guest RAM is stored sparse"),
+        *[Expect("snap_image = Image.from_snapshot", rf"^{name}: restored in \d+\.\d\d s from .*\n"
+                 rf"hostname={name}\nwritten before the snapshot\n\s*\d+ root\s+sh /tmp/counter\.sh"
+                 r"\ncount=(\d+)\none second later: (\d+)$", lambda m: int(m[2]) > int(m[1]),
+                 "a clone has the source's file and process, and the process goes on counting")
+          for name in ("clone-a", "clone-b")],
+        Expect("counter_pid = ", r"^clone-a\s+only in clone-a · counter: (\d+) → (\d+)$",
+               lambda m: m[1] == m[2], "clone-a's counter was stopped"),
+        Expect("counter_pid = ", r"^clone-b\s+no /tmp/mine · counter: (\d+) → (\d+)$",
+               lambda m: int(m[2]) > int(m[1]), "clone-b sees neither clone-a's file nor its kill"),
+        Expect("counter_pid = ", r"^source\s+no /tmp/mine · counter: (\d+) → (\d+)$",
+               lambda m: int(m[2]) > int(m[1])),
+        Expect("def memory_mib(vm)", r"^the clones share (\d+) MiB that RSS counts twice$",
+               _at_least(1, 8), "restored VMs share the snapshot's RAM pages"),
+        Expect("vm.stop()\nprint([vm.state", r"^\['stopped', 'stopped', 'stopped'\]$"),
+        Expect("def start_to_first_output", r"^median: cold boot (\d+\.\d\d) s · restore "
+               r"(\d+\.\d\d) s", lambda m: float(m[2]) < float(m[1]), "a restore beats a cold boot"),
+        Expect("last.restore_timings", r"^guest_refreshed\s+\d+\.\d ms$"),
+        Expect("restore_timeout=0.001", r"^SnapshotTimeoutError: snapshot restore from .* took "
+               r"longer than restore_timeout=0\.001 s"),
+        Expect("def damaged_copy", r"^  SnapshotError: snapshot .*/flip_header_bytes is corrupted: "
+               r"the header's checksum does not match"),
+        Expect("def damaged_copy", r"^  SnapshotError: snapshot .*/truncate_ram is truncated: "
+               r"qemu-ram\.img has"),
+        Expect("def damaged_copy", r"^  SnapshotError: snapshot .*/flip_one_ram_byte is corrupted: "
+               r"qemu-ram\.img does not match the digest"),
+        Expect("def damaged_copy", r"\A(?!.*restored anyway)", why="no damaged snapshot restored"),
+        Expect("%%vm --name a --snapshot s1", r"^saved a as snapshot 's1' \("),
+        Expect("%%vm --name a --snapshot s1", r"\[a · \S+\] exit 0 · .* · (boot|restore) "),
+        Expect("%%vm --name b --from s1", r"^b\nmade in VM a$"),
+        Expect("%%vm --name b --from s1", r"^ticks: (\d+), a second later: (\d+)$",
+               lambda m: int(m[2]) > int(m[1]), "the process started in a runs on in b"),
+        Expect("%%vm --name b --from s1", r"\[b · \S+\] exit 0 · [\d.]+ s · restore "),
+        Expect("%vm snapshots", r"^s1\s+256 MiB\s+1 vCPU\s+saved "),
+        Expect("%vm stop a b", r"^stopped a\nstopped b$"),
+        Expect("snapshot_cache=True", r"^start 1: first command done after [\d.]+ s: booted, and "
+               r"saved the pre-booted snapshot$"),
+        *[Expect("snapshot_cache=True", rf"^start {n}: first command done after [\d.]+ s: "
+                 r"restored from default-\w+$") for n in (2, 3)],
+    ],
 }
 # A notebook whose kernel outputs a "timed out" status line is fine; one that raises is not:
 # nbclient stops at the first cell error and the test fails with that cell's traceback.

@@ -72,6 +72,14 @@ typedef struct sm_blk_config {
     const char *serial; /* GET_ID answer (<= 20 bytes, /sys/block/vdX/serial); NULL: "sm-blk<n>" */
 } sm_blk_config;
 
+/* A virtio-fs share: the guest mounts `tag` and sees only what is beneath host_path (an
+ * in-process FUSE passthrough; every lookup is openat2 RESOLVE_BENEATH from its parent). */
+typedef struct sm_fs_config {
+    const char *host_path;  /* an existing host directory */
+    const char *tag;        /* 1..36 bytes, what `mount -t virtiofs <tag>` names */
+    int read_only;          /* nonzero: WRITE, CREATE and write-opens fail with EROFS */
+} sm_fs_config;
+
 typedef struct sm_vm_config {
     uint32_t memory_mib;
     uint32_t vcpus;
@@ -86,9 +94,12 @@ typedef struct sm_vm_config {
     const char *vsock_uds_path;  /* NULL: no vsock; else the hybrid-vsock mux socket */
     uint32_t vsock_guest_cid;    /* >= 3 */
     int strict_unhandled_exits;  /* nonzero: unhandled I/O or MMIO ends the VM */
+    sm_fs_config fs[2];          /* SM_MAX_FS_DEVICES; devices "virtio-fs0", "virtio-fs1" */
+    uint32_t n_fs;
 } sm_vm_config;
 
 enum { SM_MAX_BLK_DEVICES = 8, SM_MAX_VCPUS = 32, SM_ERROR_MESSAGE_BYTES = 512 };
+enum { SM_MAX_FS_DEVICES = 2 };
 
 /* Filled by sm_vm_exit_info(): what ended the VM, and what it flagged while running. */
 typedef struct sm_exit_info {

@@ -6,6 +6,7 @@
 #include "devices/uart8250.h"
 #include "devices/virtio_balloon.h"
 #include "devices/virtio_blk.h"
+#include "devices/virtio_fs.h"
 #include "devices/virtio_mmio.h"
 #include "devices/virtio_vsock.h"
 
@@ -357,6 +358,18 @@ static int create_devices(struct sm_vm *vm, const sm_vm_config *c, char *err, si
             return SM_ERR_DEVICE_SETUP;
         vm->vsock = v;
     }
+    for (uint32_t i = 0; i < c->n_fs; i++) {
+        sm_fs *f = sm_fs_create(c->fs[i].host_path, c->fs[i].tag, c->fs[i].read_only, i, err, err_len);
+        if (!f)
+            return SM_ERR_DEVICE_SETUP;
+        char name[32];
+        snprintf(name, sizeof(name), "virtio-fs%u", i);
+        sm_virtio_mmio *t;
+        rc = add_virtio(vm, name, &SM_FS_OPS, f, &t, err, err_len);
+        if (rc != SM_OK)
+            return rc;
+        f->transport = t;
+    }
     return SM_OK;
 }
 
@@ -377,6 +390,10 @@ static int validate_config(const sm_vm_config *c, char *err, size_t err_len)
     }
     if (c->n_blk > SM_MAX_BLK_DEVICES) {
         snprintf(err, err_len, "n_blk %u above %d", c->n_blk, SM_MAX_BLK_DEVICES);
+        return SM_ERR_INVALID_ARGUMENT;
+    }
+    if (c->n_fs > SM_MAX_FS_DEVICES) {
+        snprintf(err, err_len, "n_fs %u above %d", c->n_fs, SM_MAX_FS_DEVICES);
         return SM_ERR_INVALID_ARGUMENT;
     }
     if (c->vsock_uds_path && *c->vsock_uds_path && c->vsock_guest_cid < 3) {

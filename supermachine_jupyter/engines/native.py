@@ -113,7 +113,8 @@ class NativeVm:
                  balloon_stats_interval_s: int = 0,
                  volumes: Sequence[tuple] = (),
                  vsock_uds_path: str | os.PathLike | None = None, vsock_guest_cid: int = 3,
-                 strict_unhandled_exits: bool = False):
+                 strict_unhandled_exits: bool = False,
+                 mounts: Sequence[tuple] = ()):
         ffi, lib = _load()
         self._ffi, self._lib = ffi, lib
         cfg = ffi.new("sm_vm_config *")
@@ -145,6 +146,14 @@ class NativeVm:
         cfg.vsock_uds_path = cstr(vsock_uds_path)
         cfg.vsock_guest_cid = int(vsock_guest_cid)
         cfg.strict_unhandled_exits = int(bool(strict_unhandled_exits))
+        mounts = list(mounts)
+        if len(mounts) > lib.SM_MAX_FS_DEVICES:
+            raise NativeCoreError(f"at most {lib.SM_MAX_FS_DEVICES} virtio-fs mounts", "SM_ERR_INVALID_ARGUMENT")
+        for i, mount in enumerate(mounts):  # (host_path, tag, read_only) -> "virtio-fs<i>"
+            cfg.fs[i].host_path = cstr(mount[0])
+            cfg.fs[i].tag = cstr(mount[1])
+            cfg.fs[i].read_only = int(bool(mount[2]))
+        cfg.n_fs = len(mounts)
         out = ffi.new("sm_vm **")
         err = ffi.new("char[512]")
         rc = lib.sm_vm_create(cfg, out, err, 512)
@@ -452,8 +461,6 @@ class NativeInstance:
 
     def __init__(self, spec, reason: str):
         from .base import AGENT_VSOCK_PORT
-        if spec.config.mounts:
-            raise EngineError("engine='native' has no virtio-fs yet: mounts need engine='qemu'")
         self.spec = spec
         self.reason = reason
         self._agent_port = AGENT_VSOCK_PORT
@@ -462,10 +469,12 @@ class NativeInstance:
         kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.kernel
         cmdline = f"{spec.cmdline} sm.agent=vsock:{self._agent_port}"
         volumes = [(v.path, v.spec.read_only, v.serial) for v in spec.volumes]
+        mounts = [(m.host_path, m.tag, m.read_only) for m in spec.config.mounts]
         self.vm = NativeVm(kernel, memory_mib=spec.memory_mib, vcpus=spec.vcpus, initrd=spec.initrd,
                            cmdline=cmdline, balloon=bool(spec.config.balloon),
                            balloon_deflate_on_oom=True, balloon_stats_interval_s=1,
-                           volumes=volumes, vsock_uds_path=self.vsock_path, vsock_guest_cid=3)
+                           volumes=volumes, vsock_uds_path=self.vsock_path, vsock_guest_cid=3,
+                           mounts=mounts)
         self._pump_stop = False
         self._pump = None
         self._balloon_target_mib = 0
@@ -575,7 +584,19 @@ class NativeInstance:
         return BalloonStats(**stats)
 
     def mount_status(self) -> list:
-        return []
+        """One MountStatus per mount, counted by the core's in-process FUSE server
+        (device ``virtio-fs<i>`` for ``config.mounts[i]``)."""
+        from ..mounts import MountCounters, MountStatus
+        out = []
+        for i, mount in enumerate(self.spec.config.mounts):
+            counters = MountCounters()
+            if self.vm._vm is not None:
+                c = self.vm.device(f"virtio-fs{i}")["counters"]
+                counters = MountCounters(ops=c["ops"], bytes_read=c["bytes_read"],
+                                         bytes_written=c["bytes_written"])
+            out.append(MountStatus(mount, dax=False, dax_note="no DAX window in the native core",
+                                   counters=counters))
+        return out
 
 
 def start(spec, reason: str) -> NativeInstance:

@@ -65,12 +65,20 @@ def test_native_engine_surfaces_early_boot_failure(native, kvm_speed, short_tmp)
     assert not inst.vsock_path.exists()
 
 
-def test_native_engine_refuses_mounts(native, short_tmp):
+def test_native_engine_attaches_mounts_as_virtio_fs(native, short_tmp):
+    # The device itself is exercised by the fs probe (test_virtio_fs.py); here: a MountSpec
+    # reaches the core as a virtio-fs device with its tag, and the VM still stops cleanly.
     from supermachine_jupyter.config import MountSpec, VmConfig
-    from supermachine_jupyter.errors import EngineError
     spec = _spec(short_tmp)
     import dataclasses
-    cfg = VmConfig(mounts=[MountSpec(str(short_tmp), "data", "/mnt/data")],
+    cfg = VmConfig(mounts=[MountSpec(str(short_tmp), "data", "/mnt/data", read_only=True)],
                    vsock_mux_dir=str(short_tmp))
-    with pytest.raises(EngineError, match="virtio-fs"):
-        native.start(dataclasses.replace(spec, config=cfg), "test")
+    inst = native.start(dataclasses.replace(spec, config=cfg), "test")
+    try:
+        assert any(d["name"] == "virtio-fs0" for d in inst.vm.devices())
+        (status,) = inst.mount_status()
+        assert status.spec.tag == "data" and status.spec.read_only and not status.dax
+        assert "DAX" in status.dax_note
+    finally:
+        inst.shutdown(None, timeout=5)
+    assert not inst.is_running()

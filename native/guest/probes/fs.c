@@ -1,0 +1,359 @@
+/* fs probe: drives virtio-fs like Linux's virtio_fs + fuse — hiprio queue 0, request queue 1,
+ * requests as [in header + args (readable)] [out header (writable)] [out args (writable)],
+ * FORGET on hiprio without a reply. Sends FUSE_INIT, LOOKUP/GETATTR/OPEN/READ of hello.txt
+ * (content checked), OPENDIR/READDIR, CREATE+WRITE of out.txt (ro=1: expects EROFS), tries
+ * `..` and symlinks leaving the share (expects errors), an unknown opcode (ENOSYS) and a
+ * garbage header (EINVAL); prints the results and PROBE fs OK. */
+#include "probe.h"
+
+#define VIRTIO_ID_FS 26
+#define CONFIG_TAG 0x100
+#define CONFIG_TAG_BYTES 36
+#define CONFIG_NUM_REQUEST_QUEUES (CONFIG_TAG + CONFIG_TAG_BYTES)
+#define HIPRIO_QUEUE 0
+#define REQUEST_QUEUE 1
+#define QUEUE_SIZE 16
+
+#define FUSE_LOOKUP 1
+#define FUSE_FORGET 2
+#define FUSE_GETATTR 3
+#define FUSE_OPEN 14
+#define FUSE_READ 15
+#define FUSE_WRITE 16
+#define FUSE_RELEASE 18
+#define FUSE_FLUSH 25
+#define FUSE_INIT 26
+#define FUSE_OPENDIR 27
+#define FUSE_READDIR 28
+#define FUSE_RELEASEDIR 29
+#define FUSE_CREATE 35
+#define FUSE_DESTROY 38
+#define FUSE_UNKNOWN_OPCODE 4242
+#define FUSE_ROOT_ID 1
+
+#define L_O_RDONLY 0
+#define L_O_WRONLY 1
+#define L_O_CREAT 0100
+#define L_O_TRUNC 01000
+#define E_NOENT 2
+#define E_XDEV 18
+#define E_INVAL 22
+#define E_ROFS 30
+#define E_LOOP 40
+#define E_NOSYS 38
+
+#define HELLO_TEXT "hello from the host side\n"
+#define OUT_TEXT "written by the fs probe\n"
+
+struct fuse_in_header { uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid; uint16_t total_extlen, padding; };
+struct fuse_out_header { uint32_t len; int32_t error; uint64_t unique; };
+struct fuse_attr {
+    uint64_t ino, size, blocks, atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+};
+struct fuse_entry_out { uint64_t nodeid, generation, entry_valid, attr_valid; uint32_t entry_valid_nsec, attr_valid_nsec; struct fuse_attr attr; };
+struct fuse_attr_out { uint64_t attr_valid; uint32_t attr_valid_nsec, dummy; struct fuse_attr attr; };
+struct fuse_open_in { uint32_t flags, open_flags; };
+struct fuse_open_out { uint64_t fh; uint32_t open_flags, padding; };
+struct fuse_create_in { uint32_t flags, mode, umask, open_flags; };
+struct fuse_rw_in { uint64_t fh, offset; uint32_t size, rw_flags; uint64_t lock_owner; uint32_t flags, padding; };
+struct fuse_release_in { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; };
+struct fuse_init_in { uint32_t major, minor, max_readahead, flags, flags2, unused[11]; };
+struct fuse_init_out { uint32_t major, minor, max_readahead, flags; uint16_t max_background, congestion_threshold; uint32_t max_write, time_gran; uint16_t max_pages, map_alignment; uint32_t flags2, unused[7]; };
+struct fuse_dirent { uint64_t ino, off; uint32_t namelen, type; };
+
+static struct virtq hiprio, req;
+static uint8_t *in_buf, *out_payload;
+static struct fuse_out_header *out_hdr;
+static uint64_t next_unique = 1;
+static uint32_t reply_payload_len;
+
+/* Sends one request on the request queue; returns the FUSE error (0 or -errno), or 1 on a
+ * transport failure. The reply payload lands in out_payload. */
+static int fuse_call(uint32_t opcode, uint64_t nodeid, const void *arg, uint32_t arg_len,
+                     const void *arg2, uint32_t arg2_len, uint32_t out_len, uint32_t header_len_override)
+{
+    struct fuse_in_header *h = (struct fuse_in_header *)in_buf;
+    memset(h, 0, sizeof(*h));
+    uint32_t total = sizeof(*h) + arg_len + arg2_len;
+    h->len = header_len_override ? header_len_override : total;
+    h->opcode = opcode;
+    h->unique = next_unique++;
+    h->nodeid = nodeid;
+    if (arg_len)
+        memcpy(in_buf + sizeof(*h), arg, arg_len);
+    if (arg2_len)
+        memcpy(in_buf + sizeof(*h) + arg_len, arg2, arg2_len);
+    memset(out_hdr, 0xff, sizeof(*out_hdr));
+    req.desc[0].addr = (uint64_t)in_buf;
+    req.desc[0].len = total;
+    req.desc[0].flags = VRING_DESC_F_NEXT;
+    req.desc[0].next = 1;
+    req.desc[1].addr = (uint64_t)out_hdr;
+    req.desc[1].len = sizeof(*out_hdr);
+    req.desc[1].flags = VRING_DESC_F_WRITE | (out_len ? VRING_DESC_F_NEXT : 0);
+    req.desc[1].next = 2;
+    req.desc[2].addr = (uint64_t)out_payload;
+    req.desc[2].len = out_len;
+    req.desc[2].flags = VRING_DESC_F_WRITE;
+    req.desc[2].next = 0;
+    virtq_publish(&req, 0);
+    uint32_t used_len = 0;
+    if (virtq_wait_used(&req, 0, &used_len))
+        return 1;
+    if (out_hdr->unique != h->unique && !header_len_override)
+        return 1;
+    if (out_hdr->len < sizeof(*out_hdr) || used_len != out_hdr->len)
+        return 1;
+    reply_payload_len = out_hdr->len - (uint32_t)sizeof(*out_hdr);
+    return out_hdr->error;
+}
+
+static void forget(uint64_t nodeid, uint64_t nlookup)
+{
+    static struct { struct fuse_in_header h; uint64_t nlookup; } f;
+    memset(&f, 0, sizeof(f));
+    f.h.len = sizeof(f);
+    f.h.opcode = FUSE_FORGET;
+    f.h.unique = next_unique++;
+    f.h.nodeid = nodeid;
+    f.nlookup = nlookup;
+    hiprio.desc[0].addr = (uint64_t)&f;
+    hiprio.desc[0].len = sizeof(f);
+    hiprio.desc[0].flags = 0;
+    hiprio.desc[0].next = 0;
+    virtq_publish(&hiprio, 0);
+    virtq_wait_used(&hiprio, 0, 0);
+}
+
+static void report(const char *what, int rc)
+{
+    put_str(what);
+    put_str(" -> ");
+    if (rc < 0) {
+        put_char('-');
+        put_dec((uint64_t)(-rc));
+    } else {
+        put_dec((uint64_t)rc);
+    }
+    put_char('\n');
+}
+
+static int fail(const char *why)
+{
+    put_str("PROBE fs FAIL ");
+    put_line(why);
+    return 1;
+}
+
+static int lookup(uint64_t parent, const char *name, struct fuse_entry_out *e)
+{
+    int rc = fuse_call(FUSE_LOOKUP, parent, name, (uint32_t)strlen(name) + 1, 0, 0, sizeof(*e), 0);
+    if (rc == 0)
+        memcpy(e, out_payload, sizeof(*e));
+    return rc;
+}
+
+static int open_node(uint32_t opcode, uint64_t nodeid, uint32_t flags, uint64_t *fh)
+{
+    struct fuse_open_in in = {.flags = flags, .open_flags = 0};
+    int rc = fuse_call(opcode, nodeid, &in, sizeof(in), 0, 0, sizeof(struct fuse_open_out), 0);
+    if (rc == 0)
+        *fh = ((struct fuse_open_out *)out_payload)->fh;
+    return rc;
+}
+
+static int release(uint32_t opcode, uint64_t nodeid, uint64_t fh)
+{
+    struct fuse_release_in in;
+    memset(&in, 0, sizeof(in));
+    in.fh = fh;
+    return fuse_call(opcode, nodeid, &in, sizeof(in), 0, 0, 0, 0);
+}
+
+/* An escape attempt must fail with EXDEV or ELOOP (never succeed, never ENOENT-by-luck). */
+static int expect_escape_refused(const char *name)
+{
+    struct fuse_entry_out e;
+    int rc = lookup(FUSE_ROOT_ID, name, &e);
+    put_str("escape lookup ");
+    report(name, rc);
+    return rc == -E_XDEV || rc == -E_LOOP;
+}
+
+int probe_main(void)
+{
+    int ro = (int)cmdline_get_u64("ro", 0);
+    uint64_t base = virtio_find(VIRTIO_ID_FS, 0);
+    if (!base)
+        return fail("no virtio-fs device on the command line");
+    if (!virtio_negotiate(base, 0))
+        return fail("feature negotiation");
+    char tag[CONFIG_TAG_BYTES + 1];
+    for (uint32_t i = 0; i < CONFIG_TAG_BYTES; i += 4) {
+        uint32_t v = mmio_read32(base + CONFIG_TAG + i);
+        memcpy(tag + i, &v, 4);
+    }
+    tag[CONFIG_TAG_BYTES] = 0;
+    uint32_t nrq = mmio_read32(base + CONFIG_NUM_REQUEST_QUEUES);
+    put_str("tag ");
+    put_str(tag);
+    put_str(" request queues ");
+    put_dec(nrq);
+    put_char('\n');
+    if (nrq != 1)
+        return fail("num_request_queues is not 1");
+    if (virtq_setup(&hiprio, base, HIPRIO_QUEUE, QUEUE_SIZE) || virtq_setup(&req, base, REQUEST_QUEUE, QUEUE_SIZE))
+        return fail("queue setup");
+    virtio_driver_ok(base);
+    in_buf = alloc_pages(2);
+    out_hdr = alloc_pages(1);
+    out_payload = alloc_pages(2);
+
+    /* Before INIT every request is refused. */
+    struct fuse_entry_out e;
+    if (lookup(FUSE_ROOT_ID, "hello.txt", &e) >= 0)
+        return fail("lookup before FUSE_INIT succeeded");
+
+    struct fuse_init_in init;
+    memset(&init, 0, sizeof(init));
+    init.major = 7;
+    init.minor = 38;
+    init.max_readahead = 128 * 1024;
+    int rc = fuse_call(FUSE_INIT, 0, &init, sizeof(init), 0, 0, sizeof(struct fuse_init_out), 0);
+    struct fuse_init_out *io = (struct fuse_init_out *)out_payload;
+    if (rc || io->major != 7)
+        return fail("FUSE_INIT");
+    put_str("init ");
+    put_dec(io->major);
+    put_char('.');
+    put_dec(io->minor);
+    put_str(" max_write ");
+    put_dec(io->max_write);
+    put_char('\n');
+
+    if (lookup(FUSE_ROOT_ID, "hello.txt", &e))
+        return fail("lookup hello.txt");
+    uint64_t hello = e.nodeid;
+    if (fuse_call(FUSE_GETATTR, hello, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", 16, 0, 0, sizeof(struct fuse_attr_out), 0))
+        return fail("getattr hello.txt");
+    uint64_t size = ((struct fuse_attr_out *)out_payload)->attr.size;
+    put_str("hello.txt size ");
+    put_dec(size);
+    put_char('\n');
+    if (size != sizeof(HELLO_TEXT) - 1)
+        return fail("hello.txt size");
+    uint64_t fh;
+    if (open_node(FUSE_OPEN, hello, L_O_RDONLY, &fh))
+        return fail("open hello.txt");
+    struct fuse_rw_in rd;
+    memset(&rd, 0, sizeof(rd));
+    rd.fh = fh;
+    rd.size = 4096;
+    if (fuse_call(FUSE_READ, hello, &rd, sizeof(rd), 0, 0, 4096, 0))
+        return fail("read hello.txt");
+    if (reply_payload_len != sizeof(HELLO_TEXT) - 1 || memcmp(out_payload, HELLO_TEXT, reply_payload_len))
+        return fail("hello.txt content differs");
+    put_str("read hello.txt ");
+    put_dec(reply_payload_len);
+    put_line(" bytes, content ok");
+    if (ro) {
+        struct fuse_rw_in wr;
+        memset(&wr, 0, sizeof(wr));
+        wr.fh = fh;
+        wr.size = 4;
+        report("write read-only", fuse_call(FUSE_WRITE, hello, &wr, sizeof(wr), "nope", 4, sizeof(uint64_t), 0));
+        if (out_hdr->error != -E_ROFS)
+            return fail("write on a read-only share was not refused with EROFS");
+        uint64_t wfh;
+        rc = open_node(FUSE_OPEN, hello, L_O_WRONLY, &wfh);
+        report("open-for-write read-only", rc);
+        if (rc != -E_ROFS)
+            return fail("write-open on a read-only share was not refused with EROFS");
+    }
+    if (release(FUSE_RELEASE, hello, fh))
+        return fail("release hello.txt");
+
+    uint64_t dfh;
+    if (open_node(FUSE_OPENDIR, FUSE_ROOT_ID, 0, &dfh))
+        return fail("opendir /");
+    memset(&rd, 0, sizeof(rd));
+    rd.fh = dfh;
+    rd.size = 4096;
+    if (fuse_call(FUSE_READDIR, FUSE_ROOT_ID, &rd, sizeof(rd), 0, 0, 4096, 0))
+        return fail("readdir /");
+    int seen_hello = 0, entries = 0;
+    for (uint32_t pos = 0; pos + sizeof(struct fuse_dirent) <= reply_payload_len;) {
+        struct fuse_dirent *d = (struct fuse_dirent *)(out_payload + pos);
+        const char *name = (const char *)(d + 1);
+        entries++;
+        if (d->namelen == 9 && memcmp(name, "hello.txt", 9) == 0)
+            seen_hello = 1;
+        pos += (uint32_t)((sizeof(*d) + d->namelen + 7) & ~7ul);
+    }
+    put_str("readdir entries ");
+    put_dec((uint64_t)entries);
+    put_char('\n');
+    if (!seen_hello)
+        return fail("readdir did not list hello.txt");
+    if (release(FUSE_RELEASEDIR, FUSE_ROOT_ID, dfh))
+        return fail("releasedir");
+
+    if (!expect_escape_refused(".."))
+        return fail("lookup .. was not refused");
+    if (!expect_escape_refused("../secret"))
+        return fail("lookup ../secret was not refused");
+    if (!expect_escape_refused("escape_abs"))
+        return fail("absolute symlink leaving the share was not refused");
+    if (!expect_escape_refused("escape_rel"))
+        return fail("relative symlink leaving the share was not refused");
+    if (lookup(FUSE_ROOT_ID, "inside_link", &e) || e.nodeid != hello)
+        return fail("symlink inside the share did not resolve to hello.txt");
+    put_line("inside symlink resolves to hello.txt");
+    forget(hello, 2);
+    if (lookup(FUSE_ROOT_ID, "missing.txt", &e) != -E_NOENT)
+        return fail("lookup of a missing file did not answer ENOENT");
+
+    struct fuse_create_in ci = {.flags = L_O_WRONLY | L_O_CREAT | L_O_TRUNC, .mode = 0100644, .umask = 022, .open_flags = 0};
+    rc = fuse_call(FUSE_CREATE, FUSE_ROOT_ID, &ci, sizeof(ci), "out.txt", 8,
+                   sizeof(struct fuse_entry_out) + sizeof(struct fuse_open_out), 0);
+    report("create out.txt", rc);
+    if (ro) {
+        if (rc != -E_ROFS)
+            return fail("create on a read-only share was not refused with EROFS");
+    } else {
+        if (rc)
+            return fail("create out.txt");
+        uint64_t out_node = ((struct fuse_entry_out *)out_payload)->nodeid;
+        uint64_t out_fh = ((struct fuse_open_out *)(out_payload + sizeof(struct fuse_entry_out)))->fh;
+        struct fuse_rw_in wr;
+        memset(&wr, 0, sizeof(wr));
+        wr.fh = out_fh;
+        wr.size = sizeof(OUT_TEXT) - 1;
+        rc = fuse_call(FUSE_WRITE, out_node, &wr, sizeof(wr), OUT_TEXT, sizeof(OUT_TEXT) - 1, 8, 0);
+        if (rc || *(uint32_t *)out_payload != sizeof(OUT_TEXT) - 1)
+            return fail("write out.txt");
+        put_str("wrote out.txt ");
+        put_dec(*(uint32_t *)out_payload);
+        put_line(" bytes");
+        if (fuse_call(FUSE_FLUSH, out_node, &wr, 24, 0, 0, 0, 0))
+            return fail("flush out.txt");
+        if (release(FUSE_RELEASE, out_node, out_fh))
+            return fail("release out.txt");
+        forget(out_node, 1);
+    }
+
+    rc = fuse_call(FUSE_UNKNOWN_OPCODE, FUSE_ROOT_ID, 0, 0, 0, 0, 0, 0);
+    report("unknown opcode", rc);
+    if (rc != -E_NOSYS)
+        return fail("unknown opcode was not answered ENOSYS");
+    rc = fuse_call(FUSE_LOOKUP, FUSE_ROOT_ID, "x", 2, 0, 0, sizeof(e), 4000);
+    report("garbage header", rc);
+    if (rc != -E_INVAL)
+        return fail("garbage header was not answered EINVAL");
+    if (fuse_call(FUSE_DESTROY, 0, 0, 0, 0, 0, 0, 0))
+        return fail("destroy");
+    put_line("destroy ok");
+    put_line("PROBE fs OK");
+    return 0;
+}

@@ -1,0 +1,909 @@
+/* virtio_fs.c — FUSE request parsing and a confined passthrough of one host directory.
+ * Descriptor-level garbage (from sm_vq_pop) breaks the device like every other device;
+ * request-level garbage (short headers, bad arguments, unknown opcodes, unknown node ids)
+ * is answered with a FUSE error and counted. */
+#define _GNU_SOURCE
+#include "virtio_fs.h"
+#include "../sm_internal.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__has_include)
+#if __has_include(<linux/openat2.h>)
+#include <linux/openat2.h>
+#define SM_HAVE_OPEN_HOW 1
+#endif
+#endif
+#ifndef SM_HAVE_OPEN_HOW
+struct open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
+#define RESOLVE_NO_MAGICLINKS 0x02
+#define RESOLVE_BENEATH 0x08
+#endif
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+
+#define FS_RESOLVE_FLAGS (RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+#define FS_ENTRY_VALID_S 1
+#define FS_ATTR_VALID_S 1
+#define FS_MAX_BACKGROUND 16
+#define FS_PROC_FD_PATH_BYTES 64
+#define FS_OPEN_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_TRUNC)
+#define FS_CREATE_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_TRUNC | O_EXCL)
+#define FS_MODE_BITS 07777
+
+/* ---- FUSE wire structures (little endian, as the guest lays them out) ---- */
+struct fuse_in_header { uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid; uint16_t total_extlen, padding; };
+struct fuse_out_header { uint32_t len; int32_t error; uint64_t unique; };
+struct fuse_attr {
+    uint64_t ino, size, blocks, atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+};
+struct fuse_entry_out {
+    uint64_t nodeid, generation, entry_valid, attr_valid;
+    uint32_t entry_valid_nsec, attr_valid_nsec;
+    struct fuse_attr attr;
+};
+struct fuse_attr_out { uint64_t attr_valid; uint32_t attr_valid_nsec, dummy; struct fuse_attr attr; };
+struct fuse_forget_in { uint64_t nlookup; };
+struct fuse_open_in { uint32_t flags, open_flags; };
+struct fuse_open_out { uint64_t fh; uint32_t open_flags, padding; };
+struct fuse_create_in { uint32_t flags, mode, umask, open_flags; };
+struct fuse_read_in { uint64_t fh, offset; uint32_t size, read_flags; uint64_t lock_owner; uint32_t flags, padding; };
+struct fuse_write_in { uint64_t fh, offset; uint32_t size, write_flags; uint64_t lock_owner; uint32_t flags, padding; };
+struct fuse_write_out { uint32_t size, padding; };
+struct fuse_release_in { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; };
+struct fuse_init_in { uint32_t major, minor, max_readahead, flags; };
+struct fuse_init_out {
+    uint32_t major, minor, max_readahead, flags;
+    uint16_t max_background, congestion_threshold;
+    uint32_t max_write, time_gran;
+    uint16_t max_pages, map_alignment;
+    uint32_t flags2, unused[7];
+};
+struct fuse_dirent { uint64_t ino, off; uint32_t namelen, type; };
+#define FUSE_COMPAT_22_INIT_OUT_BYTES 24
+#define FUSE_DIRENT_ALIGN(x) (((x) + 7u) & ~7u)
+
+struct linux_dirent64 { uint64_t d_ino; int64_t d_off; uint16_t d_reclen; uint8_t d_type; char d_name[]; };
+
+_Static_assert(sizeof(struct fuse_in_header) == SM_FUSE_IN_HEADER_BYTES, "fuse_in_header");
+_Static_assert(sizeof(struct fuse_out_header) == SM_FUSE_OUT_HEADER_BYTES, "fuse_out_header");
+_Static_assert(sizeof(struct fuse_attr) == 88, "fuse_attr");
+_Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
+_Static_assert(sizeof(struct fuse_init_out) == 64, "fuse_init_out");
+_Static_assert(sizeof(struct fuse_read_in) == 40, "fuse_read_in");
+_Static_assert(sizeof(struct fuse_write_in) == 40, "fuse_write_in");
+
+static const char *const FS_ERROR_MESSAGES[SM_FS_ERR_COUNT] = {
+    [SM_FS_ERR_NONE] = "ok",
+    [SM_FS_ERR_QUEUE] = "Guest gave us a malformed queue",
+    [SM_FS_ERR_MALFORMED_HEADER] = "Guest gave us a FUSE request whose header is short or whose length disagrees with the chain",
+    [SM_FS_ERR_MALFORMED_ARGUMENT] = "Guest gave us a FUSE request whose arguments are short or not NUL-terminated",
+    [SM_FS_ERR_NO_REPLY_SPACE] = "Guest gave us a FUSE request without room for the reply",
+    [SM_FS_ERR_NOT_INITIALIZED] = "Guest sent a FUSE request before FUSE_INIT",
+    [SM_FS_ERR_UNSUPPORTED_OPCODE] = "Guest sent a FUSE opcode we do not serve",
+    [SM_FS_ERR_UNKNOWN_NODE] = "Guest named a node id we never gave out",
+    [SM_FS_ERR_UNKNOWN_HANDLE] = "Guest named a file handle we never gave out",
+    [SM_FS_ERR_READ_ONLY] = "Guest tried to modify a read-only share",
+    [SM_FS_ERR_ESCAPE] = "Guest tried to resolve a path leaving the shared directory",
+    [SM_FS_ERR_TABLE_FULL] = "Guest holds more nodes or open files than we allow",
+    [SM_FS_ERR_HOST_IO] = "Host file operation failed",
+};
+
+const char *sm_fs_error_message(int err)
+{
+    if (err < 0 || err >= SM_FS_ERR_COUNT || !FS_ERROR_MESSAGES[err])
+        return "unknown fs error";
+    return FS_ERROR_MESSAGES[err];
+}
+
+static int fs_openat2(int dirfd, const char *name, uint64_t flags, uint64_t mode)
+{
+    struct open_how how;
+    memset(&how, 0, sizeof(how));
+    how.flags = flags;
+    how.mode = mode;
+    how.resolve = FS_RESOLVE_FLAGS;
+    long rc;
+    do {
+        rc = syscall(SYS_openat2, dirfd, name, &how, sizeof(how));
+    } while (rc < 0 && errno == EINTR);
+    return (int)rc;
+}
+
+/* Reopens an O_PATH fd with real access flags (the inode is already confined). */
+static int reopen_fd(int path_fd, int flags)
+{
+    char proc[FS_PROC_FD_PATH_BYTES];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", path_fd);
+    return open(proc, flags | O_CLOEXEC);
+}
+
+sm_fs *sm_fs_create(const char *host_path, const char *tag, int read_only, uint32_t index,
+                    char *err, size_t err_len)
+{
+    if (!tag || !*tag || strlen(tag) > SM_FS_TAG_BYTES) {
+        snprintf(err, err_len, "virtio-fs%u: tag must be 1..%d bytes", index, SM_FS_TAG_BYTES);
+        return NULL;
+    }
+    if (!host_path || !*host_path) {
+        snprintf(err, err_len, "virtio-fs%u: empty host_path", index);
+        return NULL;
+    }
+    int root = open(host_path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0) {
+        snprintf(err, err_len, "virtio-fs%u: cannot open directory %s: %s", index, host_path,
+                 strerror(errno));
+        return NULL;
+    }
+    /* Check openat2 is usable here (Linux >= 5.6, not filtered): confinement depends on it. */
+    int probe = fs_openat2(root, ".", O_PATH | O_CLOEXEC, 0);
+    if (probe < 0) {
+        snprintf(err, err_len, "virtio-fs%u: openat2(RESOLVE_BENEATH) unavailable: %s", index,
+                 strerror(errno));
+        close(root);
+        return NULL;
+    }
+    close(probe);
+    struct stat st;
+    sm_fs *f = calloc(1, sizeof(*f));
+    uint8_t *buf = malloc(SM_FS_MAX_IO_BYTES);
+    if (!f || !buf || fstat(root, &st) < 0) {
+        snprintf(err, err_len, "virtio-fs%u: setup failed: %s", index, strerror(errno ? errno : ENOMEM));
+        free(f);
+        free(buf);
+        close(root);
+        return NULL;
+    }
+    f->io_buf = buf;
+    f->read_only = read_only;
+    snprintf(f->tag, sizeof(f->tag), "%s", tag);
+    for (uint32_t i = 0; i < SM_FS_MAX_NODES; i++)
+        f->nodes[i].fd = -1;
+    for (uint32_t i = 0; i < SM_FS_MAX_HANDLES; i++)
+        f->handles[i].fd = -1;
+    f->nodes[0].fd = root;
+    f->nodes[0].dev = st.st_dev;
+    f->nodes[0].ino = st.st_ino;
+    f->nodes[0].nlookup = 1;
+    return f;
+}
+
+/* ---- node and handle tables ---- */
+
+static sm_fs_node *node_get(sm_fs *f, uint64_t nodeid)
+{
+    if (nodeid < 1 || nodeid > SM_FS_MAX_NODES)
+        return NULL;
+    sm_fs_node *n = &f->nodes[nodeid - 1];
+    return n->fd >= 0 ? n : NULL;
+}
+
+/* Takes ownership of path_fd. Returns the node id, or 0 (fd closed) if the table is full. */
+static uint64_t node_insert(sm_fs *f, int path_fd, const struct stat *st)
+{
+    int free_slot = -1;
+    for (uint32_t i = 0; i < SM_FS_MAX_NODES; i++) {
+        sm_fs_node *n = &f->nodes[i];
+        if (n->fd < 0) {
+            if (free_slot < 0)
+                free_slot = (int)i;
+            continue;
+        }
+        if (n->dev == st->st_dev && n->ino == st->st_ino) {
+            close(path_fd);
+            n->nlookup++;
+            return i + 1;
+        }
+    }
+    if (free_slot < 0) {
+        close(path_fd);
+        return 0;
+    }
+    sm_fs_node *n = &f->nodes[free_slot];
+    n->fd = path_fd;
+    n->dev = st->st_dev;
+    n->ino = st->st_ino;
+    n->nlookup = 1;
+    return (uint64_t)free_slot + 1;
+}
+
+static void node_forget(sm_fs *f, uint64_t nodeid, uint64_t nlookup)
+{
+    if (nodeid == SM_FUSE_ROOT_ID)
+        return;
+    sm_fs_node *n = node_get(f, nodeid);
+    if (!n)
+        return;
+    n->nlookup = nlookup >= n->nlookup ? 0 : n->nlookup - nlookup;
+    if (n->nlookup == 0) {
+        close(n->fd);
+        n->fd = -1;
+    }
+}
+
+static sm_fs_handle *handle_get(sm_fs *f, uint64_t fh, int is_dir)
+{
+    if (fh < 1 || fh > SM_FS_MAX_HANDLES)
+        return NULL;
+    sm_fs_handle *h = &f->handles[fh - 1];
+    return (h->fd >= 0 && h->is_dir == is_dir) ? h : NULL;
+}
+
+/* Takes ownership of fd. Returns fh, or 0 (fd closed) if the table is full. */
+static uint64_t handle_insert(sm_fs *f, int fd, int is_dir)
+{
+    for (uint32_t i = 0; i < SM_FS_MAX_HANDLES; i++) {
+        if (f->handles[i].fd < 0) {
+            f->handles[i].fd = fd;
+            f->handles[i].is_dir = is_dir;
+            return i + 1;
+        }
+    }
+    close(fd);
+    return 0;
+}
+
+static void close_all(sm_fs *f, int keep_root)
+{
+    for (uint32_t i = 0; i < SM_FS_MAX_HANDLES; i++) {
+        if (f->handles[i].fd >= 0)
+            close(f->handles[i].fd);
+        f->handles[i].fd = -1;
+    }
+    for (uint32_t i = keep_root ? 1 : 0; i < SM_FS_MAX_NODES; i++) {
+        if (f->nodes[i].fd >= 0)
+            close(f->nodes[i].fd);
+        f->nodes[i].fd = -1;
+    }
+    if (keep_root)
+        f->nodes[0].nlookup = 1;
+}
+
+/* ---- request handling ---- */
+
+/* One request being answered: the chain, its header, the reply payload. */
+typedef struct fs_req {
+    const sm_vq_chain *chain;
+    struct fuse_in_header in;
+    uint32_t arg_bytes;        /* readable bytes after the header, bounded by in.len */
+    uint32_t reply_room;       /* writable bytes after the out header */
+    uint32_t written;          /* bytes put into the chain so far */
+} fs_req;
+
+static uint32_t read_arg(const fs_req *r, uint32_t offset, void *dst, uint32_t len)
+{
+    if (offset > r->arg_bytes || len > r->arg_bytes - offset)
+        return 0;
+    return sm_vq_chain_read(r->chain, SM_FUSE_IN_HEADER_BYTES + offset, dst, len);
+}
+
+/* Reads a NUL-terminated name at offset into out (SM_FS_MAX_NAME_BYTES + 1). 0 on success. */
+static int read_name(const fs_req *r, uint32_t offset, char *out)
+{
+    if (offset >= r->arg_bytes)
+        return -1;
+    uint32_t n = r->arg_bytes - offset;
+    if (n > SM_FS_MAX_NAME_BYTES + 1)
+        n = SM_FS_MAX_NAME_BYTES + 1;
+    if (read_arg(r, offset, out, n) != n)
+        return -1;
+    if (!memchr(out, 0, n))
+        return -1;
+    if (!out[0])
+        return -1;
+    return 0;
+}
+
+static void reply(fs_req *r, int32_t error, const void *payload, uint32_t len)
+{
+    struct fuse_out_header out;
+    if (len > r->reply_room)
+        len = r->reply_room;
+    out.len = SM_FUSE_OUT_HEADER_BYTES + (error ? 0 : len);
+    out.error = error;
+    out.unique = r->in.unique;
+    sm_vq_chain_write(r->chain, 0, &out, sizeof(out));
+    r->written = SM_FUSE_OUT_HEADER_BYTES;
+    if (!error && len) {
+        sm_vq_chain_write(r->chain, SM_FUSE_OUT_HEADER_BYTES, payload, len);
+        r->written += len;
+    }
+}
+
+/* An error reply, counted by its cause. */
+static void reply_error(sm_fs *f, fs_req *r, int err_code, int errno_value)
+{
+    f->counters.errors++;
+    switch (err_code) {
+    case SM_FS_ERR_MALFORMED_HEADER:
+    case SM_FS_ERR_MALFORMED_ARGUMENT:
+    case SM_FS_ERR_NOT_INITIALIZED:
+    case SM_FS_ERR_UNKNOWN_NODE:
+    case SM_FS_ERR_UNKNOWN_HANDLE: f->counters.malformed_requests++; break;
+    case SM_FS_ERR_UNSUPPORTED_OPCODE: f->counters.unsupported_opcodes++; break;
+    case SM_FS_ERR_READ_ONLY: f->counters.read_only_refusals++; break;
+    case SM_FS_ERR_ESCAPE: f->counters.escape_refusals++; break;
+    case SM_FS_ERR_TABLE_FULL: f->counters.table_full++; break;
+    default: f->counters.host_errors++; break;
+    }
+    reply(r, -errno_value, NULL, 0);
+}
+
+/* Maps a failed host call's errno to the named error that counts it. */
+static void reply_errno(sm_fs *f, fs_req *r, int e)
+{
+    if (e == EXDEV || e == ELOOP)
+        reply_error(f, r, SM_FS_ERR_ESCAPE, e);
+    else if (e == EROFS)
+        reply_error(f, r, SM_FS_ERR_READ_ONLY, e);
+    else
+        reply_error(f, r, SM_FS_ERR_HOST_IO, e ? e : EIO);
+}
+
+static void fill_attr(struct fuse_attr *a, const struct stat *st)
+{
+    memset(a, 0, sizeof(*a));
+    a->ino = st->st_ino;
+    a->size = (uint64_t)st->st_size;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->atime = (uint64_t)st->st_atim.tv_sec;
+    a->mtime = (uint64_t)st->st_mtim.tv_sec;
+    a->ctime = (uint64_t)st->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    a->rdev = (uint32_t)st->st_rdev;
+    a->blksize = (uint32_t)st->st_blksize;
+}
+
+static void fill_entry(struct fuse_entry_out *e, uint64_t nodeid, const struct stat *st)
+{
+    memset(e, 0, sizeof(*e));
+    e->nodeid = nodeid;
+    e->entry_valid = FS_ENTRY_VALID_S;
+    e->attr_valid = FS_ATTR_VALID_S;
+    fill_attr(&e->attr, st);
+}
+
+static void do_init(sm_fs *f, fs_req *r)
+{
+    struct fuse_init_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (in.major != SM_FUSE_KERNEL_VERSION || in.minor < SM_FUSE_MIN_MINOR_VERSION) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EPROTO);
+        return;
+    }
+    struct fuse_init_out out;
+    memset(&out, 0, sizeof(out));
+    out.major = SM_FUSE_KERNEL_VERSION;
+    out.minor = in.minor < SM_FUSE_KERNEL_MINOR_VERSION ? in.minor : SM_FUSE_KERNEL_MINOR_VERSION;
+    out.max_readahead = in.max_readahead;
+    out.flags = 0; /* no optional capabilities: plain, synchronous passthrough */
+    out.max_background = FS_MAX_BACKGROUND;
+    out.congestion_threshold = FS_MAX_BACKGROUND * 3 / 4;
+    out.max_write = SM_FS_MAX_IO_BYTES;
+    out.time_gran = 1;
+    out.max_pages = SM_FS_MAX_IO_BYTES / 4096;
+    f->minor = out.minor;
+    f->initialized = 1;
+    reply(r, 0, &out, out.minor < 23 ? FUSE_COMPAT_22_INIT_OUT_BYTES : sizeof(out));
+}
+
+static void do_lookup(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    if (read_name(r, 0, name)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    int fd = fs_openat2(parent->fd, name, O_PATH | O_CLOEXEC, 0);
+    if (fd < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        reply_errno(f, r, e);
+        return;
+    }
+    uint64_t id = node_insert(f, fd, &st);
+    if (!id) {
+        reply_error(f, r, SM_FS_ERR_TABLE_FULL, ENFILE);
+        return;
+    }
+    struct fuse_entry_out e;
+    fill_entry(&e, id, &st);
+    reply(r, 0, &e, sizeof(e));
+}
+
+static void do_getattr(sm_fs *f, fs_req *r, sm_fs_node *node)
+{
+    struct stat st;
+    if (fstat(node->fd, &st) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    struct fuse_attr_out out;
+    memset(&out, 0, sizeof(out));
+    out.attr_valid = FS_ATTR_VALID_S;
+    fill_attr(&out.attr, &st);
+    reply(r, 0, &out, sizeof(out));
+}
+
+static int wants_write(uint32_t flags)
+{
+    return (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC);
+}
+
+static void do_open(sm_fs *f, fs_req *r, sm_fs_node *node, int is_dir)
+{
+    struct fuse_open_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    struct stat st;
+    if (fstat(node->fd, &st) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    int flags;
+    if (is_dir) {
+        if (!S_ISDIR(st.st_mode)) {
+            reply_error(f, r, SM_FS_ERR_HOST_IO, ENOTDIR);
+            return;
+        }
+        flags = O_RDONLY | O_DIRECTORY;
+    } else {
+        if (!S_ISREG(st.st_mode)) { /* no FIFOs or device nodes: they could block or reach the host */
+            reply_error(f, r, SM_FS_ERR_HOST_IO, S_ISDIR(st.st_mode) ? EISDIR : EACCES);
+            return;
+        }
+        if (f->read_only && wants_write(in.flags)) {
+            reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
+            return;
+        }
+        flags = (int)(in.flags & FS_OPEN_FLAGS_KEPT);
+    }
+    int fd = reopen_fd(node->fd, flags);
+    if (fd < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    uint64_t fh = handle_insert(f, fd, is_dir);
+    if (!fh) {
+        reply_error(f, r, SM_FS_ERR_TABLE_FULL, ENFILE);
+        return;
+    }
+    struct fuse_open_out out;
+    memset(&out, 0, sizeof(out));
+    out.fh = fh;
+    reply(r, 0, &out, sizeof(out));
+}
+
+static void do_create(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    struct fuse_create_in in;
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || read_name(r, sizeof(in), name)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (f->read_only) {
+        reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
+        return;
+    }
+    if (r->reply_room < sizeof(struct fuse_entry_out) + sizeof(struct fuse_open_out)) {
+        reply_error(f, r, SM_FS_ERR_NO_REPLY_SPACE, EINVAL);
+        return;
+    }
+    uint64_t flags = (in.flags & FS_CREATE_FLAGS_KEPT) | O_CREAT | O_CLOEXEC | O_NOFOLLOW;
+    int fd = fs_openat2(parent->fd, name, flags, in.mode & FS_MODE_BITS & ~in.umask);
+    if (fd < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    struct stat st;
+    char proc[FS_PROC_FD_PATH_BYTES];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    int path_fd = open(proc, O_PATH | O_CLOEXEC);
+    if (path_fd < 0 || fstat(path_fd, &st) < 0) {
+        int e = errno;
+        if (path_fd >= 0)
+            close(path_fd);
+        close(fd);
+        reply_errno(f, r, e);
+        return;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(path_fd);
+        close(fd);
+        reply_error(f, r, SM_FS_ERR_HOST_IO, EACCES);
+        return;
+    }
+    uint64_t id = node_insert(f, path_fd, &st);
+    if (!id) {
+        close(fd);
+        reply_error(f, r, SM_FS_ERR_TABLE_FULL, ENFILE);
+        return;
+    }
+    uint64_t fh = handle_insert(f, fd, 0);
+    if (!fh) {
+        node_forget(f, id, 1);
+        reply_error(f, r, SM_FS_ERR_TABLE_FULL, ENFILE);
+        return;
+    }
+    struct {
+        struct fuse_entry_out e;
+        struct fuse_open_out o;
+    } out;
+    fill_entry(&out.e, id, &st);
+    memset(&out.o, 0, sizeof(out.o));
+    out.o.fh = fh;
+    reply(r, 0, &out, sizeof(out));
+}
+
+static void do_read(sm_fs *f, fs_req *r)
+{
+    struct fuse_read_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, 0);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    uint32_t want = in.size;
+    if (want > SM_FS_MAX_IO_BYTES)
+        want = SM_FS_MAX_IO_BYTES;
+    if (want > r->reply_room)
+        want = r->reply_room;
+    if (in.offset > INT64_MAX) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    uint32_t done = 0;
+    while (done < want) {
+        ssize_t n = pread(h->fd, f->io_buf + done, want - done, (off_t)(in.offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            reply_errno(f, r, errno);
+            return;
+        }
+        if (n == 0)
+            break;
+        done += (uint32_t)n;
+    }
+    f->counters.bytes_read += done;
+    reply(r, 0, f->io_buf, done);
+}
+
+static void do_write(sm_fs *f, fs_req *r)
+{
+    struct fuse_write_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || in.size > SM_FS_MAX_IO_BYTES ||
+        in.size > r->arg_bytes - sizeof(in) || in.offset > INT64_MAX) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (f->read_only) {
+        reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, 0);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    if (read_arg(r, sizeof(in), f->io_buf, in.size) != in.size) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    uint32_t done = 0;
+    while (done < in.size) {
+        ssize_t n = pwrite(h->fd, f->io_buf + done, in.size - done, (off_t)(in.offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (done)
+                break;
+            reply_errno(f, r, n < 0 ? errno : EIO);
+            return;
+        }
+        done += (uint32_t)n;
+    }
+    f->counters.bytes_written += done;
+    struct fuse_write_out out = {.size = done, .padding = 0};
+    reply(r, 0, &out, sizeof(out));
+}
+
+static void do_release(sm_fs *f, fs_req *r, int is_dir)
+{
+    struct fuse_release_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, is_dir);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    close(h->fd);
+    h->fd = -1;
+    reply(r, 0, NULL, 0);
+}
+
+static void do_readdir(sm_fs *f, fs_req *r)
+{
+    struct fuse_read_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || in.offset > INT64_MAX) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, 1);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    uint32_t room = in.size;
+    if (room > r->reply_room)
+        room = r->reply_room;
+    if (room > SM_FS_MAX_IO_BYTES / 2)
+        room = SM_FS_MAX_IO_BYTES / 2;
+    /* First half of io_buf: raw getdents64; second half: the FUSE reply. */
+    uint8_t *raw = f->io_buf, *outb = f->io_buf + SM_FS_MAX_IO_BYTES / 2;
+    if (lseek(h->fd, (off_t)in.offset, SEEK_SET) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    uint32_t used = 0;
+    for (;;) {
+        long n = syscall(SYS_getdents64, h->fd, raw, room ? room : 1);
+        if (n < 0) {
+            if (used)
+                break;
+            reply_errno(f, r, errno);
+            return;
+        }
+        if (n == 0)
+            break;
+        int full = 0;
+        for (long pos = 0; pos < n;) {
+            const struct linux_dirent64 *d = (const struct linux_dirent64 *)(raw + pos);
+            if (d->d_reclen == 0 || pos + d->d_reclen > n)
+                break;
+            size_t namelen = strnlen(d->d_name, d->d_reclen - offsetof(struct linux_dirent64, d_name));
+            uint32_t need = FUSE_DIRENT_ALIGN((uint32_t)(sizeof(struct fuse_dirent) + namelen));
+            if (used + need > room) {
+                full = 1;
+                break;
+            }
+            struct fuse_dirent fd_ent = {.ino = d->d_ino, .off = (uint64_t)d->d_off,
+                                         .namelen = (uint32_t)namelen, .type = d->d_type};
+            memcpy(outb + used, &fd_ent, sizeof(fd_ent));
+            memcpy(outb + used + sizeof(fd_ent), d->d_name, namelen);
+            memset(outb + used + sizeof(fd_ent) + namelen, 0, need - sizeof(fd_ent) - namelen);
+            used += need;
+            pos += d->d_reclen;
+        }
+        if (full)
+            break;
+    }
+    reply(r, 0, outb, used);
+}
+
+/* Handles one well-formed chain; returns 1 if a reply was written, 0 for FORGET. */
+static int handle_request(sm_fs *f, fs_req *r)
+{
+    f->counters.ops++;
+    struct fuse_in_header *in = &r->in;
+    if (in->opcode == SM_FUSE_FORGET) {
+        struct fuse_forget_in fin;
+        if (read_arg(r, 0, &fin, sizeof(fin)) == sizeof(fin))
+            node_forget(f, in->nodeid, fin.nlookup);
+        else
+            f->counters.malformed_requests++;
+        return 0;
+    }
+    if (r->reply_room == 0 && r->chain->writable_bytes < SM_FUSE_OUT_HEADER_BYTES) {
+        f->counters.errors++;
+        f->counters.malformed_requests++;
+        return 0; /* nowhere to answer: the chain goes back empty */
+    }
+    if (!f->initialized && in->opcode != SM_FUSE_INIT) {
+        reply_error(f, r, SM_FS_ERR_NOT_INITIALIZED, EIO);
+        return 1;
+    }
+    sm_fs_node *node = NULL;
+    switch (in->opcode) {
+    case SM_FUSE_LOOKUP:
+    case SM_FUSE_GETATTR:
+    case SM_FUSE_OPEN:
+    case SM_FUSE_OPENDIR:
+    case SM_FUSE_CREATE:
+        node = node_get(f, in->nodeid);
+        if (!node) {
+            reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+            return 1;
+        }
+        break;
+    default: break;
+    }
+    switch (in->opcode) {
+    case SM_FUSE_INIT: do_init(f, r); break;
+    case SM_FUSE_LOOKUP: do_lookup(f, r, node); break;
+    case SM_FUSE_GETATTR: do_getattr(f, r, node); break;
+    case SM_FUSE_OPEN: do_open(f, r, node, 0); break;
+    case SM_FUSE_OPENDIR: do_open(f, r, node, 1); break;
+    case SM_FUSE_CREATE: do_create(f, r, node); break;
+    case SM_FUSE_READ: do_read(f, r); break;
+    case SM_FUSE_WRITE: do_write(f, r); break;
+    case SM_FUSE_READDIR: do_readdir(f, r); break;
+    case SM_FUSE_RELEASE: do_release(f, r, 0); break;
+    case SM_FUSE_RELEASEDIR: do_release(f, r, 1); break;
+    case SM_FUSE_FLUSH: reply(r, 0, NULL, 0); break;
+    case SM_FUSE_DESTROY:
+        close_all(f, 1);
+        f->initialized = 0;
+        reply(r, 0, NULL, 0);
+        break;
+    default: reply_error(f, r, SM_FS_ERR_UNSUPPORTED_OPCODE, ENOSYS); break;
+    }
+    return 1;
+}
+
+/* Parses the header of a popped chain and answers it; returns bytes written. */
+static uint32_t serve_chain(sm_fs *f, const sm_vq_chain *c)
+{
+    fs_req r;
+    memset(&r, 0, sizeof(r));
+    r.chain = c;
+    r.reply_room = c->writable_bytes >= SM_FUSE_OUT_HEADER_BYTES
+                       ? c->writable_bytes - SM_FUSE_OUT_HEADER_BYTES : 0;
+    if (c->readable_bytes < SM_FUSE_IN_HEADER_BYTES ||
+        sm_vq_chain_read(c, 0, &r.in, sizeof(r.in)) != sizeof(r.in) ||
+        r.in.len < SM_FUSE_IN_HEADER_BYTES || r.in.len > c->readable_bytes) {
+        f->counters.ops++;
+        if (c->writable_bytes < SM_FUSE_OUT_HEADER_BYTES) {
+            f->counters.errors++;
+            f->counters.malformed_requests++;
+            return 0;
+        }
+        if (c->readable_bytes < SM_FUSE_IN_HEADER_BYTES)
+            memset(&r.in, 0, sizeof(r.in)); /* unique 0: nothing to echo */
+        reply_error(f, &r, SM_FS_ERR_MALFORMED_HEADER, EINVAL);
+        return r.written;
+    }
+    r.arg_bytes = r.in.len - SM_FUSE_IN_HEADER_BYTES;
+    handle_request(f, &r);
+    return r.written;
+}
+
+static void fs_process_queue(sm_fs *f, uint16_t index)
+{
+    sm_virtio_mmio *t = f->transport;
+    sm_virtqueue *q = &t->queues[index];
+    sm_vq_chain chain;
+    int used = 0;
+    while (sm_virtio_mmio_is_live_locked(t) && q->ready) {
+        int rc = sm_vq_pop(q, &chain);
+        if (rc == SM_VQ_EMPTY)
+            break;
+        if (rc != SM_VQ_OK) {
+            sm_virtio_mmio_mark_broken_locked(t, "%s: %s", FS_ERROR_MESSAGES[SM_FS_ERR_QUEUE],
+                                              sm_vq_error_message(rc));
+            break;
+        }
+        uint32_t written = serve_chain(f, &chain);
+        sm_vq_push_used(q, chain.head, written);
+        used = 1;
+    }
+    if (used)
+        sm_virtio_mmio_signal_used_locked(t);
+}
+
+static uint64_t fs_features(void *dev)
+{
+    (void)dev;
+    return 0;
+}
+
+static void fs_config_read(void *dev, uint32_t offset, uint8_t *data, uint32_t len)
+{
+    sm_fs *f = dev;
+    uint8_t cfg[SM_FS_CONFIG_BYTES];
+    memset(cfg, 0, sizeof(cfg));
+    memcpy(cfg, f->tag, strnlen(f->tag, SM_FS_TAG_BYTES));
+    uint32_t nq = SM_FS_NUM_REQUEST_QUEUES;
+    memcpy(cfg + SM_FS_TAG_BYTES, &nq, 4);
+    if (offset < SM_FS_CONFIG_BYTES && len <= SM_FS_CONFIG_BYTES - offset)
+        memcpy(data, cfg + offset, len);
+}
+
+static void fs_activate(void *dev)
+{
+    sm_fs *f = dev;
+    fs_process_queue(f, SM_FS_HIPRIO_QUEUE_INDEX);
+    fs_process_queue(f, SM_FS_REQUEST_QUEUE_INDEX);
+}
+
+static void fs_notify(void *dev, uint16_t queue)
+{
+    fs_process_queue(dev, queue);
+}
+
+static void fs_reset(void *dev)
+{
+    sm_fs *f = dev;
+    close_all(f, 1);
+    f->initialized = 0;
+}
+
+static void fs_counters(void *dev, sm_device_info *info, uint32_t *n)
+{
+    sm_fs *f = dev;
+#define ADD(field)                                                                                 \
+    do {                                                                                           \
+        snprintf(info->counter_names[*n], sizeof(info->counter_names[*n]), "%s", #field);          \
+        info->counters[(*n)++] = f->counters.field;                                                \
+    } while (0)
+    ADD(ops);
+    ADD(bytes_read);
+    ADD(bytes_written);
+    ADD(errors);
+    ADD(malformed_requests);
+    ADD(unsupported_opcodes);
+    ADD(read_only_refusals);
+    ADD(escape_refusals);
+    ADD(table_full);
+    ADD(host_errors);
+#undef ADD
+}
+
+static void fs_destroy(void *dev)
+{
+    sm_fs *f = dev;
+    close_all(f, 0);
+    free(f->io_buf);
+    free(f);
+}
+
+const sm_virtio_ops SM_FS_OPS = {
+    .device_id = SM_VIRTIO_ID_FS,
+    .num_queues = SM_FS_NUM_QUEUES,
+    .device_features = fs_features,
+    .config_read = fs_config_read,
+    .config_write = NULL,
+    .activate = fs_activate,
+    .queue_notify = fs_notify,
+    .reset = fs_reset,
+    .counters = fs_counters,
+    .destroy = fs_destroy,
+};

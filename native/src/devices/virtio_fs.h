@@ -1,0 +1,111 @@
+/* virtio_fs.h — virtio-fs (device id 26): an in-process FUSE passthrough server for one host
+ * directory. Queues: hiprio (FORGET) and one request queue. Every path resolution is
+ * openat2(parent O_PATH fd, name, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS), so `..`,
+ * absolute symlinks and symlinks leaving the share fail (EXDEV / ELOOP) host-side.
+ * Symlinks inside the share are followed host-side (the guest sees their targets).
+ * read_only is enforced host-side: WRITE, CREATE and write-opens answer EROFS. */
+#ifndef SM_VIRTIO_FS_H
+#define SM_VIRTIO_FS_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include "virtio_mmio.h"
+
+#define SM_VIRTIO_ID_FS 26
+#define SM_FS_TAG_BYTES 36
+#define SM_FS_CONFIG_BYTES 40           /* tag[36] + le32 num_request_queues */
+#define SM_FS_NUM_REQUEST_QUEUES 1
+#define SM_FS_HIPRIO_QUEUE_INDEX 0
+#define SM_FS_REQUEST_QUEUE_INDEX 1
+#define SM_FS_NUM_QUEUES 2
+
+#define SM_FS_MAX_NODES 1024            /* node ids (O_PATH fds) the guest may hold */
+#define SM_FS_MAX_HANDLES 256           /* open files and directories */
+#define SM_FS_MAX_IO_BYTES (1024u * 1024u) /* max_write we announce; READ size is clamped to it */
+#define SM_FS_MAX_NAME_BYTES 255
+
+/* FUSE protocol we speak (include/uapi/linux/fuse.h). */
+#define SM_FUSE_KERNEL_VERSION 7
+#define SM_FUSE_KERNEL_MINOR_VERSION 31
+#define SM_FUSE_MIN_MINOR_VERSION 12    /* fuse_create_in has umask from 7.12 on */
+#define SM_FUSE_ROOT_ID 1
+#define SM_FUSE_IN_HEADER_BYTES 40
+#define SM_FUSE_OUT_HEADER_BYTES 16
+
+#define SM_FUSE_LOOKUP 1
+#define SM_FUSE_FORGET 2
+#define SM_FUSE_GETATTR 3
+#define SM_FUSE_OPEN 14
+#define SM_FUSE_READ 15
+#define SM_FUSE_WRITE 16
+#define SM_FUSE_RELEASE 18
+#define SM_FUSE_FLUSH 25
+#define SM_FUSE_INIT 26
+#define SM_FUSE_OPENDIR 27
+#define SM_FUSE_READDIR 28
+#define SM_FUSE_RELEASEDIR 29
+#define SM_FUSE_CREATE 35
+#define SM_FUSE_DESTROY 38
+
+typedef enum sm_fs_error {
+    SM_FS_ERR_NONE = 0,
+    SM_FS_ERR_QUEUE,
+    SM_FS_ERR_MALFORMED_HEADER,
+    SM_FS_ERR_MALFORMED_ARGUMENT,
+    SM_FS_ERR_NO_REPLY_SPACE,
+    SM_FS_ERR_NOT_INITIALIZED,
+    SM_FS_ERR_UNSUPPORTED_OPCODE,
+    SM_FS_ERR_UNKNOWN_NODE,
+    SM_FS_ERR_UNKNOWN_HANDLE,
+    SM_FS_ERR_READ_ONLY,
+    SM_FS_ERR_ESCAPE,
+    SM_FS_ERR_TABLE_FULL,
+    SM_FS_ERR_HOST_IO,
+    SM_FS_ERR_COUNT
+} sm_fs_error;
+
+const char *sm_fs_error_message(int err);
+
+typedef struct sm_fs_counters {
+    uint64_t ops;                 /* FUSE requests handled (FORGET included) */
+    uint64_t bytes_read;          /* file bytes READ returned to the guest */
+    uint64_t bytes_written;       /* file bytes WRITE put into host files */
+    uint64_t errors;              /* requests answered with an error */
+    uint64_t malformed_requests;  /* headers or arguments that do not parse */
+    uint64_t unsupported_opcodes; /* answered ENOSYS */
+    uint64_t read_only_refusals;  /* answered EROFS */
+    uint64_t escape_refusals;     /* openat2 said EXDEV or ELOOP: the path tried to leave */
+    uint64_t table_full;          /* node or handle table exhausted (ENFILE) */
+    uint64_t host_errors;         /* other host errno answered to the guest */
+} sm_fs_counters;
+
+typedef struct sm_fs_node {
+    int fd;            /* O_PATH, -1 if the slot is free */
+    dev_t dev;
+    ino_t ino;
+    uint64_t nlookup;
+} sm_fs_node;
+
+typedef struct sm_fs_handle {
+    int fd;            /* -1 if free */
+    int is_dir;
+} sm_fs_handle;
+
+typedef struct sm_fs {
+    sm_virtio_mmio *transport;
+    char tag[SM_FS_TAG_BYTES + 1];
+    int read_only;
+    int initialized;       /* FUSE_INIT answered */
+    uint32_t minor;        /* negotiated FUSE minor version */
+    sm_fs_node nodes[SM_FS_MAX_NODES];   /* node id = index + 1; index 0 is the root */
+    sm_fs_handle handles[SM_FS_MAX_HANDLES]; /* fh = index + 1 */
+    uint8_t *io_buf;       /* SM_FS_MAX_IO_BYTES bounce buffer for READ/WRITE/READDIR */
+    sm_fs_counters counters;
+} sm_fs;
+
+extern const sm_virtio_ops SM_FS_OPS;
+
+sm_fs *sm_fs_create(const char *host_path, const char *tag, int read_only, uint32_t index,
+                    char *err, size_t err_len);
+
+#endif
