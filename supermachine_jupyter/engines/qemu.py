@@ -89,7 +89,7 @@ def boots_to_init_with_kvm(assets: "GuestAssets", deadline_s: float) -> bool:
     reader = threading.Thread(target=_pump, args=(proc.stdout, console), daemon=True)
     reader.start()
     try:
-        return console.wait_for("supermachine-init:", deadline_s, stop=lambda: proc.poll() is not None)
+        return console.wait_for(GUEST_READY_LINE, deadline_s, stop=lambda: proc.poll() is not None)
     finally:
         terminate(proc, grace=0.5)
         reader.join(timeout=2)
@@ -129,7 +129,6 @@ class QemuInstance(EngineInstance):
         self._stderr = bytearray()
         self._qmp: QmpClient | None = None
         self._qmp_lock = threading.Lock()
-        self._stopping = False
         self._balloon_target_mib = 0
         self._virtiofsd: list[Virtiofsd] = []
         # pci=off: microvm has no PCI bus; the kernel would only complain about it.
@@ -244,7 +243,6 @@ class QemuInstance(EngineInstance):
 
     def shutdown(self, agent: "AgentClient | None", timeout: float) -> None:
         """Agent POWEROFF → QMP ``quit`` → SIGTERM → SIGKILL, each with a share of ``timeout``."""
-        self._stopping = True
         step = max(timeout / 3, 0.5)
         if self.is_running() and agent is not None and not agent.closed:
             try:
@@ -459,4 +457,4 @@ def start(spec: LaunchSpec, accel: str, reason: str) -> QemuInstance:
 
 
 __all__ = ["QemuInstance", "QemuRestore", "start", "qemu_binary", "qemu_version",
-           "boots_to_init_with_kvm", "GUEST_READY_LINE"]
+           "boots_to_init_with_kvm"]
