@@ -36,14 +36,6 @@ def _silent(_: str) -> None:
     pass
 
 
-def _engine_end(instance, wait_s: float = 1.0) -> str | None:
-    """Why the engine ended, giving it a moment to be reaped after the agent went quiet."""
-    deadline = time.monotonic() + wait_s
-    while instance.is_running() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return instance.exit_description()
-
-
 @dataclasses.dataclass(frozen=True)
 class Image:
     """A bootable guest: kernel, PVH ``vmlinux``, initramfs, and its default size."""
@@ -131,7 +123,7 @@ class Image:
         try:
             sock = instance.connect_agent(timeout=boot_timeout)
             agent = AgentClient(sock, name=name)
-            agent.describe_loss = lambda: _engine_end(instance)
+            agent.describe_loss = instance.settled_exit_description
             progress(f"booting {name}…")
             agent.handshake(timeout=boot_timeout)
         except (AgentError, EngineError, TimeoutError, OSError) as exc:

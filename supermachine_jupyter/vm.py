@@ -186,10 +186,8 @@ class Vm:
         """Why the VM ended: a halt seen on the console, else the engine's exit."""
         if self._halted:
             return self._halted
-        deadline = time.monotonic() + 1.0   # give the engine a moment to be reaped
-        while self._instance.is_running() and time.monotonic() < deadline and not self._halted:
-            time.sleep(0.02)
-        return self._halted or self._instance.exit_description()
+        end = self._instance.settled_exit_description()
+        return self._halted or end
 
     def _watch_console(self, text: str) -> None:
         self._console_tail = (self._console_tail + text)[-256:]

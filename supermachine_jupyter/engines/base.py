@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import socket
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -67,6 +68,14 @@ class EngineInstance(abc.ABC):
     @abc.abstractmethod
     def exit_description(self) -> str | None:
         """Why the VM ended (None while it runs): exit status, engine error, guest reboot."""
+
+    def settled_exit_description(self, wait_s: float = 1.0) -> str | None:
+        """``exit_description()`` after giving a dying engine a moment to be reaped (the
+        agent connection often drops a little before the engine process is gone)."""
+        deadline = time.monotonic() + wait_s
+        while self.is_running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.exit_description()
 
     @abc.abstractmethod
     def shutdown(self, agent: "AgentClient | None", timeout: float) -> None:

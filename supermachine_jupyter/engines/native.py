@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import EngineError, VmStoppedError
+from .base import EngineInstance
 
 #: Module the cffi build produces; SUPERMACHINE_NATIVE_MODULE=_native_asan selects the
 #: sanitizer build (needs LD_PRELOAD of libasan).
@@ -449,7 +450,7 @@ AGENT_CONNECT_RETRY_S = 0.05
 VSOCK_SOCKET_NAME = "sm-vsock-{name}.sock"
 
 
-class NativeInstance:
+class NativeInstance(EngineInstance):
     """A VM of the native core behind the ``EngineInstance`` interface (engines/base.py).
 
     The guest kernel is entered through PVH (``spec.vmlinux``) when present — no
@@ -603,11 +604,6 @@ def start(spec, reason: str) -> NativeInstance:
     return NativeInstance(spec, reason)
 
 
-try:  # register as an EngineInstance without importing base at module import time
-    from .base import EngineInstance as _EngineInstance
-    _EngineInstance.register(NativeInstance)
-except ImportError:  # pragma: no cover - base.py is optional for the low-level layer
-    pass
 
 
 # -- doctor -----------------------------------------------------------------------------------
