@@ -204,6 +204,17 @@ size_t sm_vm_cmdline(sm_vm *vm, char *buf, size_t len);
 /* Only the virtio-mmio declarations, e.g. "virtio_mmio.device=4K@0xd0000000:5". */
 size_t sm_vm_virtio_cmdline_fragment(sm_vm *vm, char *buf, size_t len);
 
+/* Snapshots (native format, see native/src/snapshot.h). sm_vm_snapshot pauses a running
+ * VM, writes dir/memory.bin (guest RAM, zero pages left as holes) and dir/state.bin (vCPU,
+ * irqchip, PIT, clock, UART state), then puts the VM back in the state it was in. VMs with
+ * virtio devices are refused with SM_ERR_BAD_STATE and a message naming them. */
+int sm_vm_snapshot(sm_vm *vm, const char *dir);
+/* Build a VM from a snapshot directory: guest RAM is a MAP_PRIVATE (copy-on-write) mapping of
+ * dir/memory.bin, so many VMs restored from one snapshot share its pages. start_running:
+ * nonzero starts the vCPUs; zero leaves the VM CREATED (sm_vm_start runs it). A damaged,
+ * truncated or other-version snapshot fails with a message that says "snapshot" and why. */
+int sm_vm_restore(const char *dir, int start_running, sm_vm **out, char *err, size_t err_len);
+
 /* Console (8250 UART at 0x3f8). Output is kept in a ring; *cursor is an absolute byte
  * offset the caller keeps (start at 0). Returns bytes copied; if the caller fell behind
  * the ring, *cursor jumps ahead and *lost (if not NULL) receives the bytes skipped. */

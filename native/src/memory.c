@@ -44,6 +44,42 @@ int sm_memory_init(sm_guest_memory *mem, uint64_t memory_bytes, uint64_t hole_st
     return 0;
 }
 
+int sm_memory_init_file(sm_guest_memory *mem, int fd, uint64_t memory_bytes,
+                        uint64_t hole_start_gpa, uint64_t hole_end_gpa, char *err, size_t err_len)
+{
+    memset(mem, 0, sizeof(*mem));
+    if (memory_bytes == 0 || memory_bytes % SM_PAGE_SIZE_BYTES != 0) {
+        snprintf(err, err_len, "memory size %llu is not a positive multiple of 4 KiB",
+                 (unsigned long long)memory_bytes);
+        return -1;
+    }
+    uint64_t low = memory_bytes < hole_start_gpa ? memory_bytes : hole_start_gpa;
+    uint64_t sizes[2] = {low, memory_bytes - low};
+    uint64_t gpas[2] = {0, hole_end_gpa};
+    uint64_t offset = 0;
+    for (int i = 0; i < 2; i++) {
+        if (sizes[i] == 0)
+            continue;
+        void *p = mmap(NULL, sizes[i], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd,
+                       (off_t)offset);
+        if (p == MAP_FAILED) {
+            snprintf(err, err_len, "copy-on-write mmap of %llu MiB guest RAM from the snapshot failed: %s",
+                     (unsigned long long)(sizes[i] / SM_MIB_BYTES), strerror(errno));
+            sm_memory_destroy(mem);
+            return -1;
+        }
+        madvise(p, sizes[i], MADV_DONTDUMP);
+        madvise(p, sizes[i], MADV_DONTFORK);
+        mem->regions[mem->n_regions].gpa = gpas[i];
+        mem->regions[mem->n_regions].size_bytes = sizes[i];
+        mem->regions[mem->n_regions].host = p;
+        mem->n_regions++;
+        offset += sizes[i];
+    }
+    mem->total_bytes = memory_bytes;
+    return 0;
+}
+
 void sm_memory_destroy(sm_guest_memory *mem)
 {
     for (uint32_t i = 0; i < mem->n_regions; i++) {

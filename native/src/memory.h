@@ -24,6 +24,11 @@ typedef struct sm_guest_memory {
 /* Map memory_bytes of anonymous RAM: [0, min(size, hole)) and the rest above 4 GiB. */
 int sm_memory_init(sm_guest_memory *mem, uint64_t memory_bytes, uint64_t hole_start_gpa,
                    uint64_t hole_end_gpa, char *err, size_t err_len);
+/* Same layout, but each region is a copy-on-write (MAP_PRIVATE) mapping of fd: region i at
+ * file offset = sum of the sizes before it. Many VMs mapping one file share its pages until
+ * they write them. */
+int sm_memory_init_file(sm_guest_memory *mem, int fd, uint64_t memory_bytes,
+                        uint64_t hole_start_gpa, uint64_t hole_end_gpa, char *err, size_t err_len);
 void sm_memory_destroy(sm_guest_memory *mem);
 
 /* Host pointer for [gpa, gpa+len) if it lies entirely inside one region (overflow-safe),

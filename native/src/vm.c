@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "sm_internal.h"
 #include "event_loop.h"
+#include "snapshot.h"
 #include "devices/i8042.h"
 #include "devices/uart8250.h"
 #include "devices/virtio_balloon.h"
@@ -405,6 +406,14 @@ static int validate_config(const sm_vm_config *c, char *err, size_t err_len)
 
 int sm_vm_create(const sm_vm_config *c, sm_vm **out, char *err, size_t err_len)
 {
+    return sm_vm_create_internal(c, -1, out, err, err_len);
+}
+
+/* memory_fd >= 0: guest RAM is a copy-on-write mapping of that file (a snapshot's
+ * memory.bin) and no kernel is loaded; the caller sets the vCPU and irqchip state. */
+int sm_vm_create_internal(const sm_vm_config *c, int memory_fd, sm_vm **out, char *err,
+                          size_t err_len)
+{
     char dummy[8];
     if (!err || !err_len) {
         err = dummy;
@@ -434,8 +443,13 @@ int sm_vm_create(const sm_vm_config *c, sm_vm **out, char *err, size_t err_len)
     vm->strict_unhandled_exits = c->strict_unhandled_exits;
 
     rc = sm_kvm_open(vm, err, err_len);
-    if (rc == SM_OK && sm_memory_init(&vm->mem, (uint64_t)c->memory_mib * SM_MIB_BYTES,
-                                      SM_MMIO_HOLE_START_GPA, SM_MMIO_HOLE_END_GPA, err, err_len) < 0)
+    if (rc == SM_OK && memory_fd < 0 &&
+        sm_memory_init(&vm->mem, (uint64_t)c->memory_mib * SM_MIB_BYTES,
+                       SM_MMIO_HOLE_START_GPA, SM_MMIO_HOLE_END_GPA, err, err_len) < 0)
+        rc = SM_ERR_OUT_OF_MEMORY;
+    if (rc == SM_OK && memory_fd >= 0 &&
+        sm_memory_init_file(&vm->mem, memory_fd, (uint64_t)c->memory_mib * SM_MIB_BYTES,
+                            SM_MMIO_HOLE_START_GPA, SM_MMIO_HOLE_END_GPA, err, err_len) < 0)
         rc = SM_ERR_OUT_OF_MEMORY;
     if (rc == SM_OK)
         rc = sm_kvm_setup_vm(vm, err, err_len);
@@ -450,7 +464,7 @@ int sm_vm_create(const sm_vm_config *c, sm_vm **out, char *err, size_t err_len)
             rc = SM_ERR_INVALID_ARGUMENT;
         }
     }
-    if (rc == SM_OK)
+    if (rc == SM_OK && memory_fd < 0)
         rc = sm_boot_load(vm, c->kernel_path, c->initrd_path, vm->cmdline, err, err_len);
     if (rc == SM_OK)
         rc = sm_kvm_create_vcpus(vm, err, err_len);

@@ -166,6 +166,35 @@ class NativeVm:
         self._started_ns: int | None = None
         self.vsock_uds_path = os.fspath(vsock_uds_path) if vsock_uds_path else None
 
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, start: bool = True) -> "NativeVm":
+        """A VM from a snapshot directory written by :meth:`snapshot`. Guest RAM is a
+        copy-on-write mapping of its memory.bin, so VMs restored from one snapshot share the
+        unmodified pages. ``start=False`` leaves it created; :meth:`start` runs it. A damaged,
+        truncated or other-version snapshot raises NativeCoreError saying "snapshot" and why."""
+        ffi, lib = _load()
+        self = cls.__new__(cls)
+        self._ffi, self._lib = ffi, lib
+        self._vm = None
+        out = ffi.new("sm_vm **")
+        err = ffi.new("char[512]")
+        rc = lib.sm_vm_restore(os.fsencode(path), int(bool(start)), out, err, 512)
+        if rc != 0:
+            raise NativeCoreError(f"sm_vm_restore: {ffi.string(err).decode(errors='replace')}",
+                                  _status_name(lib, rc))
+        self._vm = out[0]
+        self._cursor = ffi.new("uint64_t *")
+        self._started_ns = time.monotonic_ns() if start else None
+        self.vsock_uds_path = None
+        return self
+
+    def snapshot(self, path: str | os.PathLike) -> None:
+        """Write a snapshot (path/state.bin + sparse path/memory.bin; the directory is created).
+        A running VM is paused for the copy and resumed after. VMs with virtio devices are
+        refused (their device state is not saved yet)."""
+        self.raise_if_failed()
+        self._check(self._lib.sm_vm_snapshot(self._handle(), os.fsencode(path)), "snapshot")
+
     # -- lifecycle ---------------------------------------------------------------------------
     def _handle(self):
         if self._vm is None:
