@@ -183,9 +183,10 @@ def test_native_engine_cannot_restore_and_says_why(snap_image):
     with pytest.raises(SnapshotNotSupportedError, match="native") as info:
         snap_image.start(VmConfig(engine="native"))
     assert "snapshot" in str(info.value) and isinstance(info.value, NotImplementedError)
-    # NativeInstance has no snapshot hook, so Vm.snapshot refuses the same way.
+    # NativeInstance keeps the interface's refusing snapshot hook, so Vm.snapshot refuses too.
     from supermachine_jupyter.engines import native
-    assert not hasattr(native.NativeInstance, "snapshot_to")
+    from supermachine_jupyter.engines.base import EngineInstance
+    assert native.NativeInstance.snapshot_to is EngineInstance.snapshot_to
 
 
 # -- refusals --------------------------------------------------------------------------------
