@@ -298,14 +298,15 @@ def _balloon_or_none(vm: "Vm") -> dict | None:
         return None
 
 
-def _read_line(conn: socket.socket) -> bytes:
+def _read_line(conn: socket.socket, max_bytes: int | None = REQUEST_MAX_BYTES) -> bytes:
+    """One newline-terminated message (requests are bounded; replies from our own VMs not)."""
     data = bytearray()
     while b"\n" not in data:
-        chunk = conn.recv(4096)
+        chunk = conn.recv(65536)
         if not chunk:
             break
         data += chunk
-        if len(data) > REQUEST_MAX_BYTES:
+        if max_bytes is not None and len(data) > max_bytes:
             raise ValueError("request too large")
     return bytes(data).split(b"\n", 1)[0]
 
@@ -467,13 +468,7 @@ def request(vm_id: str, op: str, timeout: float | None = None, **args: Any) -> A
 
 
 def _read_reply(conn: socket.socket) -> dict | None:
-    data = bytearray()
-    while b"\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    line = bytes(data).split(b"\n", 1)[0]
+    line = _read_line(conn, max_bytes=None)
     if not line:
         return None
     reply = json.loads(line)
