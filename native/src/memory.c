@@ -8,44 +8,11 @@
 #include <string.h>
 #include <sys/mman.h>
 
-int sm_memory_init(sm_guest_memory *mem, uint64_t memory_bytes, uint64_t hole_start_gpa,
-                   uint64_t hole_end_gpa, char *err, size_t err_len)
-{
-    memset(mem, 0, sizeof(*mem));
-    if (memory_bytes == 0 || memory_bytes % SM_PAGE_SIZE_BYTES != 0) {
-        snprintf(err, err_len, "memory size %llu is not a positive multiple of 4 KiB",
-                 (unsigned long long)memory_bytes);
-        return -1;
-    }
-    uint64_t low = memory_bytes < hole_start_gpa ? memory_bytes : hole_start_gpa;
-    uint64_t high = memory_bytes - low;
-    uint64_t sizes[2] = {low, high};
-    uint64_t gpas[2] = {0, hole_end_gpa};
-    for (int i = 0; i < 2; i++) {
-        if (sizes[i] == 0)
-            continue;
-        void *p = mmap(NULL, sizes[i], PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED) {
-            snprintf(err, err_len, "mmap of %llu MiB guest RAM failed: %s",
-                     (unsigned long long)(sizes[i] / SM_MIB_BYTES), strerror(errno));
-            sm_memory_destroy(mem);
-            return -1;
-        }
-        /* Guest RAM is not worth a core dump and must not leak into a fork. */
-        madvise(p, sizes[i], MADV_DONTDUMP);
-        madvise(p, sizes[i], MADV_DONTFORK);
-        mem->regions[mem->n_regions].gpa = gpas[i];
-        mem->regions[mem->n_regions].size_bytes = sizes[i];
-        mem->regions[mem->n_regions].host = p;
-        mem->n_regions++;
-    }
-    mem->total_bytes = memory_bytes;
-    return 0;
-}
-
-int sm_memory_init_file(sm_guest_memory *mem, int fd, uint64_t memory_bytes,
-                        uint64_t hole_start_gpa, uint64_t hole_end_gpa, char *err, size_t err_len)
+/* Map guest RAM as up to two regions around the 32-bit MMIO hole: anonymous memory (fd < 0)
+ * or a copy-on-write private mapping of a snapshot's memory file (fd >= 0: several VMs
+ * restored from one file share its page cache until they write). */
+static int map_regions(sm_guest_memory *mem, int fd, uint64_t memory_bytes, uint64_t hole_start_gpa,
+                       uint64_t hole_end_gpa, char *err, size_t err_len)
 {
     memset(mem, 0, sizeof(*mem));
     if (memory_bytes == 0 || memory_bytes % SM_PAGE_SIZE_BYTES != 0) {
@@ -60,14 +27,18 @@ int sm_memory_init_file(sm_guest_memory *mem, int fd, uint64_t memory_bytes,
     for (int i = 0; i < 2; i++) {
         if (sizes[i] == 0)
             continue;
-        void *p = mmap(NULL, sizes[i], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd,
-                       (off_t)offset);
+        void *p = fd < 0 ? mmap(NULL, sizes[i], PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+                         : mmap(NULL, sizes[i], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE,
+                                fd, (off_t)offset);
         if (p == MAP_FAILED) {
-            snprintf(err, err_len, "copy-on-write mmap of %llu MiB guest RAM from the snapshot failed: %s",
-                     (unsigned long long)(sizes[i] / SM_MIB_BYTES), strerror(errno));
+            snprintf(err, err_len, "%smmap of %llu MiB guest RAM%s failed: %s",
+                     fd < 0 ? "" : "copy-on-write ", (unsigned long long)(sizes[i] / SM_MIB_BYTES),
+                     fd < 0 ? "" : " from the snapshot", strerror(errno));
             sm_memory_destroy(mem);
             return -1;
         }
+        /* Guest RAM is not worth a core dump and must not leak into a fork. */
         madvise(p, sizes[i], MADV_DONTDUMP);
         madvise(p, sizes[i], MADV_DONTFORK);
         mem->regions[mem->n_regions].gpa = gpas[i];
@@ -78,6 +49,22 @@ int sm_memory_init_file(sm_guest_memory *mem, int fd, uint64_t memory_bytes,
     }
     mem->total_bytes = memory_bytes;
     return 0;
+}
+
+int sm_memory_init(sm_guest_memory *mem, uint64_t memory_bytes, uint64_t hole_start_gpa,
+                   uint64_t hole_end_gpa, char *err, size_t err_len)
+{
+    return map_regions(mem, -1, memory_bytes, hole_start_gpa, hole_end_gpa, err, err_len);
+}
+
+int sm_memory_init_file(sm_guest_memory *mem, int fd, uint64_t memory_bytes,
+                        uint64_t hole_start_gpa, uint64_t hole_end_gpa, char *err, size_t err_len)
+{
+    if (fd < 0) {
+        snprintf(err, err_len, "snapshot memory file descriptor is invalid");
+        return -1;
+    }
+    return map_regions(mem, fd, memory_bytes, hole_start_gpa, hole_end_gpa, err, err_len);
 }
 
 void sm_memory_destroy(sm_guest_memory *mem)

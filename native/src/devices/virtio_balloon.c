@@ -1,6 +1,7 @@
 /* virtio_balloon.c — the balloon device state machine and queue handlers. */
 #define _GNU_SOURCE
 #include "virtio_balloon.h"
+#include "error_table.h"
 #include "../event_loop.h"
 #include "../sm_internal.h"
 
@@ -29,9 +30,7 @@ static const char *const BALLOON_ERROR_MESSAGES[SM_BALLOON_ERR_COUNT] = {
 
 const char *sm_balloon_error_message(int err)
 {
-    if (err < 0 || err >= SM_BALLOON_ERR_COUNT || !BALLOON_ERROR_MESSAGES[err])
-        return "unknown balloon error";
-    return BALLOON_ERROR_MESSAGES[err];
+    return sm_error_table_lookup(BALLOON_ERROR_MESSAGES, SM_BALLOON_ERR_COUNT, err, "unknown balloon error");
 }
 
 sm_balloon *sm_balloon_create(int deflate_on_oom, uint32_t stats_interval_s)

@@ -3,6 +3,7 @@
  * byte and counted; descriptor-level garbage breaks the device. */
 #define _GNU_SOURCE
 #include "virtio_blk.h"
+#include "error_table.h"
 #include "../sm_internal.h"
 
 #include <errno.h>
@@ -29,9 +30,7 @@ static const char *const BLK_ERROR_MESSAGES[SM_BLK_ERR_COUNT] = {
 
 const char *sm_blk_error_message(int err)
 {
-    if (err < 0 || err >= SM_BLK_ERR_COUNT || !BLK_ERROR_MESSAGES[err])
-        return "unknown blk error";
-    return BLK_ERROR_MESSAGES[err];
+    return sm_error_table_lookup(BLK_ERROR_MESSAGES, SM_BLK_ERR_COUNT, err, "unknown blk error");
 }
 
 sm_blk *sm_blk_create(const char *path, int read_only, const char *serial, uint32_t index, char *err,

@@ -4,6 +4,7 @@
  * is answered with a FUSE error and counted. */
 #define _GNU_SOURCE
 #include "virtio_fs.h"
+#include "error_table.h"
 #include "../sm_internal.h"
 
 #include <dirent.h>
@@ -105,9 +106,7 @@ static const char *const FS_ERROR_MESSAGES[SM_FS_ERR_COUNT] = {
 
 const char *sm_fs_error_message(int err)
 {
-    if (err < 0 || err >= SM_FS_ERR_COUNT || !FS_ERROR_MESSAGES[err])
-        return "unknown fs error";
-    return FS_ERROR_MESSAGES[err];
+    return sm_error_table_lookup(FS_ERROR_MESSAGES, SM_FS_ERR_COUNT, err, "unknown fs error");
 }
 
 static int fs_openat2(int dirfd, const char *name, uint64_t flags, uint64_t mode)

@@ -2,6 +2,7 @@
  * negotiation, queue setup and notification dispatch. */
 #define _GNU_SOURCE
 #include "virtio_mmio.h"
+#include "error_table.h"
 #include "../sm_internal.h"
 
 #include <stdarg.h>
@@ -51,9 +52,7 @@ static const char *const MMIO_ERROR_MESSAGES[SM_VIRTIO_MMIO_ERR_COUNT] = {
 
 const char *sm_virtio_mmio_error_message(int err)
 {
-    if (err < 0 || err >= SM_VIRTIO_MMIO_ERR_COUNT || !MMIO_ERROR_MESSAGES[err])
-        return "unknown virtio-mmio error";
-    return MMIO_ERROR_MESSAGES[err];
+    return sm_error_table_lookup(MMIO_ERROR_MESSAGES, SM_VIRTIO_MMIO_ERR_COUNT, err, "unknown virtio-mmio error");
 }
 
 sm_virtio_mmio *sm_virtio_mmio_create(struct sm_vm *vm, const char *name, uint64_t base_gpa,

@@ -1,5 +1,6 @@
 /* virtio_queue.c — split virtqueue parsing with every guest value checked. */
 #include "virtio_queue.h"
+#include "error_table.h"
 
 #include <string.h>
 
@@ -28,9 +29,7 @@ static const char *const VQ_ERROR_MESSAGES[SM_VQ_ERROR_COUNT] = {
 
 const char *sm_vq_error_message(int err)
 {
-    if (err < 0 || err >= SM_VQ_ERROR_COUNT || !VQ_ERROR_MESSAGES[err])
-        return "unknown virtqueue error";
-    return VQ_ERROR_MESSAGES[err];
+    return sm_error_table_lookup(VQ_ERROR_MESSAGES, SM_VQ_ERROR_COUNT, err, "unknown virtqueue error");
 }
 
 void sm_vq_init(sm_virtqueue *q, const sm_guest_memory *mem, uint16_t max_size)

@@ -4,6 +4,7 @@
  * Everything runs under the transport lock. */
 #define _GNU_SOURCE
 #include "virtio_vsock.h"
+#include "error_table.h"
 #include "../event_loop.h"
 #include "../sm_internal.h"
 
@@ -31,9 +32,7 @@ static const char *const VSOCK_ERROR_MESSAGES[SM_VSOCK_ERR_COUNT] = {
 
 const char *sm_vsock_error_message(int err)
 {
-    if (err < 0 || err >= SM_VSOCK_ERR_COUNT || !VSOCK_ERROR_MESSAGES[err])
-        return "unknown vsock error";
-    return VSOCK_ERROR_MESSAGES[err];
+    return sm_error_table_lookup(VSOCK_ERROR_MESSAGES, SM_VSOCK_ERR_COUNT, err, "unknown vsock error");
 }
 
 typedef struct __attribute__((packed)) vsock_header {
