@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import machine_line, row, table_header, timed
+from common import print_report_head, row, timed
 
 from supermachine_jupyter.config import VmConfig
 from supermachine_jupyter.image import Image
@@ -60,11 +60,8 @@ def main() -> int:
         engine, accel = vm.engine, vm.accel
         guest_kernel = vm.run("uname -r").stdout.strip()
 
-    print(machine_line())
-    print(f"VMs: engine {engine}, accel {accel}, {warm.memory_mib} MiB, {warm.vcpus} vCPU, "
-          f"guest kernel {guest_kernel}")
-    print()
-    print(table_header())
+    print_report_head(f"VMs: engine {engine}, accel {accel}, {warm.memory_mib} MiB, "
+                      f"{warm.vcpus} vCPU, guest kernel {guest_kernel}")
     print(row("launch → agent HELLO", boots))
     print(row("exec `true` round trip (argv)", execs))
     print(row("exec `sh -c true` round trip", sh_execs))

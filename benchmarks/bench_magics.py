@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import redirect_stdout
 
-from common import fmt, machine_line, row, table_header
+from common import fmt, print_report_head, row
 
 from IPython.testing.globalipapp import start_ipython
 
@@ -78,10 +78,8 @@ def main() -> int:
         raw.append(time.perf_counter() - started)
     ip.run_line_magic("vm", "stop --all")
 
-    print(machine_line())
-    print(f"VMs: engine {vm.engine}, accel {vm.accel}, {vm.memory_mib} MiB, {vm.vcpus} vCPU")
-    print()
-    print(table_header())
+    print_report_head(f"VMs: engine {vm.engine}, accel {vm.accel}, {vm.memory_mib} MiB, "
+                      f"{vm.vcpus} vCPU")
     print(row("new-VM `%%vm` cell → first output line (boot)", booted))
     print(row("new-VM `%%vm` cell → first output line (pre-booted snapshot)", restored))
     print(row("warm named-VM `%%vm` cell round trip", warm))

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import fmt, machine_line, row, table_header
+from benchmarks.common import fmt, print_report_head, row
 from supermachine_jupyter.config import VmConfig
 from supermachine_jupyter.image import Image
 
@@ -217,10 +217,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(machine_line())
-    print(f"VMs: engine {engine}, accel {accel}, {args.memory} MiB, 1 vCPU")
-    print()
-    print(table_header())
+    print_report_head(f"VMs: engine {engine}, accel {accel}, {args.memory} MiB, 1 vCPU")
     print(row("cold boot → first exec output", cold))
     print(row("restore → first exec output", restored))
     if plain_times:

@@ -59,6 +59,14 @@ def table_header() -> str:
     return "| measurement | samples | median | min | max |\n|---|---:|---:|---:|---:|"
 
 
+def print_report_head(vms_line: str) -> None:
+    """What every report starts with: the machine, the VMs measured, the table header."""
+    print(machine_line())
+    print(vms_line)
+    print()
+    print(table_header())
+
+
 def row(name: str, samples: list[float]) -> str:
     return (f"| {name} | {len(samples)} | {fmt(statistics.median(samples))} | "
             f"{fmt(min(samples))} | {fmt(max(samples))} |")
