@@ -7,6 +7,7 @@
  * exit: every bad frame gets an ERROR frame and is dropped.
  */
 #define _GNU_SOURCE
+#include "dispatch.h"
 #include "protocol.h"
 
 #include <dirent.h>
@@ -68,12 +69,9 @@ struct stream {
     long long last_output_ms;
 };
 
-static void power_off(void);
-
 static struct stream streams[SM_MAX_STREAMS];
 static int conn_fd = -1;
 static int listen_fd = -1;   /* vsock transport only */
-static int session_ready;
 static uint8_t *out_frame;   /* header + one chunk */
 
 /* ----------------------------------------------------------------------------------- */
@@ -213,7 +211,7 @@ static void free_stream(struct stream *s)
 }
 
 /* A new HELLO (or a lost connection) ends the session: its commands die with it. */
-static void reset_session(void)
+static void forget_streams(void)
 {
     for (int i = 0; i < SM_MAX_STREAMS; i++) {
         struct stream *s = &streams[i];
@@ -222,7 +220,6 @@ static void reset_session(void)
         if (s->kind != STREAM_FREE)
             free_stream(s);
     }
-    session_ready = 0;
 }
 
 /* Is this stream id free for a new request? Sends the error when it is not. */
@@ -396,8 +393,9 @@ out:
     free(cwd);
 }
 
-static void handle_stdin(const struct sm_header *h, const uint8_t *payload)
+static void handle_stdin(const struct sm_header *h, struct sm_cursor *c)
 {
+    const uint8_t *payload = c->data;
     struct stream *s = find_stream(h->stream);
     if (!s || s->kind != STREAM_EXEC || s->stdin_close_pending
         || (s->stdin_fd < 0 && !s->exited)) {
@@ -525,74 +523,13 @@ static void handle_read_file(const struct sm_header *h, struct sm_cursor *c)
     free(path);
 }
 
-static void dispatch(const struct sm_header *h, const uint8_t *payload)
-{
-    struct sm_cursor c = { payload, h->length, 0 };
-    if (h->type == SM_HELLO) {
-        uint32_t version;
-        const uint8_t *sw;
-        uint32_t sw_len;
-        if (h->stream != 0 || !sm_get_u32(&c, &version) || !sm_get_str(&c, &sw, &sw_len)
-            || !sm_at_end(&c)) {
-            send_error(h->stream, SM_E_BAD_PAYLOAD, "HELLO needs stream 0, u32 version, str");
-            return;
-        }
-        reset_session();
-        session_ready = 1;
-        struct sm_builder b = { 0 };
-        if (sm_put_u32(&b, SM_PROTOCOL_VERSION)
-            && sm_put_str(&b, AGENT_SOFTWARE, strlen(AGENT_SOFTWARE)))
-            send_frame(SM_HELLO, 0, b.data, b.len);
-        sm_builder_free(&b);
-        return;
-    }
-    if (!session_ready) {
-        send_error(h->stream, SM_E_NOT_READY, "frame type 0x%02x before HELLO", h->type);
-        return;
-    }
-    switch (h->type) {
-    case SM_PING:
-        send_frame(SM_PONG, h->stream, payload, h->length);
-        break;
-    case SM_POWEROFF:
-        if (h->stream != 0 || h->length != 0) {
-            send_error(h->stream, SM_E_BAD_PAYLOAD, "POWEROFF takes stream 0 and no payload");
-            break;
-        }
-        log_line("poweroff requested by the host");
-        power_off();
-        break;
-    case SM_EXEC:
-        handle_exec(h, &c);
-        break;
-    case SM_STDIN:
-        handle_stdin(h, payload);
-        break;
-    case SM_SIGNAL:
-        handle_signal(h, &c);
-        break;
-    case SM_CREDIT:
-        handle_credit(h, &c);
-        break;
-    case SM_WRITE_FILE:
-        handle_write_file(h, &c);
-        break;
-    case SM_READ_FILE:
-        handle_read_file(h, &c);
-        break;
-    case SM_ERROR:
-        break;  /* the host reporting our mistake: nothing to answer */
-    default:
-        send_error(h->stream, SM_E_BAD_TYPE, "unknown frame type 0x%02x", h->type);
-    }
-}
-
 /* End the VM cleanly: stop every process, unmount volumes so their journals are clean (a
  * read-only mount of an unclean ext4 would fail next time), then reboot, which the engines
  * treat as "VM ended". */
 static void power_off(void)
 {
-    reset_session();
+    log_line("poweroff requested by the host");
+    forget_streams();
     kill(-1, SIGKILL);
     sync();
     char targets[32][256];
@@ -614,40 +551,36 @@ static void power_off(void)
     reboot(RB_AUTOBOOT);
 }
 
+static void send_message(uint32_t stream, uint32_t code, const struct sm_text *message)
+{
+    send_error(stream, code, "%.*s", (int)message->len, message->data);
+}
+
+static struct sm_agent agent = {
+    .software = AGENT_SOFTWARE,
+    .send_frame = send_frame,
+    .send_error = send_message,
+    .forget_streams = forget_streams,
+    .power_off = power_off,
+    .exec = handle_exec,
+    .stdin_data = handle_stdin,
+    .signal = handle_signal,
+    .credit = handle_credit,
+    .write_file = handle_write_file,
+    .read_file = handle_read_file,
+};
+
 /* ----------------------------------------------------------------------------------- */
 /* Input: a buffer of received bytes, parsed into frames with resynchronisation. */
 
 static uint8_t *in_buf;
 static size_t in_len;
-static int resyncing;
 
 static void parse_input(void)
 {
-    size_t pos = 0;
-    while (in_len - pos >= SM_HEADER_BYTES) {
-        struct sm_header h;
-        enum sm_header_status st = sm_decode_header(in_buf + pos, &h);
-        if (st == SM_HEADER_BAD) {
-            if (!resyncing)
-                send_error(0, SM_E_BAD_HEADER, "bad frame header (magic, flags or CRC); resynchronising");
-            resyncing = 1;
-            pos++;
-            continue;
-        }
-        resyncing = 0;
-        if (st == SM_HEADER_TOO_LONG) {
-            send_error(h.stream, SM_E_TOO_LONG, "frame length %u exceeds the maximum %u",
-                       h.length, SM_MAX_PAYLOAD_BYTES);
-            pos += SM_HEADER_BYTES;
-            continue;
-        }
-        if (in_len - pos - SM_HEADER_BYTES < h.length)
-            break;
-        dispatch(&h, in_buf + pos + SM_HEADER_BYTES);
-        pos += SM_HEADER_BYTES + h.length;
-    }
-    memmove(in_buf, in_buf + pos, in_len - pos);
-    in_len -= pos;
+    size_t used = sm_agent_serve(&agent, in_buf, in_len);
+    memmove(in_buf, in_buf + used, in_len - used);
+    in_len -= used;
 }
 
 /* ----------------------------------------------------------------------------------- */
@@ -830,8 +763,6 @@ int main(int argc, char **argv)
         int n = 0, timeout = -1;
         if (conn_fd < 0 && listen_fd >= 0) {
             conn_fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-            in_len = 0;
-            resyncing = 0;
             continue;
         }
         pfds[n] = (struct pollfd){ .fd = conn_fd, .events = POLLIN };
@@ -900,11 +831,10 @@ int main(int argc, char **argv)
         /* The host went away: its commands die with the session. A virtio-serial port
          * stays open and reports HUP until the host reconnects; a vsock connection is
          * closed and the next one accepted. */
-        if (session_ready)
+        if (agent.session_ready)
             log_line("host disconnected; session reset");
-        reset_session();
+        sm_agent_end_session(&agent);
         in_len = 0;
-        resyncing = 0;
         if (is_port) {
             usleep(20 * 1000);
         } else {

@@ -1,8 +1,10 @@
 /* Frame header encoding/decoding and payload helpers of the agent protocol. */
 #include "protocol.h"
 
-#include <stdlib.h>
 #include <string.h>
+#if __STDC_HOSTED__
+#include <stdlib.h>
+#endif
 
 static uint32_t crc_table[256];
 static int crc_ready;
@@ -65,6 +67,33 @@ enum sm_header_status sm_decode_header(const uint8_t in[SM_HEADER_BYTES], struct
     return out->length > SM_MAX_PAYLOAD_BYTES ? SM_HEADER_TOO_LONG : SM_HEADER_OK;
 }
 
+enum sm_parse_result sm_parse_next(struct sm_parser *p, const uint8_t *buf, size_t len, size_t *pos,
+                                   struct sm_header *h, const uint8_t **payload)
+{
+    while (len - *pos >= SM_HEADER_BYTES) {
+        enum sm_header_status st = sm_decode_header(buf + *pos, h);
+        if (st == SM_HEADER_BAD) {
+            int first = !p->resyncing;
+            p->resyncing = 1;
+            (*pos)++;
+            if (first)
+                return SM_PARSE_BAD_HEADER;
+            continue;
+        }
+        p->resyncing = 0;
+        if (st == SM_HEADER_TOO_LONG) {
+            *pos += SM_HEADER_BYTES;
+            return SM_PARSE_TOO_LONG;
+        }
+        if (len - *pos - SM_HEADER_BYTES < h->length)
+            return SM_PARSE_NEED_MORE;
+        *payload = buf + *pos + SM_HEADER_BYTES;
+        *pos += SM_HEADER_BYTES + h->length;
+        return SM_PARSE_FRAME;
+    }
+    return SM_PARSE_NEED_MORE;
+}
+
 int sm_get_u32(struct sm_cursor *c, uint32_t *out)
 {
     if (c->len - c->pos < 4)
@@ -94,6 +123,11 @@ static int reserve(struct sm_builder *b, size_t extra)
 {
     if (b->len + extra <= b->cap)
         return 1;
+#if !__STDC_HOSTED__
+    return 0;
+#else
+    if (b->data && !b->on_heap)
+        return 0; /* the caller's storage */
     size_t cap = b->cap ? b->cap : 64;
     while (cap < b->len + extra)
         cap *= 2;
@@ -102,7 +136,9 @@ static int reserve(struct sm_builder *b, size_t extra)
         return 0;
     b->data = p;
     b->cap = cap;
+    b->on_heap = 1;
     return 1;
+#endif
 }
 
 int sm_put_u32(struct sm_builder *b, uint32_t v)
@@ -128,9 +164,44 @@ int sm_put_str(struct sm_builder *b, const char *s, size_t len)
     return 1;
 }
 
+#if __STDC_HOSTED__
 void sm_builder_free(struct sm_builder *b)
 {
-    free(b->data);
+    if (b->on_heap)
+        free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
+    b->on_heap = 0;
+}
+#endif
+
+void sm_text_bytes(struct sm_text *t, const void *p, size_t n)
+{
+    if (n > SM_TEXT_MAX_BYTES - t->len)
+        n = SM_TEXT_MAX_BYTES - t->len;
+    memcpy(t->data + t->len, p, n);
+    t->len += n;
+}
+
+void sm_text_str(struct sm_text *t, const char *s)
+{
+    sm_text_bytes(t, s, strlen(s));
+}
+
+void sm_text_dec(struct sm_text *t, uint64_t v)
+{
+    char digits[20];
+    size_t n = sizeof digits;
+    do {
+        digits[--n] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    sm_text_bytes(t, digits + n, sizeof digits - n);
+}
+
+void sm_text_type(struct sm_text *t, uint8_t type)
+{
+    static const char hex[] = "0123456789abcdef";
+    char s[4] = { '0', 'x', hex[type >> 4], hex[type & 15] };
+    sm_text_bytes(t, s, sizeof s);
 }
