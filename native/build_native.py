@@ -30,12 +30,24 @@ ROOT_DIR = os.path.dirname(NATIVE_DIR)
 HEADER = os.path.join(NATIVE_DIR, "include", "supermachine.h")
 PROBE_DIR = os.path.join(NATIVE_DIR, "guest", "probes")
 PROBE_OUT_DIR = os.path.join(ROOT_DIR, "supermachine_jupyter", "_probes")
+AGENT_DIR = os.path.join(NATIVE_DIR, "guest", "agent")
+#: Linked into every probe: the runtime.
 PROBE_LIBRARY_SOURCES = ("probe_lib.c",)
+#: Linked into the probes named: modules of the probe directory, and the real agent's
+#: protocol (framing, CRC, payloads) and frame dispatch, built from the same files.
+AGENT_SHARED_SOURCES = (os.path.join(AGENT_DIR, "protocol.c"), os.path.join(AGENT_DIR, "dispatch.c"))
+PROBE_MODULES = {
+    "vsock": ("probe_vsock.c", "probe_irq.c"),
+    "agent": ("probe_vsock.c", "probe_irq.c", "probe_clock.c", "agent_shell.c", "agent_files.c",
+              *AGENT_SHARED_SOURCES),
+}
 #: Probes that also carry the PVH entry (pvh_entry.S: XEN_ELFNOTE_PHYS32_ENTRY note + 32-bit
-#: stub), so the same ELF boots under QEMU's ``-kernel`` (benchmarks/bench_native.py). The
-#: native core then enters them through its PVH path; every other probe keeps the raw 64-bit
-#: ELF entry, so both of the core's entry paths stay exercised by the probe tests.
-PVH_PROBES = ("uart", "idle")
+#: stub), so the same ELF boots under QEMU's ``-kernel`` (benchmarks/bench_native.py), and the
+#: core takes an initrd with it as with a Linux vmlinux (``agent`` boots as an ``Image``'s
+#: kernel, with an initrd it ignores). The native core then enters them through its PVH path;
+#: every other probe keeps the raw 64-bit ELF entry, so both of the core's entry paths stay
+#: exercised by the probe tests.
+PVH_PROBES = ("uart", "idle", "agent")
 PROBE_PVH_ENTRY_SOURCE = "pvh_entry.S"
 PROBE_CFLAGS = [
     "-ffreestanding", "-nostdlib", "-static", "-fno-pic", "-no-pie", "-O2", "-Wall", "-Wextra",
@@ -70,12 +82,13 @@ def core_sources(relative: bool = True) -> list[str]:
 
 
 def probe_names() -> list[str]:
-    names = []
-    for path in sorted(glob.glob(os.path.join(PROBE_DIR, "*.c"))):
-        base = os.path.basename(path)
-        if base not in PROBE_LIBRARY_SOURCES:
-            names.append(base[:-2])
-    return names
+    """Every C file of the probe directory that is not a library source or module."""
+    modules = set(PROBE_LIBRARY_SOURCES)
+    for sources in PROBE_MODULES.values():
+        modules.update(sources)
+    return [os.path.basename(path)[:-2]
+            for path in sorted(glob.glob(os.path.join(PROBE_DIR, "*.c")))
+            if os.path.basename(path) not in modules]
 
 
 def build_probes(out_dir: str = PROBE_OUT_DIR, cc: str = "gcc", verbose: bool = False) -> list[str]:
@@ -86,8 +99,10 @@ def build_probes(out_dir: str = PROBE_OUT_DIR, cc: str = "gcc", verbose: bool = 
     for name in probe_names():
         out = os.path.join(out_dir, name + ".elf")
         entry = [os.path.join(PROBE_DIR, PROBE_PVH_ENTRY_SOURCE)] if name in PVH_PROBES else []
-        cmd = [cc, *PROBE_CFLAGS, "-I", PROBE_DIR, "-T", os.path.join(PROBE_DIR, "probe.ld"),
-               "-o", out, os.path.join(PROBE_DIR, name + ".c"), *lib, *entry]
+        modules = [os.path.join(PROBE_DIR, s) for s in PROBE_MODULES.get(name, ())]
+        cmd = [cc, *PROBE_CFLAGS, "-I", PROBE_DIR, "-I", AGENT_DIR,
+               "-T", os.path.join(PROBE_DIR, "probe.ld"),
+               "-o", out, os.path.join(PROBE_DIR, name + ".c"), *lib, *modules, *entry]
         if verbose:
             print(" ".join(cmd))
         subprocess.run(cmd, check=True)

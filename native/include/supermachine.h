@@ -161,8 +161,8 @@ typedef struct sm_device_info {
     int32_t broken;           /* nonzero: device stopped processing; see broken_reason */
     char broken_reason[256];
     uint32_t driver_status;   /* virtio status byte last written by the driver */
-    uint64_t counters[24];
-    char counter_names[24][32];
+    uint64_t counters[32];
+    char counter_names[32][32];
 } sm_device_info;
 
 /* A vCPU's main registers, readable while the VM is paused, stopped or failed. */
@@ -206,14 +206,26 @@ size_t sm_vm_virtio_cmdline_fragment(sm_vm *vm, char *buf, size_t len);
 
 /* Snapshots (native format, see native/src/snapshot.h). sm_vm_snapshot pauses a running
  * VM, writes dir/memory.bin (guest RAM, zero pages left as holes) and dir/state.bin (vCPU,
- * irqchip, PIT, clock, UART state), then puts the VM back in the state it was in. VMs with
- * virtio devices are refused with SM_ERR_BAD_STATE and a message naming them. */
+ * irqchip, PIT, clock, UART state, and each virtio device's transport, queues and own state:
+ * balloon target/actual/statistics, disk size/read-only/serial), then puts the VM back in the
+ * state it was in. Host-side vsock connections are not kept (see sm_vm_restore). A VM with a
+ * virtio-fs share is refused with SM_ERR_BAD_STATE and a message naming the device and why;
+ * nothing is written then. */
 int sm_vm_snapshot(sm_vm *vm, const char *dir);
-/* Build a VM from a snapshot directory: guest RAM is a MAP_PRIVATE (copy-on-write) mapping of
- * dir/memory.bin, so many VMs restored from one snapshot share its pages. start_running:
- * nonzero starts the vCPUs; zero leaves the VM CREATED (sm_vm_start runs it). A damaged,
- * truncated or other-version snapshot fails with a message that says "snapshot" and why. */
-int sm_vm_restore(const char *dir, int start_running, sm_vm **out, char *err, size_t err_len);
+/* Build a VM from a snapshot directory. devices: the host side of the snapshot's devices
+ * (balloon and its flags, blk paths/read_only/serial, vsock_uds_path and guest CID), the
+ * same kinds in the same order as the VM that made it; its memory_mib, vcpus, kernel_path,
+ * initrd_path and cmdline are ignored. NULL: the snapshot must have no virtio devices.
+ * A different device list is refused with a message that says "snapshot" and what differs;
+ * so is a disk whose size, read-only flag or serial differs, or a balloon whose
+ * deflate_on_oom or statistics interval differs ("snapshot restore: <device>: ...").
+ * Guest RAM is a MAP_PRIVATE (copy-on-write) mapping of dir/memory.bin, so many VMs restored
+ * from one snapshot share its pages. A restored vsock device has no connections and sends
+ * the guest a transport reset event (counter transport_resets). start_running: nonzero
+ * starts the vCPUs; zero leaves the VM CREATED (sm_vm_start runs it). A damaged, truncated
+ * or other-version snapshot fails with a message that says "snapshot" and why. */
+int sm_vm_restore(const char *dir, const sm_vm_config *devices, int start_running, sm_vm **out,
+                  char *err, size_t err_len);
 
 /* Console (8250 UART at 0x3f8). Output is kept in a ring; *cursor is an absolute byte
  * offset the caller keeps (start at 0). Returns bytes copied; if the caller fell behind

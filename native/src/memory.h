@@ -39,7 +39,10 @@ uint8_t *sm_memory_ptr(const sm_guest_memory *mem, uint64_t gpa, uint64_t len);
 int sm_memory_read(const sm_guest_memory *mem, uint64_t gpa, void *dst, uint64_t len);
 int sm_memory_write(const sm_guest_memory *mem, uint64_t gpa, const void *src, uint64_t len);
 
-/* Release [gpa, gpa+len) back to the host (MADV_DONTNEED); it reads as zero afterwards.
+/* Release [gpa, gpa+len) back to the host (MADV_DONTNEED). It reads as zero afterwards in a
+ * booted VM; in a restored VM (RAM mapped from a snapshot's memory.bin) it reads as the
+ * snapshot's bytes again, which a balloon allows (the spec promises no contents without
+ * VIRTIO_BALLOON_F_PAGE_POISON, which we do not offer).
  * Returns 0, or -1 if the range is not page aligned guest RAM. */
 int sm_memory_discard(const sm_guest_memory *mem, uint64_t gpa, uint64_t len);
 

@@ -30,6 +30,7 @@ static const char *const SM_SNAPSHOT_ERROR_MESSAGES[SM_SNAPSHOT_ERROR_COUNT] = {
     "snapshot layout is invalid (sizes or counts out of range)",
     "snapshot is corrupted (checksum mismatch)",
     "snapshot memory.bin size does not match its header",
+    "snapshot device list differs from the restore's devices",
 };
 
 /* MSRs carried across a snapshot; ones the host KVM refuses to read are left out. */
@@ -213,7 +214,8 @@ static void save_uart(sm_uart *u, sm_snapshot_uart_state *s)
 
 static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_len)
 {
-    size_t payload_bytes = sizeof(sm_snapshot_vm_state) + vm->n_vcpus * sizeof(sm_snapshot_vcpu_state);
+    size_t payload_bytes = sizeof(sm_snapshot_vm_state) + vm->n_vcpus * sizeof(sm_snapshot_vcpu_state) +
+                           vm->n_virtio * sizeof(sm_virtio_mmio_state);
     uint8_t *buf = calloc(1, sizeof(sm_snapshot_header) + payload_bytes);
     if (!buf) {
         snprintf(err, err_len, "snapshot: out of memory");
@@ -222,6 +224,7 @@ static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_l
     sm_snapshot_header *h = (sm_snapshot_header *)(void *)buf;
     sm_snapshot_vm_state *vs = (sm_snapshot_vm_state *)(void *)(buf + sizeof(*h));
     sm_snapshot_vcpu_state *cs = (sm_snapshot_vcpu_state *)(void *)(vs + 1);
+    sm_virtio_mmio_state *ds = (sm_virtio_mmio_state *)(void *)(cs + vm->n_vcpus);
     int rc = -1;
     vs->pic_master.chip_id = KVM_IRQCHIP_PIC_MASTER;
     vs->pic_slave.chip_id = KVM_IRQCHIP_PIC_SLAVE;
@@ -248,6 +251,13 @@ static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_l
     for (uint32_t i = 0; i < vm->n_vcpus; i++)
         if (save_vcpu(vm, &vm->vcpus[i], &cs[i], &flags, err, err_len) < 0)
             goto out;
+    char device_err[SM_ERROR_MESSAGE_BYTES];
+    for (uint32_t i = 0; i < vm->n_virtio; i++) {
+        if (sm_virtio_mmio_save(vm->virtio[i], &ds[i], device_err, sizeof(device_err)) < 0) {
+            snprintf(err, err_len, "snapshot: %.400s", device_err);
+            goto out;
+        }
+    }
     memcpy(h->magic, SM_SNAPSHOT_MAGIC, sizeof(h->magic));
     h->format_version = SM_SNAPSHOT_FORMAT_VERSION;
     h->header_bytes = sizeof(*h);
@@ -255,6 +265,8 @@ static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_l
     h->n_vcpus = vm->n_vcpus;
     h->flags = flags;
     h->payload_bytes = payload_bytes;
+    h->n_devices = vm->n_virtio;
+    h->device_record_bytes = sizeof(sm_virtio_mmio_state);
     h->checksum = snapshot_checksum(buf);
 
     char path[SM_SNAPSHOT_PATH_BYTES], tmp[SM_SNAPSHOT_PATH_BYTES];
@@ -294,15 +306,12 @@ int sm_vm_snapshot(sm_vm *vm, const char *dir)
         sm_vm_set_error(vm, "snapshot: a directory is required");
         return SM_ERR_INVALID_ARGUMENT;
     }
-    if (vm->n_virtio) {
-        char names[256] = "";
-        for (uint32_t i = 0; i < vm->n_virtio; i++) {
-            size_t used = strlen(names);
-            snprintf(names + used, sizeof(names) - used, "%s%s", i ? ", " : "", vm->virtio[i]->name);
+    for (uint32_t i = 0; i < vm->n_virtio; i++) {
+        const char *refusal = sm_virtio_mmio_snapshot_refusal(vm->virtio[i]);
+        if (refusal) {
+            sm_vm_set_error(vm, "snapshot: %s cannot be snapshotted: %s", vm->virtio[i]->name, refusal);
+            return SM_ERR_BAD_STATE;
         }
-        sm_vm_set_error(vm, "snapshot: VMs with virtio devices cannot be snapshotted yet "
-                            "(device state is not saved): %s", names);
-        return SM_ERR_BAD_STATE;
     }
     int state = sm_vm_get_state(vm);
     if (state != SM_STATE_RUNNING && state != SM_STATE_PAUSED) {
@@ -362,7 +371,8 @@ static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
         return snapshot_error(err, err_len, SM_SNAPSHOT_ERR_OPEN, detail);
     }
     size_t max_bytes = sizeof(sm_snapshot_header) + sizeof(sm_snapshot_vm_state) +
-                       SM_MAX_VCPUS * sizeof(sm_snapshot_vcpu_state);
+                       SM_MAX_VCPUS * sizeof(sm_snapshot_vcpu_state) +
+                       SM_MAX_VIRTIO_DEVICES * sizeof(sm_virtio_mmio_state);
     if ((uint64_t)st.st_size < sizeof(sm_snapshot_header) || (uint64_t)st.st_size > max_bytes) {
         close(fd);
         snprintf(detail, sizeof(detail), "%s is %lld bytes", path, (long long)st.st_size);
@@ -395,10 +405,14 @@ static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
         rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_VERSION, detail);
     } else if (h->header_bytes != sizeof(*h) || h->n_vcpus < 1 || h->n_vcpus > SM_MAX_VCPUS ||
                h->memory_bytes == 0 || h->memory_bytes % SM_MIB_BYTES != 0 ||
+               h->n_devices > SM_MAX_VIRTIO_DEVICES ||
+               h->device_record_bytes != sizeof(sm_virtio_mmio_state) ||
                h->payload_bytes != sizeof(sm_snapshot_vm_state) +
-                                       (uint64_t)h->n_vcpus * sizeof(sm_snapshot_vcpu_state)) {
-        snprintf(detail, sizeof(detail), "header: %u vCPUs, %llu bytes of memory, %llu payload bytes",
-                 h->n_vcpus, (unsigned long long)h->memory_bytes, (unsigned long long)h->payload_bytes);
+                                       (uint64_t)h->n_vcpus * sizeof(sm_snapshot_vcpu_state) +
+                                       (uint64_t)h->n_devices * sizeof(sm_virtio_mmio_state)) {
+        snprintf(detail, sizeof(detail), "header: %u vCPUs, %u devices of %u bytes, %llu bytes of "
+                 "memory, %llu payload bytes", h->n_vcpus, h->n_devices, h->device_record_bytes,
+                 (unsigned long long)h->memory_bytes, (unsigned long long)h->payload_bytes);
         rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_LAYOUT, detail);
     } else if ((uint64_t)st.st_size != sizeof(*h) + h->payload_bytes) {
         snprintf(detail, sizeof(detail), "state.bin is %lld bytes, the header says %llu",
@@ -416,6 +430,14 @@ static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
         for (uint32_t i = 0; rc == SM_OK && i < h->n_vcpus; i++)
             if (cs[i].n_msrs > SM_SNAPSHOT_MAX_MSRS)
                 rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_LAYOUT, "MSR count");
+        const sm_virtio_mmio_state *ds = (const sm_virtio_mmio_state *)(const void *)(cs + h->n_vcpus);
+        for (uint32_t i = 0; rc == SM_OK && i < h->n_devices; i++) {
+            const char *why = sm_virtio_mmio_state_check(&ds[i]);
+            if (why) {
+                snprintf(detail, sizeof(detail), "device record %u: %s", i, why);
+                rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_LAYOUT, detail);
+            }
+        }
     }
     if (rc != SM_OK) {
         free(buf);
@@ -510,7 +532,48 @@ static int restore_vm_state(struct sm_vm *vm, const sm_snapshot_vm_state *vs, ch
     return SM_OK;
 }
 
-int sm_vm_restore(const char *dir, int start_running, sm_vm **out, char *err, size_t err_len)
+static void append_name(char *list, size_t len, const char *name)
+{
+    size_t used = strlen(list);
+    snprintf(list + used, len - used, "%s%s", used ? ", " : "", name);
+}
+
+/* The restore's devices must be the snapshot's: the same names (so kinds) in the same order. */
+static int check_device_list(struct sm_vm *vm, const sm_virtio_mmio_state *ds, uint32_t n_devices,
+                             char *err, size_t err_len)
+{
+    int same = vm->n_virtio == n_devices;
+    for (uint32_t i = 0; same && i < n_devices; i++)
+        same = strcmp(ds[i].name, vm->virtio[i]->name) == 0 &&
+               ds[i].device_id == vm->virtio[i]->ops->device_id;
+    if (same)
+        return SM_OK;
+    char in_snapshot[SM_MAX_VIRTIO_DEVICES * SM_VIRTIO_NAME_BYTES] = "";
+    char in_restore[sizeof(in_snapshot)] = "";
+    for (uint32_t i = 0; i < n_devices; i++)
+        append_name(in_snapshot, sizeof(in_snapshot), ds[i].name);
+    for (uint32_t i = 0; i < vm->n_virtio; i++)
+        append_name(in_restore, sizeof(in_restore), vm->virtio[i]->name);
+    char detail[sizeof(in_snapshot) * 2 + 64];
+    snprintf(detail, sizeof(detail), "the snapshot has [%s], the restore's devices are [%s]",
+             in_snapshot, in_restore);
+    return snapshot_error(err, err_len, SM_SNAPSHOT_ERR_DEVICE_LIST, detail);
+}
+
+static int restore_devices(struct sm_vm *vm, const sm_virtio_mmio_state *ds, char *err, size_t err_len)
+{
+    for (uint32_t i = 0; i < vm->n_virtio; i++) {
+        char detail[SM_ERROR_MESSAGE_BYTES];
+        if (sm_virtio_mmio_restore(vm->virtio[i], &ds[i], detail, sizeof(detail)) < 0) {
+            snprintf(err, err_len, "snapshot restore: %s", detail);
+            return SM_ERR_INVALID_ARGUMENT;
+        }
+    }
+    return SM_OK;
+}
+
+int sm_vm_restore(const char *dir, const sm_vm_config *devices, int start_running, sm_vm **out,
+                  char *err, size_t err_len)
 {
     char dummy[8];
     if (!err || !err_len) {
@@ -530,6 +593,7 @@ int sm_vm_restore(const char *dir, int start_running, sm_vm **out, char *err, si
     const sm_snapshot_header *h = (const sm_snapshot_header *)(const void *)buf;
     const sm_snapshot_vm_state *vs = (const sm_snapshot_vm_state *)(const void *)(buf + sizeof(*h));
     const sm_snapshot_vcpu_state *cs = (const sm_snapshot_vcpu_state *)(const void *)(vs + 1);
+    const sm_virtio_mmio_state *ds = (const sm_virtio_mmio_state *)(const void *)(cs + h->n_vcpus);
 
     char path[SM_SNAPSHOT_PATH_BYTES], detail[SM_SNAPSHOT_PATH_BYTES + 128];
     int fd = -1;
@@ -548,9 +612,13 @@ int sm_vm_restore(const char *dir, int start_running, sm_vm **out, char *err, si
     if (rc == SM_OK) {
         sm_vm_config c;
         memset(&c, 0, sizeof(c));
+        if (devices)
+            c = *devices;
         c.memory_mib = (uint32_t)(h->memory_bytes / SM_MIB_BYTES);
         c.vcpus = h->n_vcpus;
         c.kernel_path = "(snapshot)"; /* not loaded: memory comes from memory.bin */
+        c.initrd_path = NULL;
+        c.cmdline = NULL;
         char cerr[SM_ERROR_MESSAGE_BYTES];
         rc = sm_vm_create_internal(&c, fd, &vm, cerr, sizeof(cerr));
         if (rc != SM_OK)
@@ -559,9 +627,15 @@ int sm_vm_restore(const char *dir, int start_running, sm_vm **out, char *err, si
     if (fd >= 0)
         close(fd); /* the mappings keep the file */
     if (rc == SM_OK)
+        rc = check_device_list(vm, ds, h->n_devices, err, err_len);
+    if (rc == SM_OK)
         rc = restore_vm_state(vm, vs, err, err_len);
     for (uint32_t i = 0; rc == SM_OK && i < h->n_vcpus; i++)
         rc = restore_vcpu(&vm->vcpus[i], &cs[i], h->flags, err, err_len);
+    /* Devices last: a restored device may interrupt the guest (vsock's reset event), which
+     * must land in the restored irqchip, not be overwritten by it. */
+    if (rc == SM_OK)
+        rc = restore_devices(vm, ds, err, err_len);
     free(buf);
     if (rc == SM_OK && start_running) {
         rc = sm_vm_start(vm);

@@ -2,9 +2,10 @@
  *
  * memory.bin: guest RAM, regions back to back (RAM below the MMIO hole, then above 4 GiB),
  * exactly memory_bytes long; all-zero pages are holes. Restores map it MAP_PRIVATE.
- * state.bin: sm_snapshot_header, then the payload: sm_snapshot_vm_state and n_vcpus times
- * sm_snapshot_vcpu_state. checksum is FNV-1a 64 over the header (checksum field zero)
- * and the payload. All host-endian (x86-64):
+ * state.bin: sm_snapshot_header, then the payload: sm_snapshot_vm_state, n_vcpus times
+ * sm_snapshot_vcpu_state, then n_devices times sm_virtio_mmio_state (devices/virtio_mmio.h:
+ * transport, queues and the device's own state), in device order. checksum is FNV-1a 64 over
+ * the header (checksum field zero) and the payload. All host-endian (x86-64):
  * a snapshot is restored on the machine type that made it.
  */
 #ifndef SM_SNAPSHOT_H
@@ -17,7 +18,7 @@
 #include "../include/supermachine.h"
 
 #define SM_SNAPSHOT_MAGIC "SMNSNAP"          /* 8 bytes with the NUL */
-#define SM_SNAPSHOT_FORMAT_VERSION 1u
+#define SM_SNAPSHOT_FORMAT_VERSION 2u         /* 2: virtio device records */
 #define SM_SNAPSHOT_STATE_FILE "state.bin"
 #define SM_SNAPSHOT_MEMORY_FILE "memory.bin"
 #define SM_SNAPSHOT_MAX_MSRS 16
@@ -33,6 +34,7 @@ typedef enum sm_snapshot_error {
     SM_SNAPSHOT_ERR_LAYOUT,      /* sizes or counts out of range, or trailing bytes */
     SM_SNAPSHOT_ERR_CHECKSUM,    /* payload does not match its checksum: corrupted */
     SM_SNAPSHOT_ERR_MEMORY_SIZE, /* memory.bin length differs from the recorded size */
+    SM_SNAPSHOT_ERR_DEVICE_LIST, /* the restore's devices are not the snapshot's */
     SM_SNAPSHOT_ERROR_COUNT
 } sm_snapshot_error;
 
@@ -45,6 +47,8 @@ typedef struct sm_snapshot_header {
     uint32_t flags;
     uint64_t payload_bytes;
     uint64_t checksum;
+    uint32_t n_devices;
+    uint32_t device_record_bytes;   /* sizeof(sm_virtio_mmio_state) of the writer */
 } sm_snapshot_header;
 
 typedef struct sm_snapshot_uart_state {

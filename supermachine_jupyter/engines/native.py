@@ -20,7 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import EngineError, VmStoppedError
 from .base import EngineInstance
@@ -83,6 +83,12 @@ def library():
     return _load()
 
 
+def version() -> str:
+    """The core's version string (recorded in snapshots)."""
+    ffi, lib = _load()
+    return ffi.string(lib.sm_version()).decode()
+
+
 def kvm_check() -> tuple[bool, str]:
     """Can the core use /dev/kvm here? (ok, message naming what is missing)."""
     ffi, lib = _load()
@@ -118,8 +124,31 @@ class NativeVm:
                  mounts: Sequence[tuple] = ()):
         ffi, lib = _load()
         self._ffi, self._lib = ffi, lib
-        cfg = ffi.new("sm_vm_config *")
         keep = []  # cffi char[] objects must outlive sm_vm_create
+        cfg = self._config(ffi, lib, keep, kernel=kernel, memory_mib=memory_mib, vcpus=vcpus,
+                           initrd=initrd, cmdline=cmdline, balloon=balloon,
+                           balloon_deflate_on_oom=balloon_deflate_on_oom,
+                           balloon_stats_interval_s=balloon_stats_interval_s, volumes=volumes,
+                           vsock_uds_path=vsock_uds_path, vsock_guest_cid=vsock_guest_cid,
+                           strict_unhandled_exits=strict_unhandled_exits, mounts=mounts)
+        out = ffi.new("sm_vm **")
+        err = ffi.new("char[512]")
+        rc = lib.sm_vm_create(cfg, out, err, 512)
+        if rc != 0:
+            raise NativeCoreError(f"sm_vm_create: {ffi.string(err).decode(errors='replace')}",
+                                  _status_name(lib, rc))
+        self._vm = out[0]
+        self._cursor = ffi.new("uint64_t *")
+        self._started_ns: int | None = None
+        self.vsock_uds_path = os.fspath(vsock_uds_path) if vsock_uds_path else None
+
+    @staticmethod
+    def _config(ffi, lib, keep: list, *, kernel, memory_mib, vcpus, initrd, cmdline, balloon,
+                balloon_deflate_on_oom, balloon_stats_interval_s, volumes, vsock_uds_path,
+                vsock_guest_cid, strict_unhandled_exits, mounts):
+        """The sm_vm_config of a create or a restore (a restore ignores the boot fields). Its
+        strings are appended to ``keep``, which must outlive the core call."""
+        cfg = ffi.new("sm_vm_config *")
 
         def cstr(value):
             if value is None:
@@ -155,43 +184,50 @@ class NativeVm:
             cfg.fs[i].tag = cstr(mount[1])
             cfg.fs[i].read_only = int(bool(mount[2]))
         cfg.n_fs = len(mounts)
-        out = ffi.new("sm_vm **")
-        err = ffi.new("char[512]")
-        rc = lib.sm_vm_create(cfg, out, err, 512)
-        if rc != 0:
-            raise NativeCoreError(f"sm_vm_create: {ffi.string(err).decode(errors='replace')}",
-                                  _status_name(lib, rc))
-        self._vm = out[0]
-        self._cursor = ffi.new("uint64_t *")
-        self._started_ns: int | None = None
-        self.vsock_uds_path = os.fspath(vsock_uds_path) if vsock_uds_path else None
+        return cfg
 
     @classmethod
-    def restore(cls, path: str | os.PathLike, *, start: bool = True) -> "NativeVm":
+    def restore(cls, path: str | os.PathLike, *, start: bool = True, balloon: bool = False,
+                balloon_deflate_on_oom: bool = False, balloon_stats_interval_s: int = 0,
+                volumes: Sequence[tuple] = (), vsock_uds_path: str | os.PathLike | None = None,
+                vsock_guest_cid: int = 3) -> NativeVm:
         """A VM from a snapshot directory written by :meth:`snapshot`. Guest RAM is a
         copy-on-write mapping of its memory.bin, so VMs restored from one snapshot share the
-        unmodified pages. ``start=False`` leaves it created; :meth:`start` runs it. A damaged,
+        unmodified pages. ``start=False`` leaves it created; :meth:`start` runs it.
+
+        The device keywords mean what they mean for ``NativeVm(...)`` and give the host side of
+        the snapshot's devices: the same devices in the same order, the same balloon flags,
+        volumes of the same size, read-only flag and serial (each restore its own copy of the
+        file), a vsock socket path of its own. A restored vsock has no connections and tells
+        the guest so with a transport reset event. A different device list, or a damaged,
         truncated or other-version snapshot raises NativeCoreError saying "snapshot" and why."""
         ffi, lib = _load()
         self = cls.__new__(cls)
         self._ffi, self._lib = ffi, lib
         self._vm = None
+        keep = []
+        cfg = cls._config(ffi, lib, keep, kernel=None, memory_mib=0, vcpus=0, initrd=None,
+                          cmdline=None, balloon=balloon, balloon_deflate_on_oom=balloon_deflate_on_oom,
+                          balloon_stats_interval_s=balloon_stats_interval_s, volumes=volumes,
+                          vsock_uds_path=vsock_uds_path, vsock_guest_cid=vsock_guest_cid,
+                          strict_unhandled_exits=False, mounts=())
         out = ffi.new("sm_vm **")
         err = ffi.new("char[512]")
-        rc = lib.sm_vm_restore(os.fsencode(path), int(bool(start)), out, err, 512)
+        rc = lib.sm_vm_restore(os.fsencode(path), cfg, int(bool(start)), out, err, 512)
         if rc != 0:
             raise NativeCoreError(f"sm_vm_restore: {ffi.string(err).decode(errors='replace')}",
                                   _status_name(lib, rc))
         self._vm = out[0]
         self._cursor = ffi.new("uint64_t *")
         self._started_ns = time.monotonic_ns() if start else None
-        self.vsock_uds_path = None
+        self.vsock_uds_path = os.fspath(vsock_uds_path) if vsock_uds_path else None
         return self
 
     def snapshot(self, path: str | os.PathLike) -> None:
         """Write a snapshot (path/state.bin + sparse path/memory.bin; the directory is created).
-        A running VM is paused for the copy and resumed after. VMs with virtio devices are
-        refused (their device state is not saved yet)."""
+        A running VM is paused for the copy and resumed after. Virtio devices are saved with
+        it (transport, queues, balloon and disk state; vsock connections are not kept); a VM
+        with a virtio-fs mount is refused with the reason and nothing is written."""
         self.raise_if_failed()
         self._check(self._lib.sm_vm_snapshot(self._handle(), os.fsencode(path)), "snapshot")
 
@@ -477,6 +513,9 @@ def available() -> tuple[bool, str]:
 CONSOLE_POLL_S = 0.02
 AGENT_CONNECT_RETRY_S = 0.05
 VSOCK_SOCKET_NAME = "sm-vsock-{name}.sock"
+#: The files of the core's snapshot format (native/src/snapshot.h).
+SNAPSHOT_STATE_FILE = "state.bin"
+SNAPSHOT_MEMORY_FILE = "memory.bin"
 
 
 class NativeInstance(EngineInstance):
@@ -489,34 +528,75 @@ class NativeInstance(EngineInstance):
     engine_name = "native"
     accel = "kvm"
 
-    def __init__(self, spec, reason: str):
+    def __init__(self, spec, reason: str, restore_from: Path | None = None):
+        """Boot ``spec`` now; or, with ``restore_from`` (a snapshot directory holding the
+        core's state.bin and memory.bin), rebuild the VM from it with ``spec``'s devices and
+        leave it paused until :meth:`resume`."""
         from .base import AGENT_VSOCK_PORT
         self.spec = spec
         self.reason = reason
         self._agent_port = AGENT_VSOCK_PORT
         mux_dir = Path(spec.config.vsock_mux_dir or os.environ.get("TMPDIR", "/tmp"))
         self.vsock_path = mux_dir / VSOCK_SOCKET_NAME.format(name=spec.name)
-        kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.kernel
-        cmdline = f"{spec.cmdline} sm.agent=vsock:{self._agent_port}"
-        volumes = [(v.path, v.spec.read_only, v.serial) for v in spec.volumes]
-        mounts = [(m.host_path, m.tag, m.read_only) for m in spec.config.mounts]
-        self.vm = NativeVm(kernel, memory_mib=spec.memory_mib, vcpus=spec.vcpus, initrd=spec.initrd,
-                           cmdline=cmdline, balloon=bool(spec.config.balloon),
-                           balloon_deflate_on_oom=True, balloon_stats_interval_s=1,
-                           volumes=volumes, vsock_uds_path=self.vsock_path, vsock_guest_cid=3,
-                           mounts=mounts)
         self._pump_stop = False
         self._pump = None
         self._balloon_target_mib = 0
+        # The same device set for a boot and a restore: the core checks a restore's devices
+        # against the snapshot's, and the guest already has drivers bound to these.
+        devices = dict(balloon=bool(spec.config.balloon), balloon_deflate_on_oom=True,
+                       balloon_stats_interval_s=1,
+                       volumes=[(v.path, v.spec.read_only, v.serial) for v in spec.volumes],
+                       vsock_uds_path=self.vsock_path, vsock_guest_cid=3)
+        if restore_from is not None:
+            self.vm = NativeVm.restore(restore_from, start=False, **devices)
+            return
+        kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.kernel
+        cmdline = f"{spec.cmdline} sm.agent=vsock:{self._agent_port}"
+        mounts = [(m.host_path, m.tag, m.read_only) for m in spec.config.mounts]
+        self.vm = NativeVm(kernel, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+                           initrd=spec.initrd, cmdline=cmdline, mounts=mounts, **devices)
+        self.resume()
+
+    def resume(self) -> None:
+        """Run the guest: the first time, start the vCPUs and the console pump (a booted VM
+        does this in its constructor, a restored one when the restore is complete)."""
+        if self._pump is not None:
+            self.vm.resume()
+            return
+        import threading
         try:
             self.vm.start()
         except BaseException:
             self.vm.close()
             raise
-        import threading
         self._pump = threading.Thread(target=self._pump_console, daemon=True,
-                                      name=f"native-console-{spec.name}")
+                                      name=f"native-console-{self.spec.name}")
         self._pump.start()
+
+    def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
+                    timeout: float = 300.0) -> "Callable[[], dict]":
+        """Save the VM into ``directory`` in the core's format (state.bin: vCPUs, irqchip,
+        clock, UART and virtio devices; memory.bin: guest RAM, sparse) while it is paused,
+        call ``while_paused``, resume. The files are complete when this returns."""
+        if self.spec.config.mounts:
+            raise EngineError("snapshot: this VM has virtio-fs mounts, which the native core "
+                              "cannot carry across a snapshot (the guest's FUSE node ids and "
+                              "open files name host file descriptors); use volumes instead")
+        was_running = self.vm.state == "running"
+        paused_at = time.monotonic()
+        self.vm.pause()
+        try:
+            self.vm.snapshot(directory)
+            if while_paused is not None:
+                while_paused()
+        finally:
+            if was_running and self.vm.state == "paused":
+                self.vm.resume()
+        paused_s = time.monotonic() - paused_at
+        engine_state = {"core_version": version(), "accel": self.accel,
+                        "state_file": SNAPSHOT_STATE_FILE, "ram_file": SNAPSHOT_MEMORY_FILE,
+                        "paused_seconds": round(paused_s, 4)}
+        return lambda: engine_state
 
     def __repr__(self) -> str:
         return f"<NativeInstance {self.spec.name} state={self.vm.state if self.vm._vm else 'closed'}>"

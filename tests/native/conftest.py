@@ -24,7 +24,8 @@ BUILD_SCRIPT = NATIVE / "build_native.py"
 
 def _newest_source_mtime() -> float:
     paths = [BUILD_SCRIPT]
-    for pattern in ("src/**/*.[ch]", "include/*.h", "guest/probes/*"):
+    for pattern in ("src/**/*.[ch]", "include/*.h", "guest/probes/*",
+                    "guest/agent/protocol.[ch]", "guest/agent/dispatch.[ch]"):  # the agent probe's
         paths += [Path(p) for p in glob.glob(str(NATIVE / pattern), recursive=True)]
     return max(p.stat().st_mtime for p in paths)
 

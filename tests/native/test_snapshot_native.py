@@ -6,6 +6,11 @@ restored from a snapshot must continue from the snapshot's count (never print th
 READY line again), two restores must run independently, guest RAM must be shared with the
 snapshot file copy-on-write, and any damaged snapshot must be refused with "snapshot" in the
 error.
+
+Virtio devices travel with the snapshot (format version 2): the balloon and blk probes stop at
+a snapshot point (snap=1), and every restore must carry on with a second round of I/O on the
+same queues, at the ring positions where the snapshot left them. A restored vsock has no
+connections and sends the guest a transport reset; virtio-fs refuses to be snapshotted.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +31,19 @@ EVERY = 2000
 SNAPSHOT_AT = 20000          # K: the original has printed at least this count at snapshot time
 FILL_PAGES = 2048            # 8 MiB of patterned guest RAM in the snapshot
 MEMORY_MIB = 32
-HEADER = struct.Struct("<8sIIQIIQQ")  # sm_snapshot_header (native/src/snapshot.h)
+HEADER = struct.Struct("<8sIIQIIQQII")  # sm_snapshot_header (native/src/snapshot.h)
 VERSION_OFFSET = 8
+CHECKSUM_OFFSET = 40
+FORMAT_VERSION = 2
+# sm_virtio_mmio_state (native/src/devices/virtio_mmio.h): one per device at the end of state.bin
+DEVICE_RECORD_BYTES = 736
+RECORD_QUEUES_OFFSET = 344        # sm_vq_state[4], 32 bytes each: size, ready, next_avail, next_used, GPAs
+QUEUE_STATE_BYTES = 32
+RECORD_BLOB_LEN_OFFSET = 472
+RECORD_BLOB_OFFSET = 480
+BALLOON_STATE = struct.Struct("<IIIHBBQ")  # sm_balloon_state head (virtio_balloon.h)
+FNV_OFFSET_BASIS = 0xcbf29ce484222325
+FNV_PRIME = 0x100000001b3
 
 
 def counts(output: bytes) -> list[int]:
@@ -87,9 +105,11 @@ def snapshot_dir(native, tmp_path_factory):
 
 def test_snapshot_files(snapshot_dir):
     state = (snapshot_dir / "state.bin").read_bytes()
-    magic, version, header_bytes, memory_bytes, n_vcpus, _flags, payload, _sum = HEADER.unpack_from(state)
-    assert magic == b"SMNSNAP\0" and version == 1 and header_bytes == HEADER.size
+    (magic, version, header_bytes, memory_bytes, n_vcpus, _flags, payload, _sum, n_devices,
+     record_bytes) = HEADER.unpack_from(state)
+    assert magic == b"SMNSNAP\0" and version == FORMAT_VERSION and header_bytes == HEADER.size
     assert memory_bytes == MEMORY_MIB << 20 and n_vcpus == 2
+    assert n_devices == 0 and record_bytes == DEVICE_RECORD_BYTES
     assert len(state) == HEADER.size + payload
     memory = snapshot_dir / "memory.bin"
     st = memory.stat()
@@ -213,16 +233,19 @@ def test_damaged_snapshot_refused(native, snapshot_dir, tmp_path, damage, why):
     assert "snapshot" in message and why in message, message
 
 
-def test_snapshot_refuses_virtio_devices(native, tmp_path):
+def test_snapshot_refuses_virtio_fs(native, tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
     vm = native.NativeVm(str(native.probe_path("counter")), memory_mib=MEMORY_MIB, balloon=True,
-                         cmdline=f"every={EVERY}")
+                         cmdline=f"every={EVERY}", mounts=[(share, "share", False)])
     try:
         vm.start()
         vm.wait_for_console(b"COUNT", 60)
-        with pytest.raises(native.NativeCoreError, match="snapshot.*virtio-balloon"):
+        with pytest.raises(native.NativeCoreError,
+                           match="snapshot: virtio-fs0 cannot be snapshotted: .*FUSE node ids.*volumes"):
             vm.snapshot(tmp_path / "s")
         assert vm.state == "running"
-        assert not (tmp_path / "s").exists()
+        assert not (tmp_path / "s").exists()  # nothing written
     finally:
         vm.close()
 
@@ -275,3 +298,312 @@ def test_snapshot_of_a_halted_vcpu(native, tmp_path):
         assert restored.console_output() == b""
     finally:
         restored.close()
+
+
+# -- virtio devices ----------------------------------------------------------------------------
+PROBE_TIMEOUT_S = 60
+SNAPSHOT_POINT = b" SNAPSHOT-POINT\n"
+BALLOON_TARGET = 64                # pages; the probe deflates half of them before the snapshot point
+# The first statistics poll comes STATS_S after the VM is created; the probe's snapshot point
+# follows it at once, so the next poll is due well after the snapshot: the device holds the
+# refilled statistics buffer in it, and a restore hands it back on its own re-armed timer.
+STATS_S = 2
+BALLOON_DEVICES = {"balloon": True, "balloon_deflate_on_oom": True, "balloon_stats_interval_s": STATS_S}
+DISK_BYTES = 1 << 20
+DISK_SERIAL = "vol-snap"
+BLK_SEED = 7
+SECTOR = 512
+POSITIONS_RE = re.compile(r"queue positions inflate=(\d+) deflate=(\d+) stats=(\d+)")
+
+
+def fnv1a(data: bytes, h: int = FNV_OFFSET_BASIS) -> int:
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def device_record_offset(state: bytes, index: int) -> int:
+    header = HEADER.unpack_from(state)
+    n_devices, record_bytes = header[8], header[9]
+    assert record_bytes == DEVICE_RECORD_BYTES and index < n_devices
+    return len(state) - (n_devices - index) * record_bytes
+
+
+def reseal(path: Path) -> None:
+    """Recompute state.bin's checksum, so a patched field reaches the check it is aimed at."""
+    raw = bytearray(path.read_bytes())
+    raw[CHECKSUM_OFFSET:CHECKSUM_OFFSET + 8] = bytes(8)
+    raw[CHECKSUM_OFFSET:CHECKSUM_OFFSET + 8] = struct.pack("<Q", fnv1a(bytes(raw)))
+    path.write_bytes(bytes(raw))
+
+
+def run_to_snapshot_point(vm, name: str) -> str:
+    vm.start()
+    out = vm.wait_for_console(b"PROBE " + name.encode() + SNAPSHOT_POINT, PROBE_TIMEOUT_S).decode()
+    assert f"PROBE {name} SNAPSHOT-POINT" in out, out
+    return out
+
+
+def continue_to_ok(vm, name: str) -> str:
+    """Send the byte the probe waits for at its snapshot point; its second round must pass."""
+    vm.console_write(b"x")
+    assert vm.wait(PROBE_TIMEOUT_S) == "stopped", vm.console_output()[-500:]
+    out = vm.console_output().decode()
+    info = vm.exit_info()
+    assert f"PROBE {name} OK" in out and info["reason"] == "guest_reset", (out, info)
+    return out
+
+
+@pytest.fixture(scope="module")
+def balloon_snapshot(native, tmp_path_factory):
+    d = tmp_path_factory.mktemp("snap") / "balloon"
+    vm = native.NativeVm(native.probe_path("balloon"), memory_mib=64, cmdline="snap=1",
+                         strict_unhandled_exits=True, **BALLOON_DEVICES)
+    try:
+        vm.balloon_set_target_pages(BALLOON_TARGET)
+        out = run_to_snapshot_point(vm, "balloon")
+        vm.snapshot(d)
+    finally:
+        vm.close()
+    assert POSITIONS_RE.search(out).groups() == ("1", "1", "1"), out
+    return d
+
+
+def test_balloon_snapshot_record(balloon_snapshot):
+    """The balloon's record: transport registers, queues and the device's own state."""
+    state = (balloon_snapshot / "state.bin").read_bytes()
+    assert HEADER.unpack_from(state)[8] == 1
+    rec = device_record_offset(state, 0)
+    assert state[rec:rec + 15] == b"virtio-balloon\0"
+    size, ready, next_avail, next_used = struct.unpack_from("<4H", state, rec + RECORD_QUEUES_OFFSET)
+    assert (size, ready, next_avail, next_used) == (64, 1, 1, 1)  # inflate queue
+    blob_len, = struct.unpack_from("<I", state, rec + RECORD_BLOB_LEN_OFFSET)
+    target, actual, interval, stats_head, held, deflate_on_oom, present = BALLOON_STATE.unpack_from(
+        state, rec + RECORD_BLOB_OFFSET)
+    assert blob_len == BALLOON_STATE.size + 10 * 8
+    assert (target, actual, interval) == (BALLOON_TARGET, BALLOON_TARGET // 2, STATS_S)
+    assert held == 1 and stats_head == 0 and deflate_on_oom == 1 and present == (1 << 10) - 1
+
+
+def test_balloon_restores_continue_on_the_same_queues(native, balloon_snapshot):
+    """Two VMs restored from one snapshot each carry on: target/actual and the last statistics
+    come back, the held statistics buffer is handed back by the re-armed timer, and the second
+    round of inflation answers on the rings where the snapshot left them."""
+    restored = [native.NativeVm.restore(balloon_snapshot, start=False, **BALLOON_DEVICES)
+                for _ in range(2)]
+    new_targets = (BALLOON_TARGET + 32, BALLOON_TARGET + 64)
+    try:
+        for vm, new_target in zip(restored, new_targets):
+            stats = vm.balloon_stats()
+            assert (stats["target_pages"], stats["actual_pages"]) == (BALLOON_TARGET, BALLOON_TARGET // 2)
+            assert stats["swap_in"] == 1001 and stats["total_memory"] == 64 << 20
+            vm.balloon_set_target_pages(new_target)
+            vm.start()
+        outs = [continue_to_ok(vm, "balloon") for vm in restored]
+        for vm, out, new_target in zip(restored, outs, new_targets):
+            extra = new_target - BALLOON_TARGET // 2
+            assert "features accepted" not in out  # carried on, did not start over
+            assert f"target pages {new_target}\ninflated pages {extra} nonzero-after-release 0" in out
+            # the guest's rings moved on by exactly the second round: one inflate, one stats
+            assert POSITIONS_RE.search(out).groups() == ("2", "1", "2"), out
+            stats = vm.balloon_stats()
+            assert (stats["target_pages"], stats["actual_pages"]) == (new_target, new_target)
+            assert stats["swap_in"] == 1002  # the second round's statistics
+            device = vm.device("virtio-balloon")
+            c = device["counters"]  # counters count from the restore
+            assert not device["broken"], device["broken_reason"]
+            assert (c["inflate_requests"], c["inflated_pages"], c["deflate_requests"]) == (1, extra, 0)
+            assert c["stats_updates"] == 1 and c["stats_requests"] >= 1 and c["errors"] == 0
+    finally:
+        for vm in restored:
+            vm.close()
+
+
+@pytest.mark.parametrize("change, why", [
+    ("no_balloon", r"snapshot device list differs.*\[virtio-balloon\].*\[\]"),
+    ("extra_vsock", r"snapshot device list differs.*\[virtio-balloon\].*\[virtio-balloon, virtio-vsock\]"),
+    ("deflate_on_oom", r"snapshot restore: virtio-balloon: deflate_on_oom differs \(snapshot 1, restore config 0\)"),
+    ("stats_interval", r"snapshot restore: virtio-balloon: statistics interval differs"),
+])
+def test_restore_with_other_devices_refused(native, balloon_snapshot, short_tmp, change, why):
+    devices = {
+        "no_balloon": {},
+        "extra_vsock": dict(BALLOON_DEVICES, vsock_uds_path=short_tmp / "v.sock"),
+        "deflate_on_oom": dict(BALLOON_DEVICES, balloon_deflate_on_oom=False),
+        "stats_interval": dict(BALLOON_DEVICES, balloon_stats_interval_s=STATS_S + 1),
+    }[change]
+    with pytest.raises(native.NativeCoreError, match=why):
+        native.NativeVm.restore(balloon_snapshot, **devices)
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("truncated_record", "snapshot is truncated"),
+    ("queue_size", r"snapshot restore: virtio-balloon: queue 0: .*above QueueNumMax"),
+    ("queue_outside_ram", r"snapshot restore: virtio-balloon: queue 1: .*outside guest RAM"),
+    ("blob_length", r"snapshot layout is invalid.*device record 0: device state length above"),
+    ("blob_length_for_device", r"snapshot restore: virtio-balloon: balloon state is 8 bytes"),
+    ("unterminated_name", r"snapshot layout is invalid.*device record 0: device name is not NUL"),
+    ("device_count", r"snapshot layout is invalid"),
+    ("version_1", r"unsupported format version: version 1, this core reads version 2"),
+])
+def test_damaged_device_records_refused(native, balloon_snapshot, tmp_path, damage, why):
+    d = _copy(balloon_snapshot, tmp_path)
+    state_path = d / "state.bin"
+    state = state_path.read_bytes()
+    queue = RECORD_QUEUES_OFFSET
+    patches = {
+        "queue_size": (queue, struct.pack("<H", 512)),
+        "queue_outside_ram": (queue + QUEUE_STATE_BYTES + 8, struct.pack("<Q", 1 << 40)),
+        "blob_length": (RECORD_BLOB_LEN_OFFSET, struct.pack("<I", 10_000)),
+        "blob_length_for_device": (RECORD_BLOB_LEN_OFFSET, struct.pack("<I", 8)),
+        "unterminated_name": (0, b"A" * 32),
+    }
+    if damage == "truncated_record":
+        state_path.write_bytes(state[:-100])
+    elif damage in patches:
+        field_offset, data = patches[damage]
+        _patch(state_path, device_record_offset(state, 0) + field_offset, data)
+        reseal(state_path)
+    elif damage == "device_count":
+        _patch(state_path, 48, struct.pack("<I", 2))
+        reseal(state_path)
+    elif damage == "version_1":
+        _patch(state_path, VERSION_OFFSET, struct.pack("<I", 1))
+    with pytest.raises(native.NativeCoreError, match=why):
+        native.NativeVm.restore(d, **BALLOON_DEVICES)
+
+
+def blk_pattern(seed: int, n: int) -> tuple[bytes, int]:
+    """The blk probe's bytes (its LCG, top byte of each step) and the seed after them."""
+    out = bytearray()
+    for _ in range(n):
+        seed = (seed * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        out.append(seed >> 56)
+    return bytes(out), seed
+
+
+@pytest.fixture(scope="module")
+def blk_snapshot(native, tmp_path_factory):
+    """A blk probe snapshotted at its snapshot point, with a copy of its disk at that moment."""
+    root = tmp_path_factory.mktemp("snap")
+    disk = root / "disk.img"
+    disk.write_bytes(bytes(DISK_BYTES))
+    vm = native.NativeVm(native.probe_path("blk"), cmdline=f"seed={BLK_SEED} snap=1",
+                         volumes=[(disk, False, DISK_SERIAL)], strict_unhandled_exits=True)
+    try:
+        out = run_to_snapshot_point(vm, "blk")
+        vm.snapshot(root / "blk")
+    finally:
+        vm.close()
+    assert "queue position 5\n" in out, out  # write, flush, read, get-id, read past the end
+    return root / "blk", disk
+
+
+def test_blk_restores_continue_on_their_own_disks(native, blk_snapshot, tmp_path):
+    snap, disk = blk_snapshot
+    first, seed = blk_pattern(BLK_SEED, 8 * SECTOR)
+    second, _ = blk_pattern(seed, SECTOR)
+    second_offset = 9 * SECTOR
+    copies = [tmp_path / f"disk{i}.img" for i in range(2)]
+    for copy in copies:
+        shutil.copyfile(disk, copy)
+    for i, copy in enumerate(copies):
+        vm = native.NativeVm.restore(snap, volumes=[(copy, False, DISK_SERIAL)])
+        try:
+            out = continue_to_ok(vm, "blk")
+            assert f"second round checksum {hex(fnv1a(second))}" in out, out
+            assert "queue position 9\n" in out, out  # + write, flush, read, re-read
+            device = vm.device("virtio-blk0")
+            c = device["counters"]
+            assert not device["broken"], device["broken_reason"]
+            assert (c["write_requests"], c["flush_requests"], c["read_requests"]) == (1, 1, 2)
+            assert c["malformed_requests"] == 0 and c["io_errors"] == 0
+        finally:
+            vm.close()
+        data = copy.read_bytes()
+        assert data[SECTOR:SECTOR + len(first)] == first
+        assert data[second_offset:second_offset + SECTOR] == second
+        for other in copies[i + 1:]:  # each restore wrote its own copy only
+            assert other.read_bytes()[second_offset:second_offset + SECTOR] == bytes(SECTOR)
+    assert disk.read_bytes()[second_offset:second_offset + SECTOR] == bytes(SECTOR)
+
+
+@pytest.mark.parametrize("change, why", [
+    ("size", r"snapshot restore: virtio-blk0: backing file is 1048064 bytes, the snapshot's disk was 1048576"),
+    ("read_only", r"snapshot restore: virtio-blk0: backing file is read-only, the snapshot's disk was read-write"),
+    ("serial", r"snapshot restore: virtio-blk0: serial is other, the snapshot's disk was vol-snap"),
+    ("missing", r"snapshot device list differs.*\[virtio-blk0\].*\[\]"),
+])
+def test_blk_restore_with_another_disk_refused(native, blk_snapshot, tmp_path, change, why):
+    snap, disk = blk_snapshot
+    copy = tmp_path / "disk.img"
+    shutil.copyfile(disk, copy)
+    volume = (copy, change == "read_only", "other" if change == "serial" else DISK_SERIAL)
+    if change == "size":
+        with open(copy, "r+b") as f:
+            f.truncate(DISK_BYTES - SECTOR)
+    volumes = [] if change == "missing" else [volume]
+    with pytest.raises(native.NativeCoreError, match=why):
+        native.NativeVm.restore(snap, volumes=volumes)
+
+
+def test_vsock_restore_resets_the_transport(native, short_tmp):
+    """A vsock VM snapshotted while its guest listens: the restore (own socket, other CID) has
+    no connections and sends the guest a transport reset event; the guest drops its
+    connections, re-reads its CID, keeps listening, and the probe then runs to its end on the
+    restored queues."""
+    snap = short_tmp / "s"
+    vm = native.NativeVm(native.probe_path("vsock"), vsock_uds_path=short_tmp / "a.sock",
+                         vsock_guest_cid=3, strict_unhandled_exits=True)
+    try:
+        vm.start()
+        vm.wait_for_console(b"listening on 1234\n", PROBE_TIMEOUT_S)
+        vm.snapshot(snap)
+    finally:
+        vm.close()
+    uds = str(short_tmp / "b.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(uds + "_5000")
+    listener.listen(1)
+    listener.settimeout(PROBE_TIMEOUT_S)
+    received = {}
+
+    def accept_guest():
+        conn, _ = listener.accept()
+        conn.settimeout(PROBE_TIMEOUT_S)
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        received["data"] = data
+        conn.close()
+
+    acceptor = threading.Thread(target=accept_guest)
+    acceptor.start()
+    restored = native.NativeVm.restore(snap, vsock_uds_path=uds, vsock_guest_cid=5)
+    try:
+        assert restored.vsock_uds_path == uds
+        c = restored.device("virtio-vsock")["counters"]
+        assert c["transport_resets"] == 1 and c["active_connections"] == 0
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(PROBE_TIMEOUT_S)
+        s.connect(uds)
+        s.sendall(b"CONNECT 1234\n")
+        reader = s.makefile("rb")
+        assert reader.readline().startswith(b"OK ")
+        s.sendall(b"after the restore\n")
+        assert reader.readline() == b"AFTER THE RESTORE\n"
+        reader.close()
+        s.close()
+        acceptor.join(PROBE_TIMEOUT_S)
+        # the guest's own connection carries its new CID, or the device would drop it
+        assert received.get("data") == b"hello from the vsock probe\n"
+        assert restored.wait(PROBE_TIMEOUT_S) == "stopped"
+        out = restored.console_output().decode()
+        assert "PROBE vsock OK" in out, out
+        assert "transport reset" in out and "cid 5" in out, out
+        c = restored.device("virtio-vsock")["counters"]
+        assert c["transport_resets"] == 1 and c["events_sent"] == 1
+        assert c["packets_dropped"] == 0 and not restored.device("virtio-vsock")["broken"]
+    finally:
+        restored.close()
+        listener.close()

@@ -2,7 +2,9 @@
  * STATS_VQ (+ DEFLATE_ON_OOM), hands the device a statistics buffer, inflates to the
  * target in the config space (PFNs of pages it dirtied first), checks the host released
  * them (they read back as zero), reports `actual`, refills statistics when the device asks,
- * deflates half and reports again. */
+ * deflates half and reports again. With snap=1 it then stops at a snapshot point (see
+ * probe_snapshot_point) and does a second round on the same queues: one more statistics
+ * refill, and inflation up to the config target if the host raised it. */
 #include "probe.h"
 
 #define VIRTIO_ID_BALLOON 5
@@ -14,6 +16,7 @@
 #define STAT_ENTRIES 10
 #define PROBE_FREE_MEMORY_BYTES 0x1234000ull
 #define CHECKED_PAGES 64
+#define MAX_TARGET_PAGES 4096
 
 struct __attribute__((packed)) stat_entry {
     uint16_t tag;
@@ -51,6 +54,86 @@ static int send_pfns(struct virtq *q, uint32_t n)
     return virtq_wait_used(q, 0, 0);
 }
 
+/* Dirties `count` fresh pages and inflates them; the host must have released them (they
+ * read back as zero). Returns the pages, or NULL after printing the failure. */
+static uint8_t *inflate_fresh_pages(uint32_t count)
+{
+    uint8_t *pages = alloc_pages_nozero(count);
+    /* Dirty every page (one word per 512 bytes: enough to make it resident on the host,
+     * and cheap on an instruction-emulating KVM). */
+    for (uint64_t i = 0; i < (uint64_t)count * PROBE_PAGE_BYTES; i += 512)
+        *(volatile uint64_t *)(pages + i) = 0xababababababababull;
+    uint32_t done = 0;
+    while (done < count) {
+        uint32_t n = count - done > PFNS_PER_REQUEST ? PFNS_PER_REQUEST : count - done;
+        for (uint32_t i = 0; i < n; i++)
+            pfns[i] = (uint32_t)(((uint64_t)pages >> 12) + done + i);
+        if (send_pfns(&inflate_q, n)) {
+            put_line("PROBE balloon FAIL inflate not acknowledged");
+            return 0;
+        }
+        done += n;
+    }
+    /* Released pages read back as zero. Check the first CHECKED_PAGES only: reading a page
+     * faults it back into host memory, and the host measures what stays released. */
+    uint32_t nonzero = 0;
+    uint32_t checked = count < CHECKED_PAGES ? count : CHECKED_PAGES;
+    for (uint64_t i = 0; i < (uint64_t)checked * PROBE_PAGE_BYTES; i += 512)
+        nonzero += pages[i] != 0;
+    put_str("inflated pages ");
+    put_dec(done);
+    put_str(" nonzero-after-release ");
+    put_dec(nonzero);
+    put_char('\n');
+    if (nonzero) {
+        put_line("PROBE balloon FAIL inflated pages were not released by the host");
+        return 0;
+    }
+    return pages;
+}
+
+static void put_queue_positions(void)
+{
+    put_str("queue positions inflate=");
+    put_dec(inflate_q.last_used);
+    put_str(" deflate=");
+    put_dec(deflate_q.last_used);
+    put_str(" stats=");
+    put_dec(stats_q.last_used);
+    put_char('\n');
+}
+
+/* After the snapshot point: the device must answer on the rings where it left off. */
+static int second_round(uint64_t base, uint32_t in_balloon)
+{
+    if (virtq_wait_used(&stats_q, 0, 0) || !virtq_used_in_step(&stats_q)) {
+        put_line("PROBE balloon FAIL no statistics request in step after the snapshot point");
+        return 1;
+    }
+    fill_stats(2);
+    give_stats();
+    put_line("statistics refilled");
+    uint32_t target = mmio_read32(base + CONFIG_NUM_PAGES);
+    put_str("target pages ");
+    put_dec(target);
+    put_char('\n');
+    if (target > MAX_TARGET_PAGES) {
+        put_line("PROBE balloon FAIL target must be at most 4096 pages for this probe");
+        return 1;
+    }
+    if (target > in_balloon) {
+        if (!inflate_fresh_pages(target - in_balloon))
+            return 1;
+        mmio_write32(base + CONFIG_ACTUAL, target);
+    }
+    if (!virtq_used_in_step(&inflate_q) || !virtq_used_in_step(&deflate_q)) {
+        put_line("PROBE balloon FAIL used ring out of step after the snapshot point");
+        return 1;
+    }
+    put_queue_positions();
+    return 0;
+}
+
 int probe_main(void)
 {
     uint64_t base = virtio_find(VIRTIO_ID_BALLOON, 0);
@@ -79,41 +162,13 @@ int probe_main(void)
     put_str("target pages ");
     put_dec(target);
     put_char('\n');
-    if (target == 0 || target > 4096) {
+    if (target == 0 || target > MAX_TARGET_PAGES) {
         put_line("PROBE balloon FAIL target must be in 1..4096 pages for this probe");
         return 1;
     }
-    uint8_t *pages = alloc_pages_nozero(target);
-    /* Dirty every page (one word per 512 bytes: enough to make it resident on the host,
-     * and cheap on an instruction-emulating KVM). */
-    for (uint64_t i = 0; i < (uint64_t)target * PROBE_PAGE_BYTES; i += 512)
-        *(volatile uint64_t *)(pages + i) = 0xababababababababull;
-    uint32_t done = 0;
-    while (done < target) {
-        uint32_t n = target - done > PFNS_PER_REQUEST ? PFNS_PER_REQUEST : target - done;
-        for (uint32_t i = 0; i < n; i++)
-            pfns[i] = (uint32_t)(((uint64_t)pages >> 12) + done + i);
-        if (send_pfns(&inflate_q, n)) {
-            put_line("PROBE balloon FAIL inflate not acknowledged");
-            return 1;
-        }
-        done += n;
-    }
-    /* Released pages read back as zero. Check the first CHECKED_PAGES only: reading a page
-     * faults it back into host memory, and the host measures what stays released. */
-    uint32_t nonzero = 0;
-    uint32_t checked = target < CHECKED_PAGES ? target : CHECKED_PAGES;
-    for (uint64_t i = 0; i < (uint64_t)checked * PROBE_PAGE_BYTES; i += 512)
-        nonzero += pages[i] != 0;
-    put_str("inflated pages ");
-    put_dec(done);
-    put_str(" nonzero-after-release ");
-    put_dec(nonzero);
-    put_char('\n');
-    if (nonzero) {
-        put_line("PROBE balloon FAIL inflated pages were not released by the host");
+    uint8_t *pages = inflate_fresh_pages(target);
+    if (!pages)
         return 1;
-    }
     mmio_write32(base + CONFIG_ACTUAL, target);
 
     /* The device returns the statistics buffer when it wants fresh numbers. */
@@ -138,6 +193,15 @@ int probe_main(void)
     put_str("deflated pages ");
     put_dec(deflated);
     put_char('\n');
+    if (cmdline_get_u64("snap", 0)) {
+        put_queue_positions();
+        if (probe_snapshot_point("balloon")) {
+            put_line("PROBE balloon FAIL no byte from the host at the snapshot point");
+            return 1;
+        }
+        if (second_round(base, target - deflated))
+            return 1;
+    }
     /* Wait for the device to have read the second statistics buffer (it holds it). */
     if (cmdline_get_u64("hold", 0)) {
         put_line("PROBE balloon OK (holding)");

@@ -1,6 +1,9 @@
 /* blk probe: drives virtio-blk like Linux's virtio_blk — header / data / status chains —
  * writes a pattern, flushes, reads it back, compares, reports a checksum; asks GET_ID;
- * checks an out-of-range read fails with IOERR; with ro=1 checks that writes fail. */
+ * checks an out-of-range read fails with IOERR; with ro=1 checks that writes fail. With
+ * snap=1 it then stops at a snapshot point (see probe_snapshot_point) and does a second
+ * round on the same queue: writes and reads back the sector after the pattern, and checks
+ * the pattern still reads back as before. */
 #include "probe.h"
 
 #define VIRTIO_ID_BLOCK 2
@@ -16,6 +19,7 @@
 #define SECTOR_BYTES 512
 #define IO_SECTORS 8
 #define IO_START_SECTOR 1
+#define SECOND_ROUND_SECTOR (IO_START_SECTOR + IO_SECTORS)
 
 struct blk_req_header {
     uint32_t type;
@@ -65,6 +69,50 @@ static uint64_t fnv1a(const uint8_t *p, uint64_t n)
         h *= 0x100000001b3ull;
     }
     return h;
+}
+
+static void put_queue_position(void)
+{
+    put_str("queue position ");
+    put_dec(q.last_used);
+    put_char('\n');
+}
+
+/* After the snapshot point: one more write and read on the same queue, and the first round's
+ * sectors must read back unchanged (on a read-only disk the write must fail). */
+static int second_round(const uint8_t *first, uint64_t seed, int expect_ro)
+{
+    uint8_t *wbuf = alloc_pages(1);
+    uint8_t *rbuf = alloc_pages(1);
+    for (uint32_t i = 0; i < SECTOR_BYTES; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        wbuf[i] = (uint8_t)(seed >> 56);
+    }
+    int st = request(T_OUT, SECOND_ROUND_SECTOR, wbuf, SECTOR_BYTES, 0);
+    if (st != (expect_ro ? S_IOERR : S_OK) || request(T_FLUSH, 0, 0, 0, 0) != S_OK ||
+        request(T_IN, SECOND_ROUND_SECTOR, rbuf, SECTOR_BYTES, 1) != S_OK) {
+        put_line("PROBE blk FAIL second round write, flush or read");
+        return 1;
+    }
+    if (!expect_ro && memcmp(wbuf, rbuf, SECTOR_BYTES) != 0) {
+        put_line("PROBE blk FAIL second round read-back differs from what was written");
+        return 1;
+    }
+    put_str("second round checksum ");
+    put_hex(fnv1a(rbuf, SECTOR_BYTES));
+    put_char('\n');
+    uint8_t *again = alloc_pages(1);
+    if (request(T_IN, IO_START_SECTOR, again, IO_SECTORS * SECTOR_BYTES, 1) != S_OK ||
+        memcmp(first, again, IO_SECTORS * SECTOR_BYTES) != 0) {
+        put_line("PROBE blk FAIL first round sectors changed after the snapshot point");
+        return 1;
+    }
+    if (!virtq_used_in_step(&q)) {
+        put_line("PROBE blk FAIL used ring out of step after the snapshot point");
+        return 1;
+    }
+    put_queue_position();
+    return 0;
 }
 
 int probe_main(void)
@@ -125,6 +173,8 @@ int probe_main(void)
     put_str("checksum ");
     put_hex(fnv1a(rbuf, IO_SECTORS * SECTOR_BYTES));
     put_char('\n');
+    uint8_t *first = alloc_pages(1); /* what the second round must read back again */
+    memcpy(first, rbuf, IO_SECTORS * SECTOR_BYTES);
     char id[21];
     memset(id, 0, sizeof(id));
     if (request(T_GET_ID, 0, id, 20, 1) != S_OK) {
@@ -138,6 +188,15 @@ int probe_main(void)
         return 1;
     }
     put_line("read past the end refused");
+    if (cmdline_get_u64("snap", 0)) {
+        put_queue_position();
+        if (probe_snapshot_point("blk")) {
+            put_line("PROBE blk FAIL no byte from the host at the snapshot point");
+            return 1;
+        }
+        if (second_round(first, seed, expect_ro))
+            return 1;
+    }
     put_line("PROBE blk OK");
     return 0;
 }

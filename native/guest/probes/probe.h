@@ -19,6 +19,7 @@ static inline void barrier(void) { __asm__ volatile("mfence" ::: "memory"); }
 
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
+void *memmove(void *d, const void *s, size_t n);
 int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 
@@ -37,6 +38,7 @@ uint64_t parse_u64(const char *s);
 
 void *alloc_pages(size_t pages);   /* zeroed, page aligned, from the end of the image */
 void *alloc_pages_nozero(size_t pages); /* same, not cleared (fresh guest RAM reads as zero) */
+uint64_t probe_pages_left(uint64_t ram_end); /* pages the allocator has left below ram_end */
 
 void guest_reset(void) __attribute__((noreturn));
 void halt_forever(void) __attribute__((noreturn));
@@ -98,6 +100,8 @@ struct virtq {
 
 /* Finds the n-th (0-based) virtio-mmio device with device_id from the command line. */
 uint64_t virtio_find(uint32_t device_id, uint32_t nth);
+/* The interrupt line of the device at base (its command line entry's ":<irq>"); 0 if unknown. */
+uint32_t virtio_irq(uint64_t base);
 /* Reset, ACK, DRIVER, features (VERSION_1 | wanted & offered), FEATURES_OK check.
  * Returns the accepted features, or 0 if FEATURES_OK did not stick. */
 uint64_t virtio_negotiate(uint64_t base, uint64_t wanted);
@@ -111,6 +115,14 @@ int virtq_wait_used(struct virtq *q, uint32_t *id, uint32_t *len);
 /* Nonzero if a used element is pending. */
 int virtq_used_pending(struct virtq *q);
 void virtio_ack_interrupts(uint64_t base);
+/* Nonzero if the device's used index is exactly the driver's consumed count: the device
+ * neither lost nor replayed ring positions (after a snapshot restore, say). */
+int virtq_used_in_step(struct virtq *q);
+
+/* With snap=1 on the command line: prints "PROBE <name> SNAPSHOT-POINT" and waits for one
+ * byte on the UART (the host snapshots the VM there, then sends the byte to the VM or to its
+ * restores). Returns 0 at once without snap=1; -1 if no byte came. */
+int probe_snapshot_point(const char *name);
 
 int probe_main(void);
 

@@ -5,6 +5,7 @@
 #include "../event_loop.h"
 #include "../sm_internal.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -241,6 +242,70 @@ static void balloon_counters(void *dev, sm_device_info *info, uint32_t *n)
 #undef ADD
 }
 
+static int arm_timer(sm_balloon *b);
+
+static size_t balloon_save(void *dev, uint8_t *buf, size_t cap)
+{
+    sm_balloon *b = dev;
+    sm_balloon_state s;
+    memset(&s, 0, sizeof(s));
+    s.num_pages = b->num_pages;
+    s.actual_pages = b->actual_pages;
+    s.stats_interval_s = b->stats_interval_s;
+    s.stats_head = b->stats_head;
+    s.stats_head_held = (uint8_t)b->stats_head_held;
+    s.deflate_on_oom = (uint8_t)b->deflate_on_oom;
+    s.stats_present = b->stats_present;
+    memcpy(s.stats, b->stats, sizeof(s.stats));
+    if (sizeof(s) <= cap)
+        memcpy(buf, &s, sizeof(s));
+    return sizeof(s);
+}
+
+static int balloon_restore(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len)
+{
+    sm_balloon *b = dev;
+    sm_balloon_state s;
+    if (len != sizeof(s)) {
+        snprintf(err, err_len, "balloon state is %zu bytes, this core's is %zu", len, sizeof(s));
+        return -1;
+    }
+    memcpy(&s, buf, sizeof(s));
+    const sm_virtqueue *stats_q = &b->transport->queues[SM_BALLOON_STATS_INDEX];
+    uint64_t ram_pages = b->transport->vm->mem.total_bytes / SM_BALLOON_PAGE_BYTES;
+    if (s.deflate_on_oom != (b->deflate_on_oom != 0)) {
+        snprintf(err, err_len, "deflate_on_oom differs (snapshot %u, restore config %d)",
+                 s.deflate_on_oom, b->deflate_on_oom != 0);
+        return -1;
+    }
+    if (s.stats_interval_s != b->stats_interval_s) {
+        snprintf(err, err_len, "statistics interval differs (snapshot %u s, restore config %u s)",
+                 s.stats_interval_s, b->stats_interval_s);
+        return -1;
+    }
+    if (s.num_pages > ram_pages) {
+        snprintf(err, err_len, "target of %u pages exceeds guest RAM (%llu pages)", s.num_pages,
+                 (unsigned long long)ram_pages);
+        return -1;
+    }
+    if (s.stats_head_held > 1 || (s.stats_head_held && (!stats_q->ready || s.stats_head >= stats_q->size))) {
+        snprintf(err, err_len, "held statistics buffer %u is not in the statistics queue (size %u)",
+                 s.stats_head, stats_q->ready ? stats_q->size : 0);
+        return -1;
+    }
+    b->num_pages = s.num_pages;
+    b->actual_pages = s.actual_pages;
+    b->stats_head = s.stats_head;
+    b->stats_head_held = s.stats_head_held;
+    b->stats_present = s.stats_present;
+    memcpy(b->stats, s.stats, sizeof(b->stats));
+    if (arm_timer(b) < 0) { /* the next poll comes one full interval after the restore */
+        snprintf(err, err_len, "statistics timer: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 static void balloon_destroy(void *dev)
 {
     sm_balloon *b = dev;
@@ -260,6 +325,8 @@ const sm_virtio_ops SM_BALLOON_OPS = {
     .reset = balloon_reset,
     .counters = balloon_counters,
     .destroy = balloon_destroy,
+    .save = balloon_save,
+    .restore = balloon_restore,
 };
 
 /* Statistics poll: hand the held buffer back so the driver refills it. */

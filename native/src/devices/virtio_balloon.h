@@ -64,6 +64,19 @@ typedef struct sm_balloon {
     sm_balloon_counters counters;
 } sm_balloon;
 
+/* What a snapshot keeps of the balloon (the transport keeps its queues). The held statistics
+ * buffer goes with it: after a restore the timer hands it back as before. */
+typedef struct sm_balloon_state {
+    uint32_t num_pages;
+    uint32_t actual_pages;
+    uint32_t stats_interval_s;
+    uint16_t stats_head;
+    uint8_t stats_head_held;
+    uint8_t deflate_on_oom;
+    uint64_t stats_present;
+    uint64_t stats[SM_BALLOON_STAT_TAG_COUNT];
+} sm_balloon_state;
+
 extern const sm_virtio_ops SM_BALLOON_OPS;
 
 sm_balloon *sm_balloon_create(int deflate_on_oom, uint32_t stats_interval_s);

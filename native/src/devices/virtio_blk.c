@@ -250,6 +250,49 @@ static void blk_counters(void *dev, sm_device_info *info, uint32_t *n)
 #undef ADD
 }
 
+static size_t blk_save(void *dev, uint8_t *buf, size_t cap)
+{
+    sm_blk *b = dev;
+    sm_blk_state s;
+    memset(&s, 0, sizeof(s));
+    s.capacity_bytes = b->capacity_bytes;
+    s.read_only = (uint32_t)(b->read_only != 0);
+    memcpy(s.id, b->id, sizeof(s.id));
+    if (sizeof(s) <= cap)
+        memcpy(buf, &s, sizeof(s));
+    return sizeof(s);
+}
+
+static int blk_restore(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len)
+{
+    sm_blk *b = dev;
+    sm_blk_state s;
+    if (len != sizeof(s)) {
+        snprintf(err, err_len, "blk state is %zu bytes, this core's is %zu", len, sizeof(s));
+        return -1;
+    }
+    memcpy(&s, buf, sizeof(s));
+    if (!memchr(s.id, 0, sizeof(s.id))) {
+        snprintf(err, err_len, "the snapshot's serial is not NUL-terminated");
+        return -1;
+    }
+    if (s.capacity_bytes != b->capacity_bytes) {
+        snprintf(err, err_len, "backing file is %llu bytes, the snapshot's disk was %llu",
+                 (unsigned long long)b->capacity_bytes, (unsigned long long)s.capacity_bytes);
+        return -1;
+    }
+    if (s.read_only != (uint32_t)(b->read_only != 0)) {
+        snprintf(err, err_len, "backing file is %s, the snapshot's disk was %s",
+                 b->read_only ? "read-only" : "read-write", s.read_only ? "read-only" : "read-write");
+        return -1;
+    }
+    if (strcmp(s.id, b->id) != 0) {
+        snprintf(err, err_len, "serial is %s, the snapshot's disk was %s", b->id, s.id);
+        return -1;
+    }
+    return 0;
+}
+
 static void blk_destroy(void *dev)
 {
     sm_blk *b = dev;
@@ -269,4 +312,6 @@ const sm_virtio_ops SM_BLK_OPS = {
     .reset = NULL,
     .counters = blk_counters,
     .destroy = blk_destroy,
+    .save = blk_save,
+    .restore = blk_restore,
 };

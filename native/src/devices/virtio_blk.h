@@ -61,6 +61,15 @@ typedef struct sm_blk {
     sm_blk_counters counters;
 } sm_blk;
 
+/* What a snapshot keeps of a disk: what the guest knows of it. A restore checks the new
+ * backing file against it (requests are synchronous: none is in flight at a snapshot). */
+typedef struct sm_blk_state {
+    uint64_t capacity_bytes;
+    uint32_t read_only;
+    char id[SM_BLK_ID_BYTES + 1];
+    uint8_t pad[7];
+} sm_blk_state;
+
 extern const sm_virtio_ops SM_BLK_OPS;
 
 sm_blk *sm_blk_create(const char *path, int read_only, const char *serial, uint32_t index, char *err,

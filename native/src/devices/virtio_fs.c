@@ -894,6 +894,13 @@ static void fs_destroy(void *dev)
     free(f);
 }
 
+static const char *fs_snapshot_refusal(void *dev)
+{
+    (void)dev;
+    return "the guest's FUSE node ids and open file handles refer to host file descriptors, "
+           "which a restore cannot carry (use volumes instead)";
+}
+
 const sm_virtio_ops SM_FS_OPS = {
     .device_id = SM_VIRTIO_ID_FS,
     .num_queues = SM_FS_NUM_QUEUES,
@@ -905,4 +912,5 @@ const sm_virtio_ops SM_FS_OPS = {
     .reset = fs_reset,
     .counters = fs_counters,
     .destroy = fs_destroy,
+    .snapshot_refusal = fs_snapshot_refusal,
 };

@@ -380,3 +380,117 @@ void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out)
         t->ops->counters(t->dev, out, &n);
     pthread_mutex_unlock(&t->lock);
 }
+
+/* ---- snapshots ---------------------------------------------------------------------- */
+
+const char *sm_virtio_mmio_snapshot_refusal(sm_virtio_mmio *t)
+{
+    if (!t->ops->snapshot_refusal)
+        return NULL;
+    pthread_mutex_lock(&t->lock);
+    const char *why = t->ops->snapshot_refusal(t->dev);
+    pthread_mutex_unlock(&t->lock);
+    return why;
+}
+
+int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, char *err, size_t err_len)
+{
+    memset(s, 0, sizeof(*s));
+    pthread_mutex_lock(&t->lock);
+    snprintf(s->name, sizeof(s->name), "%s", t->name);
+    s->device_id = t->ops->device_id;
+    s->n_queues = t->ops->num_queues;
+    s->device_features_sel = t->device_features_sel;
+    s->driver_features_sel = t->driver_features_sel;
+    s->driver_features = t->driver_features;
+    s->acked_features = t->acked_features;
+    s->queue_sel = t->queue_sel;
+    s->status = t->status;
+    s->interrupt_status = t->interrupt_status;
+    s->config_generation = t->config_generation;
+    s->activated = (uint32_t)t->activated;
+    s->broken = (uint32_t)t->broken;
+    snprintf(s->broken_reason, sizeof(s->broken_reason), "%s", t->broken_reason);
+    for (uint16_t i = 0; i < t->ops->num_queues; i++)
+        sm_vq_save(&t->queues[i], &s->queues[i]);
+    size_t blob_len = t->ops->save(t->dev, s->blob, sizeof(s->blob));
+    pthread_mutex_unlock(&t->lock);
+    if (blob_len > sizeof(s->blob)) {
+        snprintf(err, err_len, "%s: device state of %zu bytes exceeds the %zu a snapshot record holds",
+                 t->name, blob_len, sizeof(s->blob));
+        return -1;
+    }
+    s->blob_len = (uint32_t)blob_len;
+    return 0;
+}
+
+const char *sm_virtio_mmio_state_check(const sm_virtio_mmio_state *s)
+{
+    if (!memchr(s->name, 0, sizeof(s->name)))
+        return "device name is not NUL-terminated";
+    if (!memchr(s->broken_reason, 0, sizeof(s->broken_reason)))
+        return "broken reason is not NUL-terminated";
+    if (s->n_queues > SM_VIRTIO_MAX_QUEUES)
+        return "queue count above the record's 4 queues";
+    for (uint32_t i = 0; i < s->n_queues; i++)
+        if (s->queues[i].ready > 1)
+            return "queue ready flag is neither 0 nor 1";
+    if (s->blob_len > sizeof(s->blob))
+        return "device state length above the record's capacity";
+    return NULL;
+}
+
+int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, char *err,
+                           size_t err_len)
+{
+    const char *refusal = sm_virtio_mmio_snapshot_refusal(t);
+    if (refusal) {
+        snprintf(err, err_len, "%s cannot be restored: %s", t->name, refusal);
+        return -1;
+    }
+    if (s->n_queues != t->ops->num_queues) {
+        snprintf(err, err_len, "%s: the snapshot has %u queues, the device %u", t->name,
+                 s->n_queues, t->ops->num_queues);
+        return -1;
+    }
+    pthread_mutex_lock(&t->lock);
+    int rc = -1;
+    for (uint16_t i = 0; i < t->ops->num_queues; i++) {
+        const sm_vq_state *q = &s->queues[i];
+        int vq_rc = sm_vq_restore(&t->queues[i], q);
+        if (vq_rc != SM_VQ_OK) {
+            snprintf(err, err_len, "%s: queue %u: %s (size %u, max %u, desc 0x%llx, avail 0x%llx, "
+                     "used 0x%llx)", t->name, i, sm_vq_error_message(vq_rc), q->size,
+                     t->queues[i].max_size, (unsigned long long)q->desc_gpa,
+                     (unsigned long long)q->avail_gpa, (unsigned long long)q->used_gpa);
+            goto out;
+        }
+    }
+    t->device_features_sel = s->device_features_sel;
+    t->driver_features_sel = s->driver_features_sel;
+    t->driver_features = s->driver_features;
+    t->acked_features = s->acked_features;
+    t->queue_sel = s->queue_sel;
+    t->status = s->status;
+    t->interrupt_status = s->interrupt_status;
+    t->config_generation = s->config_generation;
+    t->activated = s->activated != 0;
+    t->broken = s->broken != 0;
+    snprintf(t->broken_reason, sizeof(t->broken_reason), "%s", s->broken_reason);
+    char device_err[SM_ERROR_MESSAGE_BYTES];
+    if (t->ops->restore(t->dev, s->blob, s->blob_len, device_err, sizeof(device_err)) < 0) {
+        snprintf(err, err_len, "%s: %s", t->name, device_err);
+        goto out;
+    }
+    /* After the device's own checks, which name the setting that differs. */
+    uint64_t unoffered = s->acked_features & ~offered_features(t);
+    if (unoffered) {
+        snprintf(err, err_len, "%s: the guest accepted features 0x%llx this device does not offer "
+                 "(a different device configuration)", t->name, (unsigned long long)unoffered);
+        goto out;
+    }
+    rc = 0;
+out:
+    pthread_mutex_unlock(&t->lock);
+    return rc;
+}

@@ -15,6 +15,9 @@ struct sm_vm;
 #define SM_VIRTIO_VENDOR_ID 0x554d4551u         /* "QEMU", what Linux expects nothing of */
 #define SM_VIRTIO_MAX_QUEUES 4
 #define SM_VIRTIO_F_VERSION_1_BIT 32
+#define SM_VIRTIO_NAME_BYTES 32
+#define SM_VIRTIO_BROKEN_REASON_BYTES 256
+#define SM_VIRTIO_SNAPSHOT_BLOB_BYTES 256   /* room for a device's own snapshot state */
 
 #define SM_VIRTIO_STATUS_ACKNOWLEDGE 0x01
 #define SM_VIRTIO_STATUS_DRIVER 0x02
@@ -71,11 +74,42 @@ typedef struct sm_virtio_ops {
     /* Adds device counters to info (names + values) starting at *n. */
     void (*counters)(void *dev, sm_device_info *info, uint32_t *n);
     void (*destroy)(void *dev);
+    /* Snapshots, called with the transport lock held. snapshot_refusal: NULL (or a NULL
+     * answer) if the device can be snapshotted, else why not; such a device has no save and
+     * restore. save writes the device's own state into buf if it fits in cap and returns its
+     * size (like snprintf). restore runs after the transport and its queues are restored;
+     * 0, or -1 with err saying what in the snapshot or the new host side does not fit. */
+    const char *(*snapshot_refusal)(void *dev);
+    size_t (*save)(void *dev, uint8_t *buf, size_t cap);
+    int (*restore)(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len);
 } sm_virtio_ops;
+
+/* What a snapshot keeps of one virtio-mmio device: the transport registers, every queue
+ * and the device's own state (blob, written by ops->save). Fixed size: one per device. */
+typedef struct sm_virtio_mmio_state {
+    char name[SM_VIRTIO_NAME_BYTES];
+    uint32_t device_id;
+    uint32_t n_queues;
+    uint32_t device_features_sel;
+    uint32_t driver_features_sel;
+    uint64_t driver_features;
+    uint64_t acked_features;
+    uint32_t queue_sel;
+    uint32_t status;
+    uint32_t interrupt_status;
+    uint32_t config_generation;
+    uint32_t activated;
+    uint32_t broken;
+    char broken_reason[SM_VIRTIO_BROKEN_REASON_BYTES];
+    sm_vq_state queues[SM_VIRTIO_MAX_QUEUES];
+    uint32_t blob_len;
+    uint32_t pad;
+    uint8_t blob[SM_VIRTIO_SNAPSHOT_BLOB_BYTES];
+} sm_virtio_mmio_state;
 
 typedef struct sm_virtio_mmio {
     struct sm_vm *vm;
-    char name[32];
+    char name[SM_VIRTIO_NAME_BYTES];
     uint64_t base_gpa;
     uint32_t irq;
     pthread_mutex_t lock;   /* the transport and the device state behind it */
@@ -94,7 +128,7 @@ typedef struct sm_virtio_mmio {
     sm_virtqueue queues[SM_VIRTIO_MAX_QUEUES];
 
     int broken;
-    char broken_reason[256];
+    char broken_reason[SM_VIRTIO_BROKEN_REASON_BYTES];
     sm_virtio_mmio_counters counters;
 } sm_virtio_mmio;
 
@@ -113,5 +147,15 @@ void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
 int sm_virtio_mmio_is_live_locked(const sm_virtio_mmio *t);
 
 void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out);
+
+/* Snapshots. refusal: why this device cannot be snapshotted, or NULL. save: 0, or -1 with
+ * err. state_check: a record's own consistency (strings terminated, counts and lengths within
+ * the record), before anything trusts it; NULL or what is wrong. restore: the record into a
+ * device of the same kind; 0, or -1 with err starting with the device name. */
+const char *sm_virtio_mmio_snapshot_refusal(sm_virtio_mmio *t);
+int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, char *err, size_t err_len);
+const char *sm_virtio_mmio_state_check(const sm_virtio_mmio_state *s);
+int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, char *err,
+                           size_t err_len);
 
 #endif

@@ -74,6 +74,36 @@ int sm_vq_activate(sm_virtqueue *q)
     return SM_VQ_OK;
 }
 
+void sm_vq_save(const sm_virtqueue *q, sm_vq_state *s)
+{
+    s->size = q->size;
+    s->ready = (uint16_t)q->ready;
+    s->next_avail = q->next_avail;
+    s->next_used = q->next_used;
+    s->desc_gpa = q->desc_gpa;
+    s->avail_gpa = q->avail_gpa;
+    s->used_gpa = q->used_gpa;
+}
+
+int sm_vq_restore(sm_virtqueue *q, const sm_vq_state *s)
+{
+    sm_vq_reset(q);
+    if (s->size > q->max_size)
+        return SM_VQ_ERR_SIZE_TOO_LARGE;
+    q->size = s->size;
+    q->desc_gpa = s->desc_gpa;
+    q->avail_gpa = s->avail_gpa;
+    q->used_gpa = s->used_gpa;
+    if (!s->ready)
+        return SM_VQ_OK;
+    int rc = sm_vq_activate(q);
+    if (rc != SM_VQ_OK)
+        return rc;
+    q->next_avail = s->next_avail;
+    q->next_used = s->next_used;
+    return SM_VQ_OK;
+}
+
 /* Ring fields are shared with the guest: read once, through atomics. */
 static uint16_t load16(const uint8_t *p)
 {

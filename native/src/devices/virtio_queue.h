@@ -74,10 +74,25 @@ typedef struct sm_virtqueue {
     uint16_t next_used;
 } sm_virtqueue;
 
+/* What a snapshot keeps of a queue: the driver's layout and the device's ring positions
+ * (host pointers are recomputed against the restored guest RAM). */
+typedef struct sm_vq_state {
+    uint16_t size;
+    uint16_t ready;
+    uint16_t next_avail;
+    uint16_t next_used;
+    uint64_t desc_gpa, avail_gpa, used_gpa;
+} sm_vq_state;
+
 void sm_vq_init(sm_virtqueue *q, const sm_guest_memory *mem, uint16_t max_size);
 void sm_vq_reset(sm_virtqueue *q);
 /* Validates size and ring placement; on success the queue is ready. */
 int sm_vq_activate(sm_virtqueue *q);
+void sm_vq_save(const sm_virtqueue *q, sm_vq_state *s);
+/* Loads s into q: a ready queue is re-activated (size and rings validated against guest RAM
+ * as sm_vq_activate does) and then continues at the saved ring positions. SM_VQ_OK or the
+ * sm_vq_error that refused it. */
+int sm_vq_restore(sm_virtqueue *q, const sm_vq_state *s);
 /* Pops the next available chain: SM_VQ_OK, SM_VQ_EMPTY, or an error. */
 int sm_vq_pop(sm_virtqueue *q, sm_vq_chain *chain);
 /* Gives back the chain popped last (nothing was pushed for it). */

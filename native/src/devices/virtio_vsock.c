@@ -28,6 +28,7 @@ static const char *const VSOCK_ERROR_MESSAGES[SM_VSOCK_ERR_COUNT] = {
     [SM_VSOCK_ERR_TX_LEN_BEYOND_BUFFER] = "Guest gave us a TX packet whose len exceeds its buffer",
     [SM_VSOCK_ERR_TX_BUFFER_WRITABLE] = "Guest gave us a device-writable TX buffer",
     [SM_VSOCK_ERR_RX_BUFFER_TOO_SMALL] = "Guest gave us an RX buffer without 44 writable bytes",
+    [SM_VSOCK_ERR_EVENT_BUFFER_TOO_SMALL] = "Guest gave us an event buffer without 4 writable bytes",
 };
 
 const char *sm_vsock_error_message(int err)
@@ -85,6 +86,7 @@ struct sm_vsock {
     int listen_fd;
     uint32_t next_host_port;
     int rx_starved;
+    int transport_reset_pending;  /* owed to the guest until it posts an event buffer */
     vsock_conn conns[SM_VSOCK_MAX_CONNECTIONS];
     sm_vsock_counters counters;
 };
@@ -581,6 +583,38 @@ out:
     update_all_interest(v);
 }
 
+/* ---- event queue --------------------------------------------------------------------- */
+
+/* Delivers an owed transport reset into the guest's next event buffer; without one it stays
+ * owed until the guest posts one (an event queue notify). */
+static void deliver_transport_reset_locked(sm_vsock *v)
+{
+    sm_virtio_mmio *t = v->transport;
+    sm_virtqueue *q = &t->queues[SM_VSOCK_EVENT_INDEX];
+    if (!v->transport_reset_pending || !sm_virtio_mmio_is_live_locked(t) || !q->ready)
+        return;
+    sm_vq_chain chain;
+    int rc = sm_vq_pop(q, &chain);
+    if (rc == SM_VQ_EMPTY)
+        return;
+    if (rc != SM_VQ_OK) {
+        sm_virtio_mmio_mark_broken_locked(t, "%s: event queue: %s",
+                                          VSOCK_ERROR_MESSAGES[SM_VSOCK_ERR_QUEUE],
+                                          sm_vq_error_message(rc));
+        return;
+    }
+    if (chain.writable_bytes < SM_VSOCK_EVENT_BYTES || chain.readable_bytes) {
+        sm_virtio_mmio_mark_broken_locked(t, "%s", VSOCK_ERROR_MESSAGES[SM_VSOCK_ERR_EVENT_BUFFER_TOO_SMALL]);
+        return;
+    }
+    uint32_t id = SM_VSOCK_EVENT_TRANSPORT_RESET;
+    sm_vq_chain_write(&chain, 0, &id, sizeof(id));
+    sm_vq_push_used(q, chain.head, sizeof(id));
+    v->transport_reset_pending = 0;
+    v->counters.events_sent++;
+    sm_virtio_mmio_signal_used_locked(t);
+}
+
 /* ---- host side: listener and sockets ------------------------------------------------- */
 
 static void handle_connect_line(sm_vsock *v, vsock_conn *c)
@@ -724,13 +758,16 @@ static void vsock_notify(void *dev, uint16_t queue)
     sm_vsock *v = dev;
     if (queue == SM_VSOCK_TX_INDEX)
         process_tx(v);
-    /* TX may owe the guest answers; an RX notify means fresh buffers; EVENT is unused. */
+    if (queue == SM_VSOCK_EVENT_INDEX)
+        deliver_transport_reset_locked(v);
+    /* TX may owe the guest answers; an RX notify means fresh buffers. */
     rx_pump_locked(v);
 }
 
 static void vsock_reset(void *dev)
 {
     sm_vsock *v = dev;
+    v->transport_reset_pending = 0; /* a reinitialising driver reads its CID anyway */
     for (int i = 0; i < SM_VSOCK_MAX_CONNECTIONS; i++)
         conn_free(v, &v->conns[i]);
 }
@@ -757,7 +794,33 @@ static void vsock_counters(void *dev, sm_device_info *info, uint32_t *n)
     ADD(credit_violations);
     ADD(connections_table_full);
     ADD(active_connections);
+    ADD(transport_resets);
+    ADD(events_sent);
 #undef ADD
+}
+
+static size_t vsock_save(void *dev, uint8_t *buf, size_t cap)
+{
+    (void)dev;
+    (void)buf;
+    (void)cap;
+    return 0; /* connections are host sockets: nothing to carry */
+}
+
+static int vsock_restore(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len)
+{
+    (void)buf;
+    sm_vsock *v = dev;
+    if (len) {
+        snprintf(err, err_len, "vsock state is %zu bytes, this core keeps none", len);
+        return -1;
+    }
+    if (!v->transport->activated)
+        return 0; /* no driver yet: it reads the CID when it starts */
+    v->transport_reset_pending = 1;
+    v->counters.transport_resets++;
+    deliver_transport_reset_locked(v);
+    return 0;
 }
 
 static void vsock_destroy(void *dev)
@@ -790,4 +853,6 @@ const sm_virtio_ops SM_VSOCK_OPS = {
     .reset = vsock_reset,
     .counters = vsock_counters,
     .destroy = vsock_destroy,
+    .save = vsock_save,
+    .restore = vsock_restore,
 };

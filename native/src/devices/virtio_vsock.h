@@ -2,7 +2,10 @@
  * talks AF_VSOCK, the host talks AF_UNIX.
  *  - host -> guest: connect to uds_path, write "CONNECT <port>\n"; once the guest accepts,
  *    read "OK <host_port>\n", then the stream is bridged;
- *  - guest -> host: a guest connection to CID 2 port P is bridged to "<uds_path>_<P>". */
+ *  - guest -> host: a guest connection to CID 2 port P is bridged to "<uds_path>_<P>".
+ * Snapshots keep no vsock state of their own: host-side connections cannot survive a restore.
+ * A restored device sends the guest a transport reset event (as Firecracker does), so its
+ * driver drops every connection and re-reads its CID (the restore config's). */
 #ifndef SM_VIRTIO_VSOCK_H
 #define SM_VIRTIO_VSOCK_H
 
@@ -33,6 +36,8 @@ struct sm_event_loop;
 #define SM_VSOCK_MAX_RW_PAYLOAD_BYTES (64u * 1024u)
 #define SM_VSOCK_FIRST_HOST_PORT (1u << 30)     /* local ports for host-initiated streams */
 #define SM_VSOCK_CONNECT_LINE_MAX_BYTES 32
+#define SM_VSOCK_EVENT_TRANSPORT_RESET 0        /* struct virtio_vsock_event id */
+#define SM_VSOCK_EVENT_BYTES 4
 
 typedef enum sm_vsock_error {
     SM_VSOCK_ERR_NONE = 0,
@@ -41,6 +46,7 @@ typedef enum sm_vsock_error {
     SM_VSOCK_ERR_TX_LEN_BEYOND_BUFFER,
     SM_VSOCK_ERR_TX_BUFFER_WRITABLE,
     SM_VSOCK_ERR_RX_BUFFER_TOO_SMALL,
+    SM_VSOCK_ERR_EVENT_BUFFER_TOO_SMALL,
     SM_VSOCK_ERR_COUNT
 } sm_vsock_error;
 
@@ -61,6 +67,8 @@ typedef struct sm_vsock_counters {
     uint64_t credit_violations;         /* guest sent more than we granted */
     uint64_t connections_table_full;
     uint64_t active_connections;
+    uint64_t transport_resets;          /* restores: each owes the guest a reset event */
+    uint64_t events_sent;               /* events delivered on the event queue */
 } sm_vsock_counters;
 
 typedef struct sm_vsock sm_vsock;
