@@ -208,7 +208,9 @@ size_t sm_vm_virtio_cmdline_fragment(sm_vm *vm, char *buf, size_t len);
  * VM, writes dir/memory.bin (guest RAM, zero pages left as holes) and dir/state.bin (vCPU,
  * irqchip, PIT, clock, UART state, and each virtio device's transport, queues and own state:
  * balloon target/actual/statistics, disk size/read-only/serial), then puts the VM back in the
- * state it was in. Host-side vsock connections are not kept (see sm_vm_restore). A VM with a
+ * state it was in. state.bin is flushed to disk; memory.bin is left in the page cache (a
+ * flush would keep the guest paused for the disk): fsync it before relying on it after a
+ * crash. Host-side vsock connections are not kept (see sm_vm_restore). A VM with a
  * virtio-fs share is refused with SM_ERR_BAD_STATE and a message naming the device and why;
  * nothing is written then. */
 int sm_vm_snapshot(sm_vm *vm, const char *dir);

@@ -135,8 +135,9 @@ static int write_memory(struct sm_vm *vm, const char *path, char *err, size_t er
         }
         file_off += reg->size_bytes;
     }
-    /* The zero pages stay holes: the file is as long as guest RAM but sparse. */
-    if (ftruncate(fd, (off_t)file_off) < 0 || fsync(fd) < 0) {
+    /* The zero pages stay holes: the file is as long as guest RAM but sparse. Not flushed
+     * here: that would keep the guest paused for the disk (the caller flushes it). */
+    if (ftruncate(fd, (off_t)file_off) < 0) {
         snprintf(err, err_len, "snapshot: finishing %.300s failed: %s", path, strerror(errno));
         close(fd);
         return -1;
