@@ -184,8 +184,8 @@ class VmMagics(Magics):
                                  "None: no limit").tag(config=True)
     boot_timeout = Float(120.0, help="Seconds to wait for a VM to boot").tag(config=True)
     snapshot_cache = Bool(True, help="Start VMs from the default image's cached pre-booted "
-                                     "snapshot when the cell's config allows it (QEMU, no "
-                                     "volumes or mounts): ~10x faster than a cold boot"
+                                     "snapshot when the cell's config allows it (no volumes "
+                                     "or mounts): ~10x faster than a cold boot"
                           ).tag(config=True)
     show_progress = Bool(True, help="Show a progress line while a VM boots and a status "
                                     "line when the command ends").tag(config=True)

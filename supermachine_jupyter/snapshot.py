@@ -9,39 +9,51 @@ independent of the others and of the VM the snapshot came from.
 A snapshot is a directory::
 
     header                  versioned, checksummed header (see below)
+    volume<i>.img           the data volumes as they were at the snapshot (sparse copies)
+
+and the engine's own files. QEMU (``engine_state.qemu_version``):
+
     qemu-state.migration    QEMU's migration stream: vCPU, irqchip, timers and device state
                             (saved with ``x-ignore-shared``, so without guest RAM)
     qemu-ram.img            guest RAM as a sparse file; every restore maps it copy-on-write
                             (``memory-backend-file,share=off``), so N restores share the
                             pages none of them has written
-    volume<i>.img           the data volumes as they were at the snapshot (sparse copies)
+
+The native core (``engine_state.core_version``; format in ``native/src/snapshot.h``):
+
+    state.bin               vCPUs, irqchip, PIT, clock, UART and every virtio-mmio device
+                            (transport, queue indexes, device state), versioned, checksummed
+    memory.bin              guest RAM as a sparse file, mapped ``MAP_PRIVATE`` by restores
 
 ``header`` is three lines: ``SUPERMACHINE-SNAPSHOT <format version>``, one line of JSON (the
-engine, QEMU version and accelerator, the ``VmConfig`` as ``to_dict()``, memory and vCPUs,
+engine, its version and accelerator, the ``VmConfig`` as ``to_dict()``, memory and vCPUs,
 kernel and initramfs paths with their SHA-256, the creation time, and the size and digest of
 every other file), and ``sha256:<hex>`` of that JSON line. Everything is checked before an
 engine starts; a snapshot that is truncated, corrupted, from another format version or from
-another QEMU version is refused with a :class:`SnapshotError` that says which and why.
+another QEMU version is refused with a :class:`SnapshotError` that says which and why
+(the native core checks its own files' format version, sizes and checksum the same way).
+A snapshot restores on the engine that made it.
 
 What a restored VM gets:
 
 * its **volumes** are the snapshot's copies, behind a per-VM copy-on-write overlay in its
-  run directory: the guest's filesystem matches its memory, restores never see each other's
-  writes, and the original volume file (which the source VM may have changed since) is never
-  touched. Writes end with the VM.
-* **host mounts** (virtio-fs) cannot be carried: QEMU 7.2's ``vhost-user-fs`` device is not
-  migratable, so a VM with mounts cannot be snapshotted (a clear error says so).
+  run directory (QEMU: qcow2; native: a sparse per-VM copy): the guest's filesystem matches
+  its memory, restores never see each other's writes, and the original volume file (which
+  the source VM may have changed since) is never touched. Writes end with the VM.
+* **host mounts** (virtio-fs) cannot be carried, so a VM with mounts cannot be snapshotted
+  (a clear error says why): QEMU 7.2's ``vhost-user-fs`` device is not migratable, and the
+  native core's FUSE node ids and open files name host file descriptors.
+* on the native core, **vsock connections** are reset (the guest gets a transport-reset
+  event, as on Firecracker); the agent keeps listening and the host connects anew.
 * after the agent answers, the host sets the guest's **hostname** to the new VM's name,
   mixes fresh host entropy into ``/dev/urandom`` and sets the guest **clock** (it stood still
   while the snapshot sat on disk).
-* the **native** engine has no snapshot support yet: snapshotting or restoring with it raises
-  :class:`SnapshotNotSupportedError` naming what the core lacks.
 
 The default image's pre-booted snapshot is made on first use and cached in the user cache
 dir like the kernel, keyed by everything that shapes it (kernel and initramfs hashes, memory,
-vCPUs, balloon, QEMU version and accelerator, format version).
-``Image.start(config, snapshot_cache=True)`` uses it when the config allows (QEMU, no volumes,
-no mounts, default assets): the first start boots and snapshots the fresh VM before handing
+vCPUs, balloon, engine with its version and accelerator, format version).
+``Image.start(config, snapshot_cache=True)`` uses it when the config allows (no volumes, no
+mounts, the image's own kernel): the first start boots and snapshots the fresh VM before handing
 it over (:func:`start_with_cache`), later starts restore. :func:`default_snapshot` makes or
 returns it synchronously.
 """
@@ -94,12 +106,8 @@ CACHE_ENABLED_BY_DEFAULT = True
 #: boots instead (finishing takes ~0.8 s here, a boot ~1.4 s).
 BACKGROUND_WAIT_S = 3.0
 
-NATIVE_MISSING = (
-    "the native core has no snapshot support yet: it cannot capture or load vCPU state "
-    "(KVM_GET/SET_REGS, SREGS, XSAVE, LAPIC, MSRs), the in-kernel irqchip and clock "
-    "(KVM_GET/SET_IRQCHIP, PIT2, CLOCK) or its virtio-mmio queue state, and has no file format "
-    "with guest memory mapped MAP_PRIVATE (native/src/snapshot.c is not written); "
-    "use engine='qemu' for snapshots")
+#: Engines whose snapshots this build writes and restores.
+SNAPSHOT_ENGINES = ("qemu", "native")
 
 Progress = Callable[[str], None]
 
@@ -121,7 +129,7 @@ class SnapshotTimeoutError(SnapshotError):
 
 
 class SnapshotNotSupportedError(SnapshotError, NotImplementedError):
-    """The engine cannot snapshot or restore (the native core, for now)."""
+    """The engine cannot snapshot or restore."""
 
 
 # --- digests --------------------------------------------------------------------------------
@@ -164,6 +172,18 @@ def content_digest(path: Path) -> str:
                 block += _BLOCK
             done = block
     return f"{CONTENT_DIGEST}:{h.hexdigest()}"
+
+
+@functools.lru_cache(maxsize=256)
+def _content_digest_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    return content_digest(Path(path))
+
+
+def checked_content_digest(path: Path) -> str:
+    """``content_digest``, read once per process for a file that has not changed since (same
+    inode, size, mtime and ctime): restores after the first do not hash guest RAM again."""
+    st = os.stat(path)
+    return _content_digest_of(str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def file_sha256(path: Path) -> str:
@@ -256,7 +276,7 @@ class Snapshot:
             raise SnapshotError(f"snapshot {path} is corrupted: header larger than "
                                 f"{MAX_HEADER_BYTES} bytes")
         fields = decode_header(data, str(path))
-        if fields["engine"] != "qemu":
+        if fields["engine"] not in SNAPSHOT_ENGINES:
             raise SnapshotError(f"snapshot {path} was made by engine {fields['engine']!r}, which "
                                 "this build cannot restore")
         for name, info in fields["files"].items():
@@ -303,7 +323,14 @@ class Snapshot:
 
     # -- checks --------------------------------------------------------------------------------
     def check_host(self) -> None:
-        """Refuse a snapshot this host's engine cannot load (other QEMU, no KVM)."""
+        """Refuse a snapshot this host's engine cannot load (other QEMU, no KVM, no core)."""
+        if self.engine == "native":
+            from .engines import native
+            ok, why = native.available()
+            if not ok:
+                raise SnapshotError(f"snapshot {self.path} was made by the native core, which "
+                                    f"cannot run here: {why}")
+            return
         from .engines.qemu import qemu_version
         made, here = self.header["engine_state"].get("qemu_version"), qemu_version()
         if made != here:
@@ -322,9 +349,10 @@ class Snapshot:
                                 "the checksum in its header")
 
     def verify_contents(self) -> None:
-        """Digests of guest RAM and the volume copies against the header."""
+        """Digests of guest RAM and the volume copies against the header (a file verified
+        before in this process and unchanged since is not read again)."""
         for name, info in self.header["files"].items():
-            if "digest" in info and content_digest(self.path / name) != info["digest"]:
+            if "digest" in info and checked_content_digest(self.path / name) != info["digest"]:
                 raise SnapshotError(f"snapshot {self.path} is corrupted: {name} does not "
                                     "match the digest in its header")
 
@@ -337,6 +365,8 @@ class Snapshot:
         from .config import VmConfig
         saved = dict(self.header["config"])
         conflicts = []
+        if config.engine not in ("auto", self.engine):
+            conflicts.append(f"engine={config.engine!r} (snapshot made by {self.engine!r})")
         if config.memory_mib not in (None, self.memory_mib):
             conflicts.append(f"memory_mib={config.memory_mib} (snapshot: {self.memory_mib})")
         if config.vcpus not in (None, self.vcpus):
@@ -350,9 +380,9 @@ class Snapshot:
         if conflicts:
             raise SnapshotError(
                 f"snapshot {self.path} cannot be restored with {'; '.join(conflicts)}: a "
-                "restore keeps the snapshot's hardware (leave those fields unset)")
+                "restore keeps the snapshot's hardware and engine (leave those fields unset)")
         saved.update(name=config.name, restore_timeout=config.restore_timeout,
-                     vsock_mux_dir=config.vsock_mux_dir, engine="qemu", assets=None)
+                     vsock_mux_dir=config.vsock_mux_dir, engine=self.engine, assets=None)
         try:
             return VmConfig.from_dict(saved)
         except TraitError:
@@ -400,13 +430,6 @@ def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
     goes on, and returns the :class:`Snapshot`."""
     path = Path(path).expanduser().absolute()
     spec, instance = vm._spec, vm.instance
-    if vm.engine != "qemu" or not hasattr(instance, "snapshot_to"):
-        raise SnapshotNotSupportedError(
-            f"snapshot: VM {vm.name!r} runs on engine={vm.engine!r}; {NATIVE_MISSING}")
-    if spec.config.mounts:
-        raise SnapshotError(
-            f"snapshot: VM {vm.name!r} has virtio-fs mounts, which cannot be snapshotted: "
-            "QEMU 7.2's vhost-user-fs device is not migratable (use volumes instead)")
     if path.exists() and not overwrite:
         raise SnapshotError(f"snapshot: {path} already exists (pass overwrite=True to "
                             "replace it)")
@@ -512,6 +535,66 @@ def _overlay(base: Path, target: Path) -> None:
                             f"{result.stderr.strip()}")
 
 
+def _restored_volumes(snapshot: Snapshot, config: VmConfig, run_dir: Path) -> list:
+    """The snapshot's volume copies as a restored VM's volumes: read-only ones as they are,
+    writable ones behind a per-VM layer in ``run_dir`` (QEMU: a qcow2 overlay; the native
+    core, which serves raw files only: a sparse copy)."""
+    from .volumes import PreparedVolume
+    out = []
+    for i, (vol, saved) in enumerate(zip(config.volumes, snapshot.header["volumes"])):
+        path = snapshot.path / saved["file"]
+        if not saved["read_only"]:
+            if snapshot.engine == "native":
+                path, base = run_dir / f"volume{i}.img", path
+                _copy_volume(base, path)
+            else:
+                path, base = run_dir / f"volume{i}.qcow2", path
+                _overlay(base, path)
+        out.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
+    return out
+
+
+def _load_qemu(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], None]):
+    """A QEMU started for ``snapshot`` with its state loaded, paused."""
+    from .engines.qemu import QemuInstance, QemuRestore
+    h = snapshot.header
+    formats = tuple("raw" if v["read_only"] else "qcow2" for v in h["volumes"])
+    reason = f"restored from snapshot {snapshot.path} (made on qemu/{snapshot.accel})"
+    instance = None
+    try:
+        instance = QemuInstance(spec, snapshot.accel, reason,
+                                restore=QemuRestore(snapshot.path / h["engine_state"]["ram_file"],
+                                                    volume_formats=formats))
+        mark("qemu_started")
+        instance.incoming(snapshot.path / h["engine_state"]["state_file"], deadline.at)
+        mark("state_loaded")
+        return instance
+    except BaseException as exc:
+        if instance is not None:
+            instance.shutdown(None, timeout=2)
+        if isinstance(exc, TimeoutError):
+            raise deadline.error("QEMU loading the state") from exc
+        if isinstance(exc, EngineError):
+            raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
+        raise
+
+
+def _load_native(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], None]):
+    """A native-core VM rebuilt from ``snapshot`` (guest RAM mapped copy-on-write from its
+    memory.bin, devices re-attached to ``spec``'s volumes and vsock socket), paused."""
+    from .engines.native import NativeInstance
+    reason = f"restored from snapshot {snapshot.path} (made on the native core)"
+    try:
+        instance = NativeInstance(spec, reason, restore_from=snapshot.path)
+    except EngineError as exc:
+        raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
+    mark("state_loaded")    # one call: the VM is built from the files, RAM mapped lazily
+    if deadline.left() <= 0:
+        instance.shutdown(None, timeout=2)
+        raise deadline.error("the native core loading the state")
+    return instance
+
+
 def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | None = None,
             progress: Progress = _silent) -> Vm:
     """Start a new VM from ``snapshot`` (what ``Image.from_snapshot(p).start()`` does)."""
@@ -519,9 +602,7 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
     from .config import VmConfig
     from .console import ConsoleBuffer
     from .engines.base import LaunchSpec
-    from .engines.qemu import QemuInstance, QemuRestore
     from .vm import Vm
-    from .volumes import PreparedVolume
 
     started = time.monotonic()
     marks: dict[str, float] = {}
@@ -531,9 +612,6 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
 
     config = config or VmConfig()
     deadline = _Deadline(config.restore_timeout, snapshot.path)
-    if config.engine == "native":
-        raise SnapshotNotSupportedError(f"snapshot {snapshot.path}: engine='native' cannot "
-                                        f"restore it; {NATIVE_MISSING}")
     snapshot.check_host()
     effective = snapshot.restored_config(config)
     snapshot.verify_state()
@@ -542,8 +620,8 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
     h = snapshot.header
     run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=effective.vsock_mux_dir))
 
-    # Guest RAM and volume digests are checked while QEMU starts and loads the state; the
-    # guest only runs once they match.
+    # Guest RAM and volume digests are checked while the engine starts and loads the state;
+    # the guest only runs once they match.
     verdict: list[BaseException | None] = []
 
     def verify() -> None:
@@ -557,35 +635,16 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
     checker.start()
     instance = None
     try:
-        volumes, formats = [], []
-        for i, (vol, saved) in enumerate(zip(effective.volumes, h["volumes"])):
-            base = snapshot.path / saved["file"]
-            if saved["read_only"]:
-                path, fmt = base, "raw"
-            else:
-                path, fmt = run_dir / f"volume{i}.qcow2", "qcow2"
-                _overlay(base, path)
-            volumes.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
-            formats.append(fmt)
+        volumes = _restored_volumes(snapshot, effective, run_dir)
         spec = LaunchSpec(
             name=name, memory_mib=snapshot.memory_mib, vcpus=snapshot.vcpus,
             kernel=Path(h["kernel"]), vmlinux=Path(h["kernel"]), initrd=Path(h["initrd"]),
             cmdline=h["cmdline"], config=effective, run_dir=run_dir, console=ConsoleBuffer(),
             volumes=tuple(volumes))
-        ram = snapshot.path / h["engine_state"]["ram_file"]
-        reason = f"restored from snapshot {snapshot.path} (made on qemu/{snapshot.accel})"
         progress(f"restoring {name} from {snapshot.path} ({snapshot.memory_mib} MiB, "
-                 f"{snapshot.vcpus} vCPU)")
-        try:
-            instance = QemuInstance(spec, snapshot.accel, reason,
-                                    restore=QemuRestore(ram, volume_formats=tuple(formats)))
-            mark("qemu_started")
-            instance.incoming(snapshot.path / h["engine_state"]["state_file"], deadline.at)
-            mark("state_loaded")
-        except TimeoutError as exc:
-            raise deadline.error("QEMU loading the state") from exc
-        except EngineError as exc:
-            raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
+                 f"{snapshot.vcpus} vCPU, {snapshot.engine})")
+        load = _load_native if snapshot.engine == "native" else _load_qemu
+        instance = load(snapshot, spec, deadline, mark)
         checker.join(max(deadline.left(), 0))
         if checker.is_alive():
             raise deadline.error("checking the RAM and volume digests")
@@ -668,24 +727,38 @@ def cacheable(image: Image, config: VmConfig) -> str | None:
         return "the VM has mounts"
     if config.assets is not None:
         return "the VM boots its own kernel"
-    if config.engine == "native":
-        return "engine='native' has no snapshots"
     from .engines import choose_engine
     try:
-        if choose_engine(config.engine).name != "qemu":
-            return "the chosen engine is not QEMU"
+        choose_engine(config.engine)
     except EngineError as exc:
         return str(exc)
     return None
 
 
+def _engine_version(engine: str) -> str:
+    """What must match for an engine to load another's snapshot."""
+    if engine == "native":
+        from .engines import native
+        return f"core {native.version()}"
+    from .engines.qemu import qemu_version
+    return f"qemu {qemu_version()}"
+
+
+def _made_by(header: dict) -> tuple[str, str]:
+    """(engine, engine version) of a snapshot header, in _engine_version's terms."""
+    state = header["engine_state"]
+    version = (f"core {state['core_version']}" if header["engine"] == "native"
+               else f"qemu {state['qemu_version']}")
+    return header["engine"], version
+
+
 def default_snapshot_key(image: Image, config: VmConfig) -> str:
     from .engines import choose_engine
-    from .engines.qemu import qemu_version
     from .image import BASE_CMDLINE
+    choice = choose_engine(config.engine)
     parts = {
-        "format": FORMAT_VERSION, "qemu": qemu_version(),
-        "accel": choose_engine("qemu").accel,
+        "format": FORMAT_VERSION, "engine": choice.name,
+        "engine_version": _engine_version(choice.name), "accel": choice.accel,
         "kernel": asset_sha256(image.kernel), "initrd": asset_sha256(image.initrd),
         "memory_mib": config.memory_mib or image.default_memory_mib,
         "vcpus": config.vcpus or image.default_vcpus, "balloon": bool(config.balloon),
@@ -709,6 +782,7 @@ def default_snapshot(image: Image, config: VmConfig,
     """The cached pre-booted snapshot of ``image`` for ``config``'s hardware, made on first
     use: boot a template VM, snapshot it, stop it."""
     from .config import VmConfig
+    from .engines import choose_engine
     key = default_snapshot_key(image, config)
     path = snapshots_dir() / f"default-{key}"
     with _locked(snapshots_dir() / f"default-{key}.lock"):
@@ -720,7 +794,8 @@ def default_snapshot(image: Image, config: VmConfig,
         memory = config.memory_mib or image.default_memory_mib
         vcpus = config.vcpus or image.default_vcpus
         template = VmConfig(memory_mib=memory, vcpus=vcpus, balloon=bool(config.balloon),
-                            engine="qemu", vsock_mux_dir=config.vsock_mux_dir)
+                            engine=choose_engine(config.engine).name,
+                            vsock_mux_dir=config.vsock_mux_dir)
         progress(f"making the pre-booted snapshot ({memory} MiB, {vcpus} vCPU) for later "
                  "cells…")
         with image.start(template, name="sm-template", progress=progress) as vm:
@@ -730,10 +805,10 @@ def default_snapshot(image: Image, config: VmConfig,
 
 
 def _prune_stale_defaults(current: Snapshot) -> None:
-    """Delete cached default snapshots of other kernels, initramfs or QEMU versions (running
-    VMs restored from them keep their open files)."""
+    """Delete cached default snapshots of the same engine made with other kernels, initramfs
+    or engine versions (running VMs restored from them keep their open files)."""
     h = current.header
-    mark = (h["kernel_sha256"], h["initrd_sha256"], h["engine_state"]["qemu_version"])
+    mark = (h["kernel_sha256"], h["initrd_sha256"], *_made_by(h))
     for entry in current.path.parent.glob(".default-*.partial"):
         with contextlib.suppress(OSError):
             if time.time() - entry.stat().st_mtime > 3600:   # left by a process that died
@@ -744,8 +819,8 @@ def _prune_stale_defaults(current: Snapshot) -> None:
         try:
             lines = (entry / HEADER_FILE).read_bytes().split(b"\n")
             other = json.loads(lines[1])
-            if (other["kernel_sha256"], other["initrd_sha256"],
-                    other["engine_state"]["qemu_version"]) == mark:
+            theirs = (other["kernel_sha256"], other["initrd_sha256"], *_made_by(other))
+            if theirs == mark or theirs[2] != mark[2]:     # current, or another engine's
                 continue
         except (OSError, IndexError, ValueError, KeyError, TypeError):
             pass

@@ -362,8 +362,9 @@ class Vm:
         snapshot directory at ``path``; the guest pauses briefly and keeps running.
 
         Returns a :class:`~supermachine_jupyter.snapshot.Snapshot`;
-        ``Image.from_snapshot(path).start()`` starts new VMs from it. QEMU engine only;
-        VMs with virtio-fs mounts cannot be snapshotted (see ``snapshot.py``)."""
+        ``Image.from_snapshot(path).start()`` starts new VMs from it on the same engine
+        (QEMU or the native core). VMs with virtio-fs mounts cannot be snapshotted (see
+        ``snapshot.py``)."""
         self._check_running()
         from .snapshot import write_snapshot
         return write_snapshot(self, path, overwrite=overwrite)

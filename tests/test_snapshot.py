@@ -24,7 +24,6 @@ from supermachine_jupyter.snapshot import (
     MAGIC,
     Snapshot,
     SnapshotError,
-    SnapshotNotSupportedError,
     SnapshotTimeoutError,
     SnapshotVersionError,
     encode_header,
@@ -179,14 +178,9 @@ def test_restore_timeout_is_honoured_and_cleans_up(snap_image):
     assert my_qemus() <= before
 
 
-def test_native_engine_cannot_restore_and_says_why(snap_image):
-    with pytest.raises(SnapshotNotSupportedError, match="native") as info:
+def test_snapshot_restores_only_on_its_engine(snap_image):
+    with pytest.raises(SnapshotError, match=r"engine='native' \(snapshot made by 'qemu'\)"):
         snap_image.start(VmConfig(engine="native"))
-    assert "snapshot" in str(info.value) and isinstance(info.value, NotImplementedError)
-    # NativeInstance keeps the interface's refusing snapshot hook, so Vm.snapshot refuses too.
-    from supermachine_jupyter.engines import native
-    from supermachine_jupyter.engines.base import EngineInstance
-    assert native.NativeInstance.snapshot_to is EngineInstance.snapshot_to
 
 
 # -- refusals --------------------------------------------------------------------------------

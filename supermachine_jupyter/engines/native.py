@@ -577,7 +577,7 @@ class NativeInstance(EngineInstance):
                     timeout: float = 300.0) -> "Callable[[], dict]":
         """Save the VM into ``directory`` in the core's format (state.bin: vCPUs, irqchip,
         clock, UART and virtio devices; memory.bin: guest RAM, sparse) while it is paused,
-        call ``while_paused``, resume. The files are complete when this returns."""
+        call ``while_paused``, resume. The returned function flushes guest RAM to disk."""
         if self.spec.config.mounts:
             raise EngineError("snapshot: this VM has virtio-fs mounts, which the native core "
                               "cannot carry across a snapshot (the guest's FUSE node ids and "
@@ -593,10 +593,19 @@ class NativeInstance(EngineInstance):
             if was_running and self.vm.state == "paused":
                 self.vm.resume()
         paused_s = time.monotonic() - paused_at
-        engine_state = {"core_version": version(), "accel": self.accel,
-                        "state_file": SNAPSHOT_STATE_FILE, "ram_file": SNAPSHOT_MEMORY_FILE,
-                        "paused_seconds": round(paused_s, 4)}
-        return lambda: engine_state
+
+        def finish() -> dict:
+            # The core leaves guest RAM in the page cache so the pause is not a disk wait.
+            fd = os.open(directory / SNAPSHOT_MEMORY_FILE, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return {"core_version": version(), "accel": self.accel,
+                    "state_file": SNAPSHOT_STATE_FILE, "ram_file": SNAPSHOT_MEMORY_FILE,
+                    "paused_seconds": round(paused_s, 4)}
+
+        return finish
 
     def __repr__(self) -> str:
         return f"<NativeInstance {self.spec.name} state={self.vm.state if self.vm._vm else 'closed'}>"
