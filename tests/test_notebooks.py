@@ -209,6 +209,14 @@ EXPECTATIONS: dict[str, Callable[[], list[Expect]]] = {
         Expect("%%vm --name b --from s1", r"\[b · \S+\] exit 0 · [\d.]+ s · restore "),
         Expect("%vm snapshots", r"^s1\s+256 MiB\s+1 vCPU\s+saved "),
         Expect("%vm stop a b", r"^stopped a\nstopped b$"),
+        Expect("probe_image = Image(", r"^nsource counts: 1 2$"),
+        Expect("probe_image = Image(", r"^<Snapshot '.*/native-snap' of 'nsource' native/kvm 64MiB "
+               r"1vCPU "),
+        Expect("probe_image = Image(", r"^files: memory\.bin, state\.bin$"),
+        Expect("probe_image = Image(", r"^nsource goes on: 3$"),
+        *[Expect("probe_image = Image(", rf"^{name}: restored in \d+ ms, counts 3 4$",
+                 why="each native clone continues from the snapshot's counter, independently")
+          for name in ("nclone-a", "nclone-b")],
         Expect("snapshot_cache=True", r"^start 1: first command done after [\d.]+ s: booted, and "
                r"saved the pre-booted snapshot$"),
         *[Expect("snapshot_cache=True", rf"^start {n}: first command done after [\d.]+ s: "

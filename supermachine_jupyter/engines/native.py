@@ -511,7 +511,9 @@ def available() -> tuple[bool, str]:
 
 
 CONSOLE_POLL_S = 0.02
-AGENT_CONNECT_RETRY_S = 0.05
+#: A refused CONNECT (the guest is not listening yet) costs the host one local socket, so
+#: retry often: each wait is added to the time to a VM's first output.
+AGENT_CONNECT_RETRY_S = 0.005
 VSOCK_SOCKET_NAME = "sm-vsock-{name}.sock"
 #: The files of the core's snapshot format (native/src/snapshot.h).
 SNAPSHOT_STATE_FILE = "state.bin"
