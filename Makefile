@@ -25,7 +25,10 @@ system-deps:
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard native/include/*.h native/src/*.c native/src/*/*.c native/build_native.py native/guest/probes/*)
+# The native core and probe guests compile at install: any of their sources (the agent probe
+# shares the agent's protocol code) makes it reinstall.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard native/include/*.h native/src/*.[ch] \
+		native/src/*/*.[ch] native/build_native.py native/guest/probes/* native/guest/agent/*.[ch])
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] pip install -e .[test] into $(VENV)"
 	@$(PY) -m pip install -q --upgrade pip >/dev/null

@@ -22,3 +22,30 @@ def engine_pids(marker: str = "qemu-system", parent: int | None = None) -> list[
         if marker.encode() in cmd.split(b"\0")[0] and state != "Z":
             pids.append(int(entry))
     return pids
+
+
+def accept_one_connection(path: str, timeout: float):
+    """Listen on the unix socket ``path`` (a vsock guest's connection to a host port arrives
+    at ``<uds>_<port>``) and read one connection to its end in a thread. Returns (thread,
+    received): after ``thread.join()``, ``received["data"]`` holds the bytes."""
+    import socket
+    import threading
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(timeout)
+    received: dict = {}
+
+    def accept() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(timeout)
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                received["data"] = data
+
+    thread = threading.Thread(target=accept, name=f"accept-{path}", daemon=True)
+    thread.start()
+    return thread, received

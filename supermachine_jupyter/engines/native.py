@@ -19,8 +19,8 @@ import importlib
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..errors import EngineError, VmStoppedError
 from .base import EngineInstance
@@ -545,10 +545,10 @@ class NativeInstance(EngineInstance):
         self._balloon_target_mib = 0
         # The same device set for a boot and a restore: the core checks a restore's devices
         # against the snapshot's, and the guest already has drivers bound to these.
-        devices = dict(balloon=bool(spec.config.balloon), balloon_deflate_on_oom=True,
-                       balloon_stats_interval_s=1,
-                       volumes=[(v.path, v.spec.read_only, v.serial) for v in spec.volumes],
-                       vsock_uds_path=self.vsock_path, vsock_guest_cid=3)
+        devices = {"balloon": bool(spec.config.balloon), "balloon_deflate_on_oom": True,
+                   "balloon_stats_interval_s": 1,
+                   "volumes": [(v.path, v.spec.read_only, v.serial) for v in spec.volumes],
+                   "vsock_uds_path": self.vsock_path, "vsock_guest_cid": 3}
         if restore_from is not None:
             self.vm = NativeVm.restore(restore_from, start=False, **devices)
             return
@@ -575,8 +575,8 @@ class NativeInstance(EngineInstance):
                                       name=f"native-console-{self.spec.name}")
         self._pump.start()
 
-    def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
-                    timeout: float = 300.0) -> "Callable[[], dict]":
+    def snapshot_to(self, directory: Path, while_paused: Callable[[], None] | None = None,
+                    timeout: float = 300.0) -> Callable[[], dict]:
         """Save the VM into ``directory`` in the core's format (state.bin: vCPUs, irqchip,
         clock, UART and virtio devices; memory.bin: guest RAM, sparse) while it is paused,
         call ``while_paused``, resume. The returned function flushes guest RAM to disk."""

@@ -31,7 +31,14 @@ from supermachine_jupyter.agent import (
 )
 from supermachine_jupyter.config import VmConfig
 from supermachine_jupyter.image import Image
-from tests.test_agent_protocol import MALFORMED, RAW_BASE, Tap, errors_after, raw_exec, run
+from tests.test_agent_protocol import (
+    MALFORMED,
+    RAW_BASE,
+    Tap,
+    errors_after,
+    raw_exec,
+    run,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

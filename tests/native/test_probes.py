@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 import time
 
 import pytest
+
+from tests.helpers import accept_one_connection
 
 PROBE_TIMEOUT_S = 30
 
@@ -165,23 +166,7 @@ def test_balloon_absent_fields_are_none(native):
 
 def test_vsock_echo_and_guest_connect(native, short_tmp):
     uds = str(short_tmp / "v.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(uds + "_5000")
-    listener.listen(1)
-    listener.settimeout(PROBE_TIMEOUT_S)
-    received = {}
-
-    def accept_guest():
-        conn, _ = listener.accept()
-        conn.settimeout(PROBE_TIMEOUT_S)
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-        received["data"] = data
-        conn.close()
-
-    acceptor = threading.Thread(target=accept_guest)
-    acceptor.start()
+    acceptor, received = accept_one_connection(uds + "_5000", PROBE_TIMEOUT_S)
     vm = native.NativeVm(native.probe_path("vsock"), vsock_uds_path=uds, vsock_guest_cid=3,
                          strict_unhandled_exits=True)
     try:
@@ -211,7 +196,6 @@ def test_vsock_echo_and_guest_connect(native, short_tmp):
         assert c["active_connections"] == 0 and c["credit_violations"] == 0
     finally:
         vm.close()
-        listener.close()
 
 
 def test_vsock_bad_connect_line_and_refused_guest_port(native, short_tmp):

@@ -20,11 +20,12 @@ import re
 import shutil
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import accept_one_connection
 
 COUNT_RE = re.compile(rb"COUNT (\d+)\n")
 EVERY = 2000
@@ -66,13 +67,14 @@ def smaps_of(path: Path) -> dict[str, int]:
     """kB totals over this process's mappings of path (/proc/self/smaps)."""
     totals: dict[str, int] = {}
     inside = False
-    for line in open("/proc/self/smaps"):
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.rstrip().endswith(str(path))
-        elif inside:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                totals[parts[0][:-1]] = totals.get(parts[0][:-1], 0) + int(parts[1])
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = line.rstrip().endswith(str(path))
+            elif inside:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                    totals[parts[0][:-1]] = totals.get(parts[0][:-1], 0) + int(parts[1])
     return totals
 
 
@@ -562,23 +564,7 @@ def test_vsock_restore_resets_the_transport(native, short_tmp):
     finally:
         vm.close()
     uds = str(short_tmp / "b.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(uds + "_5000")
-    listener.listen(1)
-    listener.settimeout(PROBE_TIMEOUT_S)
-    received = {}
-
-    def accept_guest():
-        conn, _ = listener.accept()
-        conn.settimeout(PROBE_TIMEOUT_S)
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-        received["data"] = data
-        conn.close()
-
-    acceptor = threading.Thread(target=accept_guest)
-    acceptor.start()
+    acceptor, received = accept_one_connection(uds + "_5000", PROBE_TIMEOUT_S)
     restored = native.NativeVm.restore(snap, vsock_uds_path=uds, vsock_guest_cid=5)
     try:
         assert restored.vsock_uds_path == uds
@@ -606,4 +592,3 @@ def test_vsock_restore_resets_the_transport(native, short_tmp):
         assert c["packets_dropped"] == 0 and not restored.device("virtio-vsock")["broken"]
     finally:
         restored.close()
-        listener.close()
