@@ -214,3 +214,28 @@ def test_pre_booted_snapshot_cache_on_the_native_engine(probe_image, tmp_path, m
         (path / "header").write_bytes(encode_header(header))
     snapmod._prune_stale_defaults(Snapshot.open(made[0]))
     assert not stale.exists() and other_engine.exists() and made[0].exists()
+
+
+def test_vm_magic_saves_and_starts_named_native_snapshots(probe_image, tmp_path, monkeypatch,
+                                                         capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+
+    from supermachine_jupyter import snapshot as snapmod
+    monkeypatch.setattr(snapmod, "snapshots_dir", lambda: tmp_path)
+    shell = start_ipython() or InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "supermachine_jupyter")
+    shell.user_ns["probe_config"] = NATIVE.with_assets(probe_image.kernel, probe_image.initrd)
+    try:
+        shell.run_cell_magic("vm", "--engine native --config probe_config --name nmagic "
+                             "--snapshot nsaved", "count")
+        out = capsys.readouterr().out
+        assert "1\n" in out and "saved nmagic as snapshot 'nsaved'" in out
+        shell.run_cell_magic("vm", "--from nsaved --name nmagic2", "count\nhostname")
+        out = capsys.readouterr().out
+        assert "2\nnmagic2\n" in out
+        assert "[nmagic2 · native/kvm] exit 0" in out and " restore " in out
+        shell.run_line_magic("vm", "snapshots")
+        assert "nsaved" in capsys.readouterr().out
+    finally:
+        shell.run_line_magic("vm", "stop nmagic nmagic2")
