@@ -18,7 +18,7 @@ from typing import Callable
 from . import mounts, volumes
 from .agent import AgentClient
 from .assets import GuestAssets, ensure_assets
-from .config import VmConfig
+from .config import AssetPaths, VmConfig
 from .console import ConsoleBuffer
 from .engines import EngineChoice, choose_engine, start_engine
 from .engines.base import LaunchSpec
@@ -53,6 +53,13 @@ class Image:
         """The embedded default image, building its kernel and initramfs when missing."""
         assets: GuestAssets = ensure_assets(progress)
         return cls(assets.kernel, assets.vmlinux, assets.initrd)
+
+    @classmethod
+    def from_assets(cls, assets: AssetPaths) -> "Image":
+        """An image booting ``VmConfig.assets``' kernel (also used as the PVH entry) and
+        initramfs."""
+        kernel = Path(assets.kernel)
+        return cls(kernel, kernel, Path(assets.initrd), description=f"kernel {kernel.name}")
 
     @classmethod
     def from_snapshot(cls, path) -> "Image":

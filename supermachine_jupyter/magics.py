@@ -255,14 +255,17 @@ class VmMagics(Magics):
                             f"not applied (%vm stop {name} to restart it)")
                 return existing, False, note
             note = f"{name} had {existing.state}" + (f" ({existing.failure})" if existing.failure else "") + "; restarted"
+        from .image import Image
         if from_snapshot:
-            from .image import Image
             image = Image.from_snapshot(snapshots.named_snapshot_path(from_snapshot))
             # Only what the user set: a restore keeps the snapshot's hardware.
             vm = image.start(VmConfig(name=config.name, restore_timeout=config.restore_timeout,
                                       vsock_mux_dir=config.vsock_mux_dir), progress=progress)
         else:
-            vm = self.image(progress).start(config, progress=progress,
+            # A config with its own kernel never needs the default image (building it would
+            # cost a kernel build on a fresh machine).
+            image = Image.from_assets(config.assets) if config.assets else self.image(progress)
+            vm = image.start(config, progress=progress,
                                             boot_timeout=self.boot_timeout,
                                             snapshot_cache=None if self.snapshot_cache else False)
         if name:

@@ -303,9 +303,15 @@ def test_image_and_vm_run_on_the_agent_probe(native, short_tmp):
 
 # --- the %%vm magic ---------------------------------------------------------------------------
 
-def test_vm_magic_runs_a_cell_on_the_agent_probe(native, short_tmp, capsys):
+def test_vm_magic_runs_a_cell_on_the_agent_probe(native, short_tmp, capsys, monkeypatch):
+    # A config with its own kernel must not build (or even look for) the default image.
+    def no_default_image(*args, **kwargs):
+        raise AssertionError("the default image was asked for")
+
+    monkeypatch.setattr(Image, "default", no_default_image)
     shell = start_ipython() or InteractiveShell.instance()
     shell.run_line_magic("load_ext", "supermachine_jupyter")
+    monkeypatch.setattr(shell._supermachine_magics, "_image", None)   # not an earlier test's
     probe = native.probe_path("agent")
     shell.user_ns["probe_config"] = VmConfig(memory_mib=64, vsock_mux_dir=str(short_tmp)) \
         .with_assets(probe, probe)
