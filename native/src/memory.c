@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 /* Map guest RAM as up to two regions around the 32-bit MMIO hole: anonymous memory (fd < 0)
  * or a copy-on-write private mapping of a snapshot's memory file (fd >= 0: several VMs
@@ -48,6 +50,7 @@ static int map_regions(sm_guest_memory *mem, int fd, uint64_t memory_bytes, uint
         offset += sizes[i];
     }
     mem->total_bytes = memory_bytes;
+    mem->file_backed = fd >= 0;
     return 0;
 }
 
@@ -143,4 +146,37 @@ uint64_t sm_memory_resident_bytes(const sm_guest_memory *mem)
         free(vec);
     }
     return resident;
+}
+
+#define PAGEMAP_ENTRY_BYTES 8
+#define PAGEMAP_PRESENT_BIT 63
+#define PAGEMAP_SWAPPED_BIT 62
+#define PAGEMAP_CHUNK_ENTRIES 4096
+
+int sm_memory_written_pages(const sm_guest_memory *mem, uint32_t region, uint8_t *written)
+{
+    if (mem->file_backed || region >= mem->n_regions)
+        return -1;
+    const sm_memory_region *r = &mem->regions[region];
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    uint64_t pages = r->size_bytes / SM_PAGE_SIZE_BYTES;
+    uint64_t first = (uint64_t)(uintptr_t)r->host / SM_PAGE_SIZE_BYTES;
+    uint64_t entries[PAGEMAP_CHUNK_ENTRIES];
+    for (uint64_t done = 0; done < pages;) {
+        uint64_t want = pages - done < PAGEMAP_CHUNK_ENTRIES ? pages - done : PAGEMAP_CHUNK_ENTRIES;
+        ssize_t n = pread(fd, entries, want * PAGEMAP_ENTRY_BYTES,
+                          (off_t)((first + done) * PAGEMAP_ENTRY_BYTES));
+        if (n <= 0 || n % PAGEMAP_ENTRY_BYTES) {
+            close(fd);
+            return -1;
+        }
+        for (uint64_t i = 0; i < (uint64_t)n / PAGEMAP_ENTRY_BYTES; i++)
+            written[done + i] = (entries[i] >> PAGEMAP_PRESENT_BIT & 1) ||
+                                (entries[i] >> PAGEMAP_SWAPPED_BIT & 1);
+        done += (uint64_t)n / PAGEMAP_ENTRY_BYTES;
+    }
+    close(fd);
+    return 0;
 }

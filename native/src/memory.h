@@ -19,6 +19,7 @@ typedef struct sm_guest_memory {
     sm_memory_region regions[SM_MAX_MEMORY_REGIONS];
     uint32_t n_regions;
     uint64_t total_bytes;
+    int file_backed;   /* regions map a snapshot's memory file (sm_memory_init_file) */
 } sm_guest_memory;
 
 /* Map memory_bytes of anonymous RAM: [0, min(size, hole)) and the rest above 4 GiB. */
@@ -45,6 +46,12 @@ int sm_memory_write(const sm_guest_memory *mem, uint64_t gpa, const void *src, u
  * VIRTIO_BALLOON_F_PAGE_POISON, which we do not offer).
  * Returns 0, or -1 if the range is not page aligned guest RAM. */
 int sm_memory_discard(const sm_guest_memory *mem, uint64_t gpa, uint64_t len);
+
+/* For each page of region `region`, writes 1 into written[page] if the guest may have written
+ * it and 0 if it certainly reads as zero: anonymous memory neither present nor swapped out
+ * (/proc/self/pagemap) was never written or was discarded. Returns 0, or -1 when that cannot
+ * be told (file-backed RAM, whose absent pages hold file data; pagemap unreadable). */
+int sm_memory_written_pages(const sm_guest_memory *mem, uint32_t region, uint8_t *written);
 
 /* Bytes of guest RAM resident in host memory (mincore). */
 uint64_t sm_memory_resident_bytes(const sm_guest_memory *mem);

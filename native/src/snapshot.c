@@ -113,9 +113,17 @@ static int write_memory(struct sm_vm *vm, const char *path, char *err, size_t er
     for (uint32_t r = 0; r < vm->mem.n_regions; r++) {
         const sm_memory_region *reg = &vm->mem.regions[r];
         uint64_t pages = reg->size_bytes / SM_PAGE_SIZE_BYTES;
+        /* Pages the guest never wrote need not even be read: reading them would fault each
+         * one in, which costs more of the pause than copying the written ones. */
+        uint8_t *written = malloc(pages);
+        if (written && sm_memory_written_pages(&vm->mem, r, written) < 0) {
+            free(written);
+            written = NULL;   /* tell zero pages by reading them */
+        }
         uint64_t run_start = 0, run_len = 0; /* a run of non-zero pages, written at once */
         for (uint64_t pg = 0; pg <= pages; pg++) {
-            int zero = pg == pages || page_is_zero(reg->host + pg * SM_PAGE_SIZE_BYTES);
+            int zero = pg == pages || (written && !written[pg]) ||
+                       page_is_zero(reg->host + pg * SM_PAGE_SIZE_BYTES);
             if (!zero) {
                 if (!run_len)
                     run_start = pg;
@@ -127,12 +135,14 @@ static int write_memory(struct sm_vm *vm, const char *path, char *err, size_t er
                               run_len * SM_PAGE_SIZE_BYTES,
                               (off_t)(file_off + run_start * SM_PAGE_SIZE_BYTES)) < 0) {
                     snprintf(err, err_len, "snapshot: writing %.300s failed: %s", path, strerror(errno));
+                    free(written);
                     close(fd);
                     return -1;
                 }
                 run_len = 0;
             }
         }
+        free(written);
         file_off += reg->size_bytes;
     }
     /* The zero pages stay holes: the file is as long as guest RAM but sparse. Not flushed
