@@ -542,14 +542,15 @@ def _restored_volumes(snapshot: Snapshot, config: VmConfig, run_dir: Path) -> li
     from .volumes import PreparedVolume
     out = []
     for i, (vol, saved) in enumerate(zip(config.volumes, snapshot.header["volumes"])):
-        path = snapshot.path / saved["file"]
-        if not saved["read_only"]:
-            if snapshot.engine == "native":
-                path, base = run_dir / f"volume{i}.img", path
-                _copy_volume(base, path)
-            else:
-                path, base = run_dir / f"volume{i}.qcow2", path
-                _overlay(base, path)
+        base = snapshot.path / saved["file"]
+        if saved["read_only"]:
+            path = base
+        elif snapshot.engine == "native":
+            path = run_dir / f"volume{i}.img"
+            _copy_volume(base, path)
+        else:
+            path = run_dir / f"volume{i}.qcow2"
+            _overlay(base, path)
         out.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
     return out
 
