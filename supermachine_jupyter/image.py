@@ -28,6 +28,9 @@ from .vm import Vm
 DEFAULT_BOOT_TIMEOUT_S = 120.0
 # reboot=t: a guest reboot is a triple fault, which ends the VM at once on every engine.
 BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t"
+#: x86 Linux truncates its command line at 2048 bytes (COMMAND_LINE_SIZE); engines append their
+#: own device entries (the native core: one virtio_mmio.device= per device), so ours stops here.
+MAX_CMDLINE_BYTES = 1536
 
 Progress = Callable[[str], None]
 
@@ -106,13 +109,17 @@ class Image:
         choice: EngineChoice = choose_engine(config.engine)
         memory = config.memory_mib or self.default_memory_mib
         vcpus = config.vcpus or self.default_vcpus
+        cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",
+                                         volumes.cmdline(list(config.volumes)),
+                                         mounts.cmdline(list(config.mounts))]))
+        if len(cmdline) > MAX_CMDLINE_BYTES:
+            raise VmError(f"VM {name!r}: its volumes and mounts make a kernel command line of "
+                          f"{len(cmdline)} bytes, more than the {MAX_CMDLINE_BYTES} this guest "
+                          "takes: use shorter guest paths or fewer volumes and mounts")
         prepared = tuple(volumes.prepare(v, i) for i, v in enumerate(config.volumes))
         for volume in prepared:
             if volume.formatted_now:
-                progress(f"formatted volume {volume.path} ({volume.spec.size_mib} MiB, ext4)")
-        cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",
-                                         volumes.cmdline(list(prepared)),
-                                         mounts.cmdline(list(config.mounts))]))
+                progress(f"formatted volume {volume.path} ({volume.size_mib} MiB, ext4)")
         run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=config.vsock_mux_dir))
         spec = LaunchSpec(
             name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel, vmlinux=vmlinux,

@@ -11,12 +11,13 @@ follow the serial, not the probe order of the devices.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from .config import VolumeSpec
+from .config import DEFAULT_VOLUME_SIZE_MIB, VolumeSpec
 from .errors import VmError
 
 EXT4_MAGIC_OFFSET = 1024 + 0x38
@@ -34,10 +35,9 @@ class PreparedVolume:
     serial: str
     path: Path
     formatted_now: bool
+    size_mib: int | None = None     # set when formatted now
 
-    @property
-    def cmdline_entry(self) -> str:
-        return f"{self.serial}:{self.spec.guest_path}:{'ro' if self.spec.read_only else 'rw'}"
+
 
 
 def has_ext4(path: Path) -> bool:
@@ -49,47 +49,75 @@ def has_ext4(path: Path) -> bool:
         return False
 
 
+def holds_data(path: Path) -> bool:
+    """Whether any byte of ``path`` was ever written: only a file with no data extent at all
+    (empty, or a hole from end to end) may be formatted, since formatting anything else could
+    destroy data (an ISO 9660 image starts with 32 KiB of zeros, so a look at the first blocks
+    is not enough). Asks the file system (``SEEK_DATA``) instead of reading the file."""
+    with open(path, "rb") as f:
+        try:
+            os.lseek(f.fileno(), 0, os.SEEK_DATA)
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:       # no data after offset 0: all hole, or empty
+                return False
+            raise
+
+
 def prepare(spec: VolumeSpec, index: int) -> PreparedVolume:
-    """Create and format the volume file when it is new; check it when it exists."""
+    """Create and format the volume file when it is new; check it when it exists.
+
+    An existing file is used only when it holds ext4 (and, when ``spec.size_mib`` is set, has
+    that size); one that holds anything else is refused, never formatted."""
     path = Path(spec.host_path)
-    serial = f"smvol{index}"
-    if path.exists():
+    serial = serial_of(index)
+    if path.exists() or path.is_symlink():
         if not path.is_file():
             raise VolumeError(f"volume {path} exists but is not a regular file")
         if has_ext4(path):
+            size_bytes = path.stat().st_size
+            if spec.size_mib is not None and size_bytes != spec.size_mib * MIB:
+                raise VolumeError(
+                    f"volume {path} is {size_bytes / MIB:g} MiB, but its VolumeSpec asks for "
+                    f"size_mib={spec.size_mib}: volumes are never resized (leave size_mib "
+                    "unset to use the file as it is, or choose another host_path)")
             return PreparedVolume(spec, serial, path, formatted_now=False)
-        if path.stat().st_size and any(_head(path)):
+        if holds_data(path):
             raise VolumeError(f"volume {path} holds data that is not ext4; refusing to format "
                               "it (delete it or choose another host_path)")
-    if spec.read_only and not path.exists():
-        raise VolumeError(f"read-only volume {path} does not exist: create it with a "
-                          "writable VM first")
+    if spec.read_only:
+        raise VolumeError(f"read-only volume {path} "
+                          f"{'holds no file system' if path.exists() else 'does not exist'}: "
+                          "create it with a writable VM first")
     mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
     if not os.path.exists(mkfs):
         raise VolumeError("mkfs.ext4 not found: apt-get install e2fsprogs")
+    size_mib = spec.size_mib or DEFAULT_VOLUME_SIZE_MIB
     tmp = path.with_name(f".{path.name}.formatting")
     try:
         with open(tmp, "wb") as f:
-            f.truncate(spec.size_mib * MIB)      # sparse: costs no disk until written
+            f.truncate(size_mib * MIB)      # sparse: costs no disk until written
+        # "--": a file name is never taken for an option.
         result = subprocess.run([mkfs, "-q", "-F", "-L", serial, "-E",
-                                 "lazy_itable_init=0,lazy_journal_init=0,nodiscard", str(tmp)],
-                                capture_output=True, text=True)
+                                 "lazy_itable_init=0,lazy_journal_init=0,nodiscard", "--",
+                                 str(tmp)], capture_output=True, text=True)
         if result.returncode != 0:
             raise VolumeError(f"mkfs.ext4 {path} failed: {result.stderr.strip()}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return PreparedVolume(spec, serial, path, formatted_now=True)
+    return PreparedVolume(spec, serial, path, formatted_now=True, size_mib=size_mib)
 
 
-def _head(path: Path, nbytes: int = 4096) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(nbytes)
+def serial_of(index: int) -> str:
+    """The virtio-blk serial of the ``index``-th volume: how the guest's init finds it."""
+    return f"smvol{index}"
 
 
-def cmdline(volumes: list[PreparedVolume]) -> str:
-    """The ``sm.vol=`` entry the guest's init reads."""
-    return "sm.vol=" + ",".join(v.cmdline_entry for v in volumes) if volumes else ""
+def cmdline(specs: list[VolumeSpec]) -> str:
+    """The ``sm.vol=`` entry the guest's init reads (volumes in ``VmConfig`` order)."""
+    return "sm.vol=" + ",".join(f"{serial_of(i)}:{v.guest_path}:{'ro' if v.read_only else 'rw'}"
+                                for i, v in enumerate(specs)) if specs else ""
 
 
 def usage(path: Path) -> dict:

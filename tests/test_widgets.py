@@ -159,9 +159,10 @@ def test_form_invalid_entries_show_inline_error_and_leave_config(tmp_path):
     volume.host_path.value, volume.guest_path.value = str(tmp_path / "v.img"), "/mnt/share"
     shows_error("volumes", "guest path '/mnt/share'", "unique across volumes and mounts")
     volume.guest_path.value = "/data"
-    volume.size_mib.value = 0
+    assert config.volumes == [VolumeSpec(str(tmp_path / "v.img"), "/data")]   # 0 = size None
+    volume.size_mib.value = -5
     shows_error("volumes", "VolumeSpec.size_mib", "from 1 to")
-    assert config.volumes == [VolumeSpec(str(tmp_path / "v.img"), "/data", 1024)]  # last valid
+    assert config.volumes == [VolumeSpec(str(tmp_path / "v.img"), "/data")]  # last valid
     form.name.value = "no spaces allowed"
     shows_error("name", "VmConfig.name", "a letter or digit")
     assert config.name is None and form.name.value == "no spaces allowed"   # kept, marked

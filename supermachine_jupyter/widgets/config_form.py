@@ -98,7 +98,10 @@ class _VolumeRow(_Row):
                    ("guest_path", "guest path, e.g. /data", "160px"))
 
     def __init__(self, on_change, on_remove):
-        self.size_mib = widgets.IntText(value=DEFAULT_VOLUME_SIZE_MIB, description="MiB",
+        # 0 stands for VolumeSpec.size_mib=None: an existing file's own size, else 1024 MiB.
+        self.size_mib = widgets.IntText(value=0, description="MiB",
+                                        tooltip=f"0: the existing file's size, or "
+                                                f"{DEFAULT_VOLUME_SIZE_MIB} MiB for a new file",
                                         layout=widgets.Layout(width="150px"),
                                         style={"description_width": "30px"})
         super().__init__(on_change, on_remove)
@@ -108,12 +111,12 @@ class _VolumeRow(_Row):
 
     def spec(self) -> VolumeSpec:
         return VolumeSpec(self.host_path.value.strip(), self.guest_path.value.strip(),
-                          self.size_mib.value, self.read_only.value)
+                          self.size_mib.value or None, self.read_only.value)
 
     def show(self, spec: VolumeSpec) -> None:
         self.host_path.value = spec.host_path
         self.guest_path.value = spec.guest_path
-        self.size_mib.value = spec.size_mib
+        self.size_mib.value = spec.size_mib or 0
         self.read_only.value = spec.read_only
 
     def values(self):
