@@ -103,7 +103,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_GUEST_PATH_ALLOWED = "an absolute guest path other than '/' (no '..' components, no NUL)"
+# The guest's init reads mount points from the kernel command line ("sm.vol=SERIAL:PATH:rw,…"),
+# where a space ends the argument and ',' and ':' separate entries: such characters would
+# silently mount elsewhere, so guest paths use a plain alphabet and a bounded length.
+MAX_GUEST_PATH_CHARS = 128
+_GUEST_PATH_CHARS_RE = re.compile(r"[A-Za-z0-9/._+@~-]+")
+_GUEST_PATH_ALLOWED = (
+    f"an absolute guest path other than '/' of at most {MAX_GUEST_PATH_CHARS} characters from "
+    "A-Z a-z 0-9 / . _ - + @ ~ (no '..' components)"
+)
 
 
 def _guest_path(owner: str, value: Any) -> str:
@@ -113,8 +121,15 @@ def _guest_path(owner: str, value: Any) -> str:
     directory); '..' is refused rather than resolved, because what it means depends on
     symlinks inside the guest.
     """
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+    if not isinstance(value, str) or not value.startswith("/"):
         raise _invalid(owner, "guest_path", _GUEST_PATH_ALLOWED, value)
+    if not _GUEST_PATH_CHARS_RE.fullmatch(value):
+        bad = sorted({c for c in value if not _GUEST_PATH_CHARS_RE.fullmatch(c)})
+        raise _invalid(owner, "guest_path", _GUEST_PATH_ALLOWED, value,
+                       f" (contains {', '.join(map(repr, bad))})")
+    if len(value) > MAX_GUEST_PATH_CHARS:
+        raise _invalid(owner, "guest_path", _GUEST_PATH_ALLOWED, value,
+                       f" ({len(value)} characters)")
     parts = value.split("/")
     if ".." in parts:
         raise _invalid(owner, "guest_path", _GUEST_PATH_ALLOWED, value)
@@ -192,13 +207,15 @@ class VolumeSpec(_Spec):
     - ``host_path``: the image file on the host. It may not exist yet (it is created on first
       use), but its directory must. Stored absolute.
     - ``guest_path``: where the guest mounts it, e.g. ``/data``.
-    - ``size_mib``: size of the sparse file in MiB, 1 … 1048576 (1 TiB).
-    - ``read_only``: attach the disk read-only.
+    - ``size_mib``: size of the sparse file in MiB, 1 … 1048576 (1 TiB); None (the default)
+      means 1024 MiB for a new file and the file's own size for an existing one. A volume is
+      never resized: a ``size_mib`` that differs from an existing file's size is an error.
+    - ``read_only``: attach the disk read-only (the file must exist).
     """
 
     host_path: str
     guest_path: str
-    size_mib: int = DEFAULT_VOLUME_SIZE_MIB
+    size_mib: int | None = None
     read_only: bool = False
 
     def __post_init__(self) -> None:
@@ -211,8 +228,10 @@ class VolumeSpec(_Spec):
             raise _invalid(
                 owner, "host_path", allowed, self.host_path, " (directory does not exist)"
             )
-        if not _is_int(self.size_mib) or not 1 <= self.size_mib <= MAX_VOLUME_SIZE_MIB:
-            allowed_size = f"an integer from 1 to {MAX_VOLUME_SIZE_MIB} MiB (1 TiB)"
+        if self.size_mib is not None and (
+            not _is_int(self.size_mib) or not 1 <= self.size_mib <= MAX_VOLUME_SIZE_MIB
+        ):
+            allowed_size = f"None or an integer from 1 to {MAX_VOLUME_SIZE_MIB} MiB (1 TiB)"
             raise _invalid(owner, "size_mib", allowed_size, self.size_mib)
         if not isinstance(self.read_only, bool):
             raise _invalid(owner, "read_only", "True or False", self.read_only)
@@ -666,12 +685,12 @@ class VmConfig(HasTraits):
         self,
         host_path: str | os.PathLike | VolumeSpec,
         guest_path: str | None = None,
-        size_mib: int = DEFAULT_VOLUME_SIZE_MIB,
+        size_mib: int | None = None,
         read_only: bool = False,
     ) -> VmConfig:
         """A new config with one more data volume: a VolumeSpec, or the fields of one."""
         if isinstance(host_path, VolumeSpec):
-            if (guest_path, size_mib, read_only) != (None, DEFAULT_VOLUME_SIZE_MIB, False):
+            if (guest_path, size_mib, read_only) != (None, None, False):
                 raise TypeError("with_volume() takes a VolumeSpec or its fields, not both")
             spec = host_path
         else:
@@ -793,8 +812,11 @@ class VmConfig(HasTraits):
         """Build from JSON text made by :meth:`to_json`, validating everything."""
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise TraitError(f"{cls.__name__}.from_json: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise TraitError(f"{cls.__name__}.from_json: JSON nested too deeply to be a "
+                             "VmConfig") from None
         return cls.from_dict(data)
 
 

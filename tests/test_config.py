@@ -147,6 +147,22 @@ def test_mount_guest_path_must_be_absolute_normalised(share, bad):
         MountSpec(share, "tag", bad)
 
 
+@pytest.mark.parametrize("bad", ["/my data", "/a,b", "/a:b", "/tab\there", "/new\nline",
+                                 "/caf\u00e9", "/quote'", '/dq"', "/" + "x" * 128])
+def test_guest_path_characters_that_would_break_the_guest_command_line(tmp_path, share, bad):
+    # init reads "sm.vol=SERIAL:PATH:rw,..." from the kernel command line: a space, ',' or ':'
+    # would mount somewhere else (or fail at boot), so they are refused here, naming the field.
+    with raises_naming("VolumeSpec.guest_path", "A-Z a-z 0-9 / . _ - + @ ~", f"got {bad!r}"):
+        VolumeSpec(tmp_path / "v.img", bad)
+    with raises_naming("MountSpec.guest_path", "at most 128 characters"):
+        MountSpec(share, "tag", bad)
+
+
+def test_guest_path_plain_alphabet_is_accepted(tmp_path):
+    path = "/srv/My-data_2.0+x@host~" + "y" * 100
+    assert VolumeSpec(tmp_path / "v.img", path).guest_path == path
+
+
 def test_guest_path_is_stored_canonical(tmp_path):
     assert VolumeSpec(tmp_path / "v.img", "//data/./sub/").guest_path == "/data/sub"
 
@@ -185,7 +201,9 @@ def test_volume_size_mib_range(tmp_path, bad):
 def test_volume_size_bounds_accepted(tmp_path):
     assert VolumeSpec(tmp_path / "v.img", "/data", size_mib=1).size_mib == 1
     assert VolumeSpec(tmp_path / "v.img", "/data", size_mib=1024 * 1024).size_mib == 1024 * 1024
-    assert VolumeSpec(tmp_path / "v.img", "/data").size_mib == 1024
+    # None: the existing file's size, or 1024 MiB for a new one (volumes.prepare)
+    assert VolumeSpec(tmp_path / "v.img", "/data").size_mib is None
+    assert VolumeSpec(tmp_path / "v.img", "/data", size_mib=None).size_mib is None
 
 
 def test_volume_read_only_must_be_bool(tmp_path):
