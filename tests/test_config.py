@@ -567,6 +567,10 @@ def test_from_json_rejects_garbage():
         VmConfig.from_json("{")
     with raises_naming("VmConfig.from_dict", "dict of fields"):
         VmConfig.from_json("[1, 2]")
+    with raises_naming("VmConfig.from_json", "nested too deeply"):
+        VmConfig.from_json("[" * 200_000 + "]" * 200_000)
+    with raises_naming("VmConfig.from_json", "not valid JSON"):
+        VmConfig.from_json(None)
 
 
 # --- field listing and help -------------------------------------------------------------------
