@@ -240,16 +240,79 @@ def decode_header(data: bytes, where: str) -> dict:
                             "match its contents")
     try:
         fields = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:     # RecursionError: absurdly nested JSON
         raise SnapshotError(f"snapshot {where} is corrupted: header is not JSON ({exc})") from exc
     if not isinstance(fields, dict) or fields.get("format_version") != version:
         raise SnapshotError(f"snapshot {where} is corrupted: header fields disagree with its "
                             "format version")
+    _check_fields(fields, where)
+    return fields
+
+
+def _is_plain_file_name(name: object) -> bool:
+    """A name of a file directly inside the snapshot directory (no separator, not . or ..)."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and "/" not in name
+            and "\0" not in name and name not in (".", ".."))
+
+
+def _check_fields(fields: dict, where: str) -> None:
+    """Every field a restore reads, with its type; every file the header names is a plain
+    file name listed in ``files``. The checksum can be recomputed by whoever edits a header,
+    so a header is host input like any other: nothing in it may point outside the snapshot
+    directory or reach the code below as a wrong type."""
+    def corrupt(what: str) -> SnapshotError:
+        return SnapshotError(f"snapshot {where} is corrupted: header {what}")
+
+    def want(container: dict, key: str, kind, label: str):
+        if key not in container:
+            raise corrupt(f"lacks {label}")
+        value = container[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise corrupt(f"field {label} is {type(value).__name__}, not "
+                          f"{getattr(kind, '__name__', 'the right type')}")
+        return value
+
     missing = [k for k in ("engine", "config", "memory_mib", "vcpus", "files", "volumes",
                            "engine_state", "created_at") if k not in fields]
     if missing:
-        raise SnapshotError(f"snapshot {where} is corrupted: header lacks {', '.join(missing)}")
-    return fields
+        raise corrupt(f"lacks {', '.join(missing)}")
+    for key, kind in (("engine", str), ("config", dict), ("memory_mib", int), ("vcpus", int),
+                      ("files", dict), ("volumes", list), ("engine_state", dict),
+                      ("created_at", str), ("kernel", str), ("initrd", str),
+                      ("cmdline", str)):
+        want(fields, key, kind, key)
+    if fields["memory_mib"] <= 0 or fields["vcpus"] <= 0:
+        raise corrupt("gives no memory or no vCPUs")
+    files = fields["files"]
+    for name, info in files.items():
+        if not _is_plain_file_name(name):
+            raise corrupt(f"names file {name!r}, which is not a plain file name inside the "
+                          "snapshot directory")
+        if not isinstance(info, dict):
+            raise corrupt(f"entry of {name!r} is not an object")
+        if want(info, "size", int, f"files[{name!r}].size") < 0:
+            raise corrupt(f"gives {name!r} a negative size")
+        if "sha256" not in info and "digest" not in info:
+            raise corrupt(f"gives {name!r} neither a sha256 nor a digest")
+        for key in ("sha256", "digest"):
+            if key in info:
+                want(info, key, str, f"files[{name!r}].{key}")
+    state = fields["engine_state"]
+    for key in ("state_file", "ram_file"):
+        if want(state, key, str, f"engine_state.{key}") not in files:
+            raise corrupt(f"engine_state.{key} {state[key]!r} is not one of its files")
+    if "sha256" not in files[state["state_file"]]:
+        raise corrupt(f"gives the state file {state['state_file']!r} no sha256")
+    if "balloon_target_mib" in fields and want(fields, "balloon_target_mib", int,
+                                              "balloon_target_mib") < 0:
+        raise corrupt("gives a negative balloon size")
+    for i, volume in enumerate(fields["volumes"]):
+        if not isinstance(volume, dict):
+            raise corrupt(f"volumes[{i}] is not an object")
+        if want(volume, "file", str, f"volumes[{i}].file") not in files:
+            raise corrupt(f"volumes[{i}].file {volume['file']!r} is not one of its files")
+        want(volume, "read_only", bool, f"volumes[{i}].read_only")
+        want(volume, "serial", str, f"volumes[{i}].serial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +344,11 @@ class Snapshot:
                                 "this build cannot restore")
         for name, info in fields["files"].items():
             file = path / name
-            if "/" in name or not file.is_file():
+            if file.is_symlink():
+                # A link could hand the guest any host file as its RAM or a volume.
+                raise SnapshotError(f"snapshot {path} is corrupted: {name} is a symbolic link "
+                                    "(a snapshot holds its files itself)")
+            if not file.is_file():
                 raise SnapshotError(f"snapshot {path} is incomplete: {name} is missing")
             size = file.stat().st_size
             if size < info["size"]:
@@ -383,15 +450,20 @@ class Snapshot:
                 "restore keeps the snapshot's hardware and engine (leave those fields unset)")
         saved.update(name=config.name, restore_timeout=config.restore_timeout,
                      vsock_mux_dir=config.vsock_mux_dir, engine=self.engine, assets=None)
+        saved_volumes = saved.get("volumes")
+        if not isinstance(saved_volumes, list) or len(saved_volumes) != len(self.header["volumes"]) \
+                or not all(isinstance(v, dict) for v in saved_volumes):
+            raise SnapshotError(f"snapshot {self.path} is corrupted: its config's volumes do "
+                                "not match the volume files it lists")
         try:
             return VmConfig.from_dict(saved)
-        except TraitError:
+        except (TraitError, TypeError, ValueError):
             # A volume's original directory is gone: the restore uses the snapshot's copy.
-            saved["volumes"] = [dict(v, host_path=str(self.path / f"volume{i}.img"))
-                                for i, v in enumerate(saved.get("volumes", []))]
+            saved["volumes"] = [dict(v, host_path=str(self.path / saved_file["file"]))
+                                for v, saved_file in zip(saved_volumes, self.header["volumes"])]
             try:
                 return VmConfig.from_dict(saved)
-            except TraitError as exc:
+            except (TraitError, TypeError, ValueError) as exc:
                 raise SnapshotError(f"snapshot {self.path}: its config is not valid here: "
                                     f"{exc}") from exc
 

@@ -208,7 +208,52 @@ CORRUPTIONS = {
     "RAM byte flipped": (("qemu-ram.img",), lambda p, s: _flip(p / "qemu-ram.img", 1 << 20),
                          "qemu-ram.img does not match"),
     "RAM file missing": ((), lambda p, s: os.unlink(p / "qemu-ram.img"), "missing"),
+    # Tampered headers, re-signed (the checksum is no secret): host input like any other.
+    "header volume file outside the snapshot": (("header",), lambda p, s: _rewrite_header(
+        p, _add_volume_file("/etc/passwd")), "'/etc/passwd' is not one of its files"),
+    "header file name with ..": (("header",), lambda p, s: _rewrite_header(
+        p, _list_file("../outside.img")), "'../outside.img', which is not a plain file name"),
+    "header RAM file is a symbolic link": (("header",), lambda p, s: _swap_for_link(
+        p / "qemu-ram.img"), "qemu-ram.img is a symbolic link"),
+    "header field of the wrong type": (("header",), lambda p, s: _rewrite_header(
+        p, lambda h: h.update(memory_mib="256")), "field memory_mib is str, not int"),
+    "header without a state file": (("header",), lambda p, s: _rewrite_header(
+        p, lambda h: h["engine_state"].pop("state_file")), "lacks engine_state.state_file"),
+    "header files not an object": (("header",), lambda p, s: _rewrite_header(
+        p, lambda h: h.update(files=[])), "field files is list"),
+    "header volume entry not an object": (("header",), lambda p, s: _rewrite_header(
+        p, lambda h: h.update(volumes=[5])), "volumes[0] is not an object"),
+    "header config volumes that the snapshot does not hold": (("header",), lambda p, s:
+        _rewrite_header(p, lambda h: h["config"].update(volumes=[{
+            "host_path": "/etc/passwd", "guest_path": "/x", "size_mib": None,
+            "read_only": True}])), "volumes do not match the volume files it lists"),
+    "header JSON nested absurdly deep": (("header",), lambda p, s: _write_raw_header(
+        p, b"[" * 200_000 + b"]" * 200_000), "header is not JSON"),
 }
+
+
+def _add_volume_file(file: str):
+    def change(h: dict) -> None:
+        h["volumes"] = [{"index": 0, "file": file, "serial": "smvol0", "guest_path": "/data",
+                         "read_only": True, "host_path": file}]
+    return change
+
+
+def _list_file(name: str):
+    def change(h: dict) -> None:
+        h["files"][name] = {"size": 0, "digest": "x"}
+    return change
+
+
+def _swap_for_link(path: Path) -> None:
+    outside = path.parent.parent / "outside-ram.img"
+    os.rename(path, outside)
+    os.symlink(outside, path)
+
+
+def _write_raw_header(path: Path, body: bytes) -> None:
+    (path / "header").write_bytes(f"{MAGIC} {FORMAT_VERSION}\n".encode() + body + b"\n"
+                                  + f"sha256:{hashlib.sha256(body).hexdigest()}\n".encode())
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
