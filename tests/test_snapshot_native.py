@@ -178,6 +178,26 @@ def test_volumes_are_copied_and_each_restore_writes_its_own(probe_image, tmp_pat
         assert count(a) == 1
 
 
+def test_a_volume_file_outside_the_snapshot_is_refused(probe_image, tmp_path):
+    # A header re-signed after pointing its volume at a host file: nothing of it may reach
+    # the guest, and no VM starts.
+    with probe_image.start(NATIVE.with_volume(str(tmp_path / "d.img"), "/data", size_mib=8),
+                           name="nvolevil") as vm:
+        snap = vm.snapshot(tmp_path / "evil")
+    secret = tmp_path / "host-secret.img"
+    secret.write_bytes(b"host only" * 1000)
+    snap.header["volumes"][0]["file"] = str(secret)
+    (snap.path / "header").write_bytes(encode_header(snap.header))
+    with pytest.raises(SnapshotError, match="is not one of its files"):
+        Image.from_snapshot(snap.path).start()
+    snap.header["volumes"][0]["file"] = "volume0.img"
+    (snap.path / "volume0.img").unlink()
+    (snap.path / "volume0.img").symlink_to(secret)
+    (snap.path / "header").write_bytes(encode_header(snap.header))
+    with pytest.raises(SnapshotError, match="volume0.img is a symbolic link"):
+        Image.from_snapshot(snap.path).start()
+
+
 def test_vm_with_mounts_cannot_be_snapshotted(probe_image, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
