@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import shlex
 import sys
 import threading
 import time
 from typing import Callable
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
@@ -36,6 +38,9 @@ from . import snapshot as snapshots
 from .config import ENGINES, MountSpec, VmConfig, VolumeSpec
 from .errors import VmError
 from .vm import ExecResult, Vm, stop_command
+
+
+_MISSING = object()
 
 
 class VmCommandError(VmError):
@@ -52,9 +57,11 @@ class StatusLine:
     """The last line of a ``%%vm`` cell; renders as text and as HTML."""
 
     def __init__(self, name: str, engine: str, result: ExecResult | None, boot_s: float | None,
-                 note: str = "", started_by: str = "boot"):
+                 note: str = "", started_by: str = "boot", warning: bool = False):
         self.name, self.engine, self.result, self.boot_s, self.note = name, engine, result, boot_s, note
         self.started_by = started_by   # "boot" or "restore"
+        #: the note reports something that went wrong (a lost VM): never shown as success
+        self.warning = warning
 
     def _parts(self) -> tuple[str, bool]:
         r = self.result
@@ -67,8 +74,9 @@ class StatusLine:
         else:
             status, ok = f"exit {r.exit_code}", r.exit_code == 0
         boot = (f" · {self.started_by} {self.boot_s:.2f} s" if self.boot_s is not None else "")
-        note = f" · {self.note}" if self.note else ""
-        return f"[{self.name} · {self.engine}] {status} · {r.duration:.2f} s{boot}{note}", ok
+        note = f" · {'⚠ ' if self.warning else ''}{self.note}" if self.note else ""
+        return (f"[{self.name} · {self.engine}] {status} · {r.duration:.2f} s{boot}{note}",
+                ok and not self.warning)
 
     def __repr__(self) -> str:
         return self._parts()[0]
@@ -76,7 +84,7 @@ class StatusLine:
     def _repr_html_(self) -> str:
         from html import escape
         text, ok = self._parts()
-        colour = "#2e7d32" if ok else "#c62828"
+        colour = "#2e7d32" if ok else ("#b26a00" if self.warning else "#c62828")
         return (f"<div style='font-family:monospace;font-size:85%;color:{colour}'>"
                 f"{escape(text)}</div>")
 
@@ -149,7 +157,7 @@ def _parse_volume(text: str) -> VolumeSpec:
         read_only = parts.pop() == "ro"
     elif len(parts) == 4:
         raise TraitError(f"{usage} (the last part must be ro or rw, got {parts[-1]!r})")
-    size = 1024
+    size = None
     if len(parts) == 4 or len(parts) < 2:
         raise TraitError(usage)
     if len(parts) == 3:
@@ -210,15 +218,8 @@ class VmMagics(Magics):
             self._image = Image.default(progress)
         return self._image
 
-    def _build_config(self, args: argparse.Namespace) -> VmConfig:
-        if args.config:
-            base = self.shell.user_ns.get(args.config) if self.shell else None
-            if not isinstance(base, VmConfig):
-                raise TraitError(f"--config {args.config}: no VmConfig of that name in the "
-                                 "notebook's namespace")
-        else:
-            base = VmConfig(memory_mib=self.default_memory_mib, vcpus=self.default_vcpus,
-                            engine=self.default_engine)
+    def _cell_changes(self, args: argparse.Namespace, base: VmConfig) -> dict:
+        """The config fields this cell's options set, on top of ``base``."""
         changes: dict = {}
         if args.memory is not None:
             changes["memory_mib"] = args.memory
@@ -234,13 +235,28 @@ class VmMagics(Magics):
             changes["mounts"] = list(base.mounts) + [_parse_mount(m) for m in args.mount]
         if args.name:
             changes["name"] = args.name
+        return changes
+
+    def _build_config(self, args: argparse.Namespace) -> VmConfig:
+        if args.config:
+            base = self.shell.user_ns.get(args.config, _MISSING) if self.shell else _MISSING
+            if base is _MISSING:
+                raise TraitError(f"--config {args.config}: no variable of that name in the "
+                                 "notebook's namespace (expected a VmConfig)")
+            if not isinstance(base, VmConfig):
+                raise TraitError(f"--config {args.config}: that variable is a "
+                                 f"{type(base).__name__}, not a VmConfig")
+        else:
+            base = VmConfig(memory_mib=self.default_memory_mib, vcpus=self.default_vcpus,
+                            engine=self.default_engine)
+        changes = self._cell_changes(args, base)
         return base.replace(**changes) if changes else base
 
     def _get_or_start(self, config: VmConfig, progress: _Progress,
-                      from_snapshot: str | None = None) -> tuple[Vm, bool, str]:
+                      from_snapshot: str | None = None) -> tuple[Vm, bool, str, bool]:
         """The VM for this cell: a running named VM, or a new one (booted, restored from the
         default image's pre-booted snapshot, or from a named snapshot). Returns
-        (vm, new, note)."""
+        (vm, new, note, note_is_a_warning)."""
         name = config.name
         with self._lock:
             existing = self._vms.get(name) if name else None
@@ -253,8 +269,13 @@ class VmMagics(Magics):
                 if differs:
                     note = (f"{name} was already running: {', '.join(differs)} from this cell "
                             f"not applied (%vm stop {name} to restart it)")
-                return existing, False, note
-            note = f"{name} had {existing.state}" + (f" ({existing.failure})" if existing.failure else "") + "; restarted"
+                return existing, False, note, False
+            # A named VM that ended on its own is never replaced silently: say so, and start
+            # it again as it was (this cell's options still apply on top).
+            why = existing.failure or existing.state
+            note = f"VM {name} was lost ({why}); started again with its original config"
+            sys.stderr.write(f"⚠ {note}\n")
+            config = existing.config.replace(**self._restart_changes(config, existing.config))
         from .image import Image
         if from_snapshot:
             image = Image.from_snapshot(snapshots.named_snapshot_path(from_snapshot))
@@ -271,7 +292,16 @@ class VmMagics(Magics):
         if name:
             with self._lock:
                 self._vms[name] = vm
-        return vm, True, note
+        return vm, True, note, existing is not None
+
+    @staticmethod
+    def _restart_changes(cell: VmConfig, original: VmConfig) -> dict:
+        """What a cell that restarts a lost VM sets beyond the VM's original config: the
+        fields it gives a non-default value (its volumes and mounts replace the original's)."""
+        return {f: getattr(cell, f) for f in ("memory_mib", "vcpus", "balloon", "volumes",
+                                              "mounts", "engine")
+                if getattr(cell, f) not in (None, [], False, "auto")
+                and getattr(cell, f) != getattr(original, f)}
 
     # -- %%vm -----------------------------------------------------------------------------
     @magic_arguments()
@@ -302,9 +332,17 @@ class VmMagics(Magics):
         SIGKILL) and keeps a named VM running.
         """
         args = parse_argstring(self.vm, line)
-        config = self._build_config(args)
+        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise UsageError(f"--timeout must be a number of seconds greater than 0, got "
+                             f"{args.timeout!r} (leave it out for no limit)")
+        try:
+            config = self._build_config(args)
+            for snapshot_name in filter(None, (args.snapshot, args.from_snapshot)):
+                snapshots.named_snapshot_path(snapshot_name)    # a bad name fails before the cell runs
+        except (TraitError, snapshots.SnapshotError) as exc:
+            raise UsageError(str(exc)) from None
         progress = _Progress(self.show_progress and not args.quiet)
-        vm, new, note = self._get_or_start(config, progress, args.from_snapshot)
+        vm, new, note, warning = self._get_or_start(config, progress, args.from_snapshot)
         if new:
             how = "restored" if vm.restored_from else "booted"
             progress.done(f"{vm.name} {how} on {vm.engine}/{vm.accel} in {vm.boot_seconds:.2f} s")
@@ -329,7 +367,7 @@ class VmMagics(Magics):
         if self.show_progress and not args.quiet:
             display(StatusLine(vm.name, f"{vm.engine}/{vm.accel}", result,
                                vm.boot_seconds if new else None, note,
-                               "restore" if vm.restored_from else "boot"))
+                               "restore" if vm.restored_from else "boot", warning))
         if args.raise_error and not result.ok:
             raise VmCommandError(result, vm.name)
 
@@ -367,7 +405,10 @@ class VmMagics(Magics):
     @line_magic("vm")
     def vm_line(self, line: str):
         """%vm list | stop NAME... | stop --all | console NAME | config NAME | panel NAME | snapshots"""
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%vm {line}: {exc}") from None
         if not words or words[0] in ("-h", "--help", "help"):
             print(self.vm_line.__doc__)
             return None
@@ -381,7 +422,7 @@ class VmMagics(Magics):
             elif rest:
                 names = rest
             else:
-                raise VmError("%vm stop needs a VM name or --all")
+                raise UsageError("%vm stop needs a VM name or --all")
             for name in names:
                 vm = self._lookup(name)
                 vm.stop()
@@ -405,13 +446,13 @@ class VmMagics(Magics):
                 print(f"{snap.path.name}  {snap.header.get('memory_mib')} MiB  "
                       f"{snap.header.get('vcpus')} vCPU  saved {snap.header.get('created_at')}")
             return None
-        raise VmError(f"unknown %vm command {command!r}: use list, stop, console, config, "
+        raise UsageError(f"unknown %vm command {command!r}: use list, stop, console, config, "
                       "panel or snapshots")
 
     @staticmethod
     def _one(rest: list[str], command: str) -> str:
         if len(rest) != 1:
-            raise VmError(f"%vm {command} needs exactly one VM name")
+            raise UsageError(f"%vm {command} needs exactly one VM name")
         return rest[0]
 
     def _lookup(self, name: str) -> Vm:
@@ -419,7 +460,7 @@ class VmMagics(Magics):
             return self._vms[name]
         except KeyError:
             known = ", ".join(self._vms) or "none"
-            raise VmError(f"no VM named {name!r} in this kernel (named VMs: {known})") from None
+            raise UsageError(f"no VM named {name!r} in this kernel (named VMs: {known})") from None
 
     def stop_all(self) -> None:
         for name, vm in list(self._vms.items()):

@@ -1,7 +1,9 @@
 """Child processes that never outlive their owner.
 
-Engine processes (QEMU, virtiofsd) get ``PR_SET_PDEATHSIG(SIGKILL)``: the kernel kills them
-when their parent dies, even by SIGKILL. The death signal follows the *thread* that forked,
+Engine processes (QEMU, virtiofsd) run in a session of their own, so the signals a terminal
+or Jupyter sends to the owner's whole process group (an "interrupt kernel" is SIGINT to the
+kernel's group) never reach them; ``PR_SET_PDEATHSIG(SIGKILL)`` still makes the kernel kill
+them when their parent dies, even by SIGKILL. The death signal follows the *thread* that forked,
 not the process, so every spawn happens on one long-lived daemon thread: a VM started from a
 short-lived worker thread (a widget callback, a thread pool) keeps running after it.
 """
@@ -55,7 +57,11 @@ class _Spawner:
                                                 daemon=True)
                 self._thread.start()
         parent = os.getpid()
-        kwargs["preexec_fn"] = lambda: _die_with_parent(parent)
+        kwargs["start_new_session"] = True    # out of the owner's process group (setsid)
+        # child_setup: a caller's own step between fork and exec (after the death signal),
+        # e.g. a seccomp filter; an exception in it makes Popen raise in the parent.
+        setup = kwargs.pop("child_setup", None)
+        kwargs["preexec_fn"] = lambda: (_die_with_parent(parent), setup and setup())
         future: Future = Future()
         self._requests.put((future, args, kwargs))
         return future.result()
@@ -65,7 +71,8 @@ _spawner = _Spawner()
 
 
 def spawn_owned(*args: Any, **kwargs: Any) -> subprocess.Popen:
-    """``subprocess.Popen`` whose child is killed when this process dies."""
+    """``subprocess.Popen`` whose child runs in its own session (signals sent to this
+    process's group do not reach it) and is killed when this process dies."""
     return _spawner.popen(*args, **kwargs)
 
 

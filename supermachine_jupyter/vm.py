@@ -149,6 +149,8 @@ class Vm:
     @property
     def state(self) -> str:
         """``running``, ``stopping``, ``stopped`` or ``failed``."""
+        if self._state == "running":
+            self._notice_end()
         return self._state
 
     @property
@@ -197,28 +199,29 @@ class Vm:
 
     def _watch(self) -> None:
         # Notice an engine that dies on its own (guest crash, killed QEMU) and say why.
-        while self._state in ("running",):
-            if self._halted and self._instance.is_running():
-                with self._lock:
-                    if self._state == "running":
-                        self._state = "failed"
-                        self._failure = self._halted
-                self._instance.shutdown(None, timeout=3)
-                self._agent.close("the VM ended: " + self._halted)
-                self._cleanup()
-                return
-            if not self._instance.is_running():
-                with self._lock:
-                    if self._state == "running":
-                        self._state = "failed"
-                        self._failure = self._instance.exit_description() or "engine ended"
-                self._agent.close("the VM ended: " + (self._failure or ""))
-                self._cleanup()
-                return
+        while self._state == "running" and not self._notice_end():
             time.sleep(0.2)
 
+    def _notice_end(self) -> bool:
+        """If the VM ended on its own (engine gone, guest halted), record why, reap what the
+        engine leaves behind and clean up. True when the VM is no longer running. Called by
+        the watcher thread and by ``state``, so a caller never sees "running" for a VM whose
+        engine is already gone."""
+        if self._instance.is_running() and not self._halted:
+            return False
+        with self._lock:
+            if self._state != "running":
+                return True
+            self._state = "failed"
+            self._failure = self._halted or self._instance.exit_description() or "engine ended"
+        self._agent.close("the VM ended: " + self._failure)
+        # Ends a halted guest's engine; reaps a dead one's helpers (virtiofsd): no zombies.
+        self._instance.shutdown(None, timeout=3)
+        self._cleanup()
+        return True
+
     def _check_running(self) -> None:
-        if self._state != "running":
+        if self.state != "running":
             why = f": {self._failure}" if self._failure else ""
             raise VmStoppedError(f"VM {self.name!r} is {self._state}{why}")
 

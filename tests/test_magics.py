@@ -10,7 +10,7 @@ import time
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
-from traitlets import TraitError
+from IPython.core.error import UsageError
 
 from supermachine_jupyter import snapshot
 from supermachine_jupyter.magics import VmCommandError
@@ -112,14 +112,27 @@ def test_config_variable_and_flags(ip, capsys):
 
 
 def test_bad_arguments_name_the_field(ip):
-    with pytest.raises(TraitError, match="memory_mib"):
+    # UsageError: IPython shows it as one line, with no traceback.
+    with pytest.raises(UsageError, match="memory_mib"):
         ip.run_cell_magic("vm", "--memory 1", "true")
-    with pytest.raises(TraitError, match="vcpus"):
+    with pytest.raises(UsageError, match="vcpus"):
         ip.run_cell_magic("vm", "--vcpus 0", "true")
-    with pytest.raises(TraitError, match="--config nope"):
+    with pytest.raises(UsageError, match="--config nope: no variable of that name"):
         ip.run_cell_magic("vm", "--config nope", "true")
-    with pytest.raises(TraitError, match="--volume"):
+    ip.user_ns["not_a_config"] = [1, 2]
+    with pytest.raises(UsageError, match="--config not_a_config: that variable is a list, "
+                                         "not a VmConfig"):
+        ip.run_cell_magic("vm", "--config not_a_config", "true")
+    with pytest.raises(UsageError, match="--volume"):
         ip.run_cell_magic("vm", "--volume nonsense", "true")
+    for bad in ("-1", "0", "nan", "inf"):
+        with pytest.raises(UsageError, match="--timeout must be a number of seconds greater "
+                                             "than 0"):
+            ip.run_cell_magic("vm", f"--timeout {bad}", "true")
+    with pytest.raises(UsageError, match="unknown %vm command 'frobnicate'"):
+        ip.run_line_magic("vm", "frobnicate")
+    with pytest.raises(UsageError, match="no VM named 'ghost'"):
+        ip.run_line_magic("vm", "console ghost")
 
 
 def test_unnamed_vm_is_stopped_after_the_cell(ip, capsys):
