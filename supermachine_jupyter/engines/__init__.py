@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..config import ENGINES
 from ..errors import EngineError
 
-ENGINE_NAMES = ("auto", "native", "qemu")
+#: The one list of engine names (VmConfig.engine validates against it too).
+ENGINE_NAMES = ENGINES
 
 
 @dataclasses.dataclass(frozen=True)
