@@ -240,6 +240,9 @@ class _Published:
                 reply = {"ok": True, "result": self._dispatch(request)}
             except RegistryError as exc:
                 reply = {"ok": False, "kind": exc.kind, "error": str(exc)}
+            except RecursionError:           # [[[[…]]]]: JSON nested beyond the parser
+                reply = {"ok": False, "kind": "bad_request",
+                         "error": "the request is nested too deeply"}
             except ValueError as exc:        # bad JSON, or a bad value the VM refused
                 reply = {"ok": False, "kind": "bad_request", "error": str(exc)}
             except Exception as exc:  # noqa: BLE001 - report, never kill the server thread
@@ -387,7 +390,7 @@ def _load(json_path: Path, probe: bool = True) -> dict | None:
             entry = json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         # Writes are atomic, so an unreadable entry is damage, not a write in progress.
         _remove_entry(json_path, None)
         return None
@@ -456,6 +459,9 @@ def request(vm_id: str, op: str, timeout: float | None = None, **args: Any) -> A
     except socket.timeout:
         raise RegistryError(f"VM {entry.get('name')!r} ({vm_id}) did not answer {op!r} "
                             f"within {timeout:g} s", "timeout") from None
+    except OSError as exc:   # the owner reset the connection mid-request (it is ending)
+        raise RegistryError(f"VM {entry.get('name')!r} ({vm_id}) dropped the {op!r} "
+                            f"request: {exc}", "internal") from None
     finally:
         conn.close()
     if not reply:
@@ -471,7 +477,11 @@ def _read_reply(conn: socket.socket) -> dict | None:
     line = _read_line(conn, max_bytes=None)
     if not line:
         return None
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise RegistryError(f"unreadable reply from the VM's owner: {type(exc).__name__}",
+                            "internal") from None
     return reply if isinstance(reply, dict) else None
 
 

@@ -32,6 +32,14 @@ def _ids() -> set[str]:
     return {entry["id"] for entry in registry.list_vms()}
 
 
+def _start_ticks(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (starttime, clock ticks after boot), parsed here rather
+    than by the code under test."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[22 - 3])
+
+
 def test_a_vm_publishes_itself_and_answers_requests(start_vm, registry_dir):
     vm = start_vm(balloon=True, memory_mib=256, name="reg-a")
     vm_id = registry.vm_id(vm)
@@ -41,6 +49,7 @@ def test_a_vm_publishes_itself_and_answers_requests(start_vm, registry_dir):
     assert vm_id in _ids()
     assert entry["name"] == "reg-a"
     assert entry["pid"] == os.getpid()
+    assert entry["pid_start"] == _start_ticks(os.getpid())   # what tells a reused pid apart
     assert (entry["engine"], entry["accel"]) == (vm.engine, vm.accel)
     assert entry["reason"] == vm.engine_reason
     assert entry["config"] == vm.config.to_dict()
@@ -96,6 +105,13 @@ def test_requests_that_cannot_be_served_say_why(start_vm):
         conn.sendall(b"{not json\n")
         reply = json.loads(conn.makefile().readline())
     assert reply["ok"] is False and reply["kind"] == "bad_request"
+    # So does JSON nested beyond the parser's recursion limit (within the size bound).
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(registry.get(vm_id)["socket"])
+        conn.sendall(b"[" * 30000 + b"]" * 30000 + b"\n")
+        reply = json.loads(conn.makefile().readline())
+    assert reply["ok"] is False and reply["kind"] == "bad_request", reply
+    assert "nested" in reply["error"]
     assert registry.request(vm_id, "state")["state"] == "running"
 
     vm.stop()                 # withdrawn by the VM itself, not by a reader
@@ -163,6 +179,7 @@ def test_entries_whose_socket_refuses_or_whose_pid_was_reused_disappear(registry
     _fake_entry(registry_dir, "cccccccccccc", pid=2**22 + 12345, pid_start=None)
     # Garbage, and the temp file of a writer that died before its rename.
     (registry_dir / "dddddddddddd.json").write_text("{truncated")
+    (registry_dir / "ffffffffffff.json").write_text("[" * 100000 + "]" * 100000)
     (registry_dir / f".eeeeeeeeeeee.json.tmp-{2**22 + 12345}-1").write_text("{")
 
     assert registry.list_vms() == []
@@ -187,3 +204,38 @@ def test_a_registry_too_deep_for_a_socket_path_still_works(start_vm, monkeypatch
     assert registry.request(entry["id"], "state")["state"] == "running"
     vm.stop()
     assert not os.path.exists(entry["socket"]) and registry.list_vms() == []
+
+
+def _listen(path) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(4)
+    return listener
+
+
+def test_an_entry_whose_pid_now_belongs_to_another_process_is_stale_despite_a_live_socket(
+        registry_dir):
+    """The pid is alive and the socket accepts connections, but the process holding the pid
+    started at another time than the one recorded: the owner died and its pid was reused.
+    Only the start time (field 22 of /proc/<pid>/stat) tells, and the entry must go."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    listeners = [_listen(registry_dir / f"{c * 12}.sock") for c in "ab"]
+    try:
+        start = _start_ticks(other.pid)
+        _fake_entry(registry_dir, "a" * 12, pid=other.pid, pid_start=start)
+        _fake_entry(registry_dir, "b" * 12, pid=other.pid, pid_start=start - 1)
+
+        assert _ids() == {"a" * 12}                    # same pid, same start: live
+        assert not (registry_dir / f"{'b' * 12}.json").exists()
+        assert not (registry_dir / f"{'b' * 12}.sock").exists()
+        with pytest.raises(VmNotFound):
+            registry.get("b" * 12)
+        with pytest.raises(VmNotFound):
+            registry.request("b" * 12, "state", timeout=2)
+        assert registry.get("a" * 12)["pid"] == other.pid
+    finally:
+        for listener in listeners:
+            listener.close()
+        other.kill()
+        other.wait()

@@ -11,10 +11,13 @@ import sys
 import time
 
 import pytest
+from jupyter_server.auth import Authorizer
 from tornado.httpclient import HTTPClientError
+from traitlets import TraitError
 
 from supermachine_jupyter import registry
-from supermachine_jupyter.config import MountSpec
+from supermachine_jupyter.config import MountSpec, VmConfig
+from supermachine_jupyter.server import handlers
 
 # pytest-jupyter's fixtures (jp_fetch, jp_serverapp, …), imported into this module only: as a
 # plugin (pytest_plugins) its autouse fixtures would wrap every test of the session, and its
@@ -126,7 +129,21 @@ def test_balloon_sets_the_target_and_the_guest_follows(api, vms):
             break
         time.sleep(0.3)
     assert (stats["target_mib"], stats["actual_mib"]) == (64, 64)
+    assert stats["target_pages"] == stats["actual_pages"] == 64 * 256     # 4 KiB pages
     api.post("vms", vm_id, "balloon", body={"target_mib": 0})
+
+
+def test_balloon_stats_are_in_the_documented_units(api, vms):
+    """balloon.py's units (Firecracker's): guest memory in bytes, balloon in 4 KiB pages."""
+    vm_id = registry.vm_id(vms["full"])
+    deadline = time.monotonic() + 15
+    while (stats := api.get("vms", vm_id)["balloon_stats"])["total_memory"] is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    mib = 2**20
+    assert 128 * mib <= stats["total_memory"] <= 256 * mib, stats       # a 256 MiB VM
+    assert 0 < stats["free_memory"] <= stats["total_memory"], stats
+    assert 0 < stats["available_memory"] <= stats["total_memory"], stats
 
 
 @pytest.mark.parametrize("body, words", [
@@ -136,6 +153,8 @@ def test_balloon_sets_the_target_and_the_guest_follows(api, vms):
     ({"target_mib": "64"}, "target_mib"),
     ({"target_mib": True}, "target_mib"),
     ([64], "target_mib"),
+    (b"", "target_mib"),
+    (b'{"target_mib": \xff}', "not JSON"),                 # not UTF-8
     ({"target_mib": 256}, "from 0 to 255"),          # the VM refuses: it has 256 MiB
 ])
 def test_bad_balloon_bodies_get_400_with_a_message(api, vms, body, words):
@@ -174,6 +193,110 @@ def test_requests_without_a_token_are_refused(api, vms):
     code, _ = api.error(api.call, "vms", headers={"Authorization": "token wrong"})
     assert code in (401, 403)
     assert vms["plain"].state == "running"
+
+
+DEEP = 100000
+
+
+@pytest.mark.parametrize("body, words", [
+    # 200 KB: refused for its size before anything parses it.
+    (b"[" * DEEP + b"]" * DEEP, "at most"),
+    # Small enough to be parsed, nested beyond the parser's recursion limit.
+    (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+    (b'{"target_mib": ' + b"[" * 20000 + b"]" * 20000 + b"}", "nested too deeply"),
+    (b"{" + b'"a":{' * 10000 + b"}" * 10001, "nested too deeply"),
+    (b'{"target_mib": 1, "pad": "' + b"x" * handlers.MAX_BODY_BYTES + b'"}', "at most"),
+])
+def test_deeply_nested_or_oversized_bodies_get_400_not_500(api, vms, body, words):
+    vm_id = registry.vm_id(vms["full"])
+    code, data = api.error(api.post, "vms", vm_id, "balloon", body=body)
+    assert code == 400 and data["kind"] == "bad_request" and words in data["message"], data
+    assert len(data["message"]) < 500, "the message echoes the body"
+    # The server goes on serving.
+    assert api.get("vms", vm_id)["state"] == "running"
+
+
+def test_a_vm_config_from_deeply_nested_json_is_a_trait_error_not_a_recursion_error():
+    # The same input as above reaches VmConfig.from_json from magics and the CLI.
+    with pytest.raises(TraitError, match="JSON"):
+        VmConfig.from_json("[" * DEEP + "]" * DEEP)
+    with pytest.raises(TraitError, match="JSON"):
+        VmConfig.from_json('{"memory_mib": ' + "[" * DEEP + "]" * DEEP + "}")
+
+
+class _DenyingAuthorizer(Authorizer):
+    """Refuses the actions in ``denied`` on this API's resource; allows everything else
+    (other resources too, so the test also checks which resource the handlers name)."""
+    denied: frozenset = frozenset()
+
+    def is_authorized(self, handler, user, action, resource):
+        return not (resource == "supermachine" and action in self.denied)
+
+
+class ReadOnlyAuthorizer(_DenyingAuthorizer):
+    denied = frozenset({"write"})
+
+
+class NoAccessAuthorizer(_DenyingAuthorizer):
+    denied = frozenset({"read", "write", "execute"})
+
+
+def _server_config(authorizer) -> dict:
+    return {"ServerApp": {"jpserver_extensions": {"supermachine_jupyter": True},
+                          "authorizer_class": authorizer}}
+
+
+def _mutating_calls(vm_id: str) -> list[tuple[tuple, object]]:
+    """Every POST route of the API (with bodies it would otherwise accept)."""
+    return [(("vms", vm_id, "stop"), {}),
+            (("vms", vm_id, "balloon"), {"target_mib": 16}),
+            (("vms", "000000000000", "balloon"), {"target_mib": 16}),
+            (("vms", "000000000000", "stop"), {}),
+            (("nothing-here",), {})]
+
+
+class TestAnAuthorizerThatAllowsOnlyReading:
+    @pytest.fixture
+    def jp_server_config(self):
+        return _server_config(ReadOnlyAuthorizer)
+
+    def test_every_post_is_refused_with_403_and_changes_nothing(self, api, vms):
+        vm = vms["full"]
+        vm_id = registry.vm_id(vm)
+        target = vm.balloon_stats().target_mib
+        # A GET first: jupyter_server's @authorized fixes a wrapped function's action at its
+        # first call, so a handler sharing one function for GET and POST would then let
+        # POSTs through as "read".
+        assert api.error(api.get, "nothing-here")[0] == 404
+        for path, body in _mutating_calls(vm_id):
+            code, data = api.error(api.post, *path, body=body)
+            assert code == 403, (path, code, data)
+        assert vm.state == "running"
+        assert vm.balloon_stats().target_mib == target
+
+    def test_reads_still_work(self, api, vms):
+        vm_id = registry.vm_id(vms["full"])
+        assert "srv-full" in {v["name"] for v in api.get("vms")["vms"]}
+        assert api.get("vms", vm_id)["state"] == "running"
+        code, _ = api.error(api.get, "vms", "000000000000")
+        assert code == 404                              # allowed to look, nothing there
+
+
+class TestAnAuthorizerThatAllowsNothing:
+    @pytest.fixture
+    def jp_server_config(self):
+        return _server_config(NoAccessAuthorizer)
+
+    def test_reads_and_writes_are_refused_with_403(self, api, vms):
+        vm = vms["full"]
+        vm_id = registry.vm_id(vm)
+        for path in (("vms",), ("vms", vm_id), ("vms", "000000000000"), ("nothing-here",)):
+            code, _ = api.error(api.get, *path)
+            assert code == 403, path
+        for path, body in _mutating_calls(vm_id):
+            code, _ = api.error(api.post, *path, body=body)
+            assert code == 403, path
+        assert vm.state == "running"
 
 
 def test_stop_stops_the_vm_in_its_owner(api, vms):

@@ -8,9 +8,11 @@
 ``POST vms/<id>/balloon``   body ``{"target_mib": n}``: set the balloon size
 ==========================  ===============================================================
 
-Every handler uses the server's own authentication (token or cookie; 403 without) and its
-XSRF rule for browser POSTs. Errors are JSON ``{"message", "kind"}`` with 400 (bad body),
-404 (no such VM), 409 (no balloon / not running), 504 (owner did not answer) or 500.
+Every handler uses the server's own authentication (token or cookie; 403 without), its
+authorizer (resource ``supermachine``: GET needs ``read``, POST ``write``; 403 when refused) and
+its XSRF rule for browser POSTs. Errors are JSON ``{"message", "kind"}`` with 400 (bad body:
+not JSON, nested too deeply, or over ``MAX_BODY_BYTES``), 404 (no such VM), 409 (no balloon /
+not running), 504 (owner did not answer) or 500.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ AUTH_RESOURCE = "supermachine"
 STATUS_BY_KIND = {"not_found": 404, "bad_request": 400, "no_balloon": 409,
                   "not_running": 409, "timeout": 504, "internal": 500}
 VM_ID = r"(?P<vm_id>[^/]+)"
+#: Request bodies are small JSON objects; anything larger is refused unparsed.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class _BadBody(ValueError):
+    """A request body that is not acceptable JSON (the message says why)."""
 
 
 class _BaseHandler(APIHandler):
@@ -50,6 +58,23 @@ class _BaseHandler(APIHandler):
 
     def _fail_registry(self, exc: registry.RegistryError) -> None:
         self._fail(STATUS_BY_KIND.get(exc.kind, 500), str(exc), exc.kind)
+
+    def _json_body(self) -> Any:
+        """The request body parsed as JSON (``None`` when empty); :class:`_BadBody` if it is
+        too large, not JSON, or nested too deeply for the parser (a ``[[[[…]]]]`` body must
+        be a 400, not a RecursionError and a 500)."""
+        raw = self.request.body or b""
+        if len(raw) > MAX_BODY_BYTES:
+            raise _BadBody(f"the body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted")
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise _BadBody("the body is not JSON this API accepts: it is nested too "
+                           "deeply") from None
+        except ValueError as exc:                # includes bad UTF-8
+            raise _BadBody(f"the body is not JSON: {exc}") from None
 
     def _ok(self, data: Any) -> None:
         self.set_header("Content-Type", "application/json")
@@ -105,9 +130,9 @@ class VmBalloonHandler(_BaseHandler):
     @authorized
     async def post(self, vm_id: str) -> None:
         try:
-            body = json.loads(self.request.body or b"null")
-        except ValueError as exc:
-            self._fail(400, f"the body is not JSON: {exc}", "bad_request")
+            body = self._json_body()
+        except _BadBody as exc:
+            self._fail(400, str(exc), "bad_request")
             return
         target = body.get("target_mib") if isinstance(body, dict) else None
         if not isinstance(target, int) or isinstance(target, bool) or target < 0:
@@ -125,12 +150,20 @@ class VmBalloonHandler(_BaseHandler):
 class NotFoundHandler(_BaseHandler):
     """Anything else under the API prefix: a JSON 404, not the server's HTML page."""
 
+    def _not_found(self, path: str) -> None:
+        self._fail(404, f"no such endpoint: {API_PREFIX}/{path}", "not_found")
+
+    # Not ``post = get``: @authorized fixes its action ("read" / "write") at the first call
+    # of the function it wraps, so a shared function would check one action for both.
     @web.authenticated
     @authorized
     def get(self, path: str) -> None:
-        self._fail(404, f"no such endpoint: {API_PREFIX}/{path}", "not_found")
+        self._not_found(path)
 
-    post = get
+    @web.authenticated
+    @authorized
+    def post(self, path: str) -> None:
+        self._not_found(path)
 
 
 def setup_handlers(web_app) -> None:
