@@ -121,8 +121,66 @@ def test_mount_reads_writes_and_confines(image, shared):
 def test_read_only_mount_refuses_writes_host_side(image, shared):
     with image.start(QEMU.with_virtiofs(str(shared), "ro", "/mnt/ro", read_only=True)) as vm:
         assert vm.run("cat /mnt/ro/hello.txt").stdout == "from the host\n"
+        # The guest mounted it read-only too (init passes "ro"), not only the host refusing.
+        options = {line.split()[1]: line.split()[3].split(",")
+                   for line in vm.run("cat /proc/mounts").stdout.splitlines()}
+        assert "ro" in options["/mnt/ro"], options
         # Remount read-write inside the guest: the host still refuses.
         vm.run("mount -o remount,rw /mnt/ro")
         result = vm.run("echo x > /mnt/ro/new.txt")
         assert result.exit_code != 0
     assert not (shared / "new.txt").exists()
+
+
+# -- balloon statistics: units and plausibility -------------------------------------------
+
+MIB = 2**20
+
+
+def _with_guest_stats(vm, timeout=15):
+    """The first reading that carries the guest's own statistics (QEMU starts polling them
+    on the first read, and the guest reports about once a second)."""
+    return wait_for(lambda: (s := vm.balloon_stats()).total_memory is not None
+                    and s.available_memory is not None and s, timeout)
+
+
+def test_balloon_statistics_are_in_bytes_and_pages_and_follow_the_balloon(image):
+    """Units as documented in balloon.py (Firecracker's): the guest's memory figures in
+    bytes, the balloon in 4 KiB pages and MiB, fault counts as counts."""
+    memory_mib, balloon_mib = 256, 64
+    with image.start(QEMU.with_memory_mib(memory_mib).with_balloon()) as vm:
+        before = _with_guest_stats(vm)
+        assert before, f"no guest statistics: {vm.balloon_stats()}"
+        total = before.total_memory
+        # The guest's RAM less what its kernel keeps for itself, in bytes.
+        assert memory_mib * MIB // 2 <= total <= memory_mib * MIB, before
+        assert 0 < before.free_memory <= total, before
+        # (MemAvailable may be below MemFree: it leaves out the kernel's reserves.)
+        assert 0 < before.available_memory <= total, before
+        assert before.disk_caches is None or 0 <= before.disk_caches <= total, before
+        # Counts of faults since boot: a booted Linux has taken some, far fewer than bytes.
+        assert 0 < before.minor_faults < total, before
+        assert (before.target_pages, before.actual_pages,
+                before.target_mib, before.actual_mib) == (0, 0, 0, 0), before
+
+        vm.set_balloon_target(balloon_mib)
+        inflated = wait_for(lambda: (s := vm.balloon_stats()).actual_pages >= 16384 and s, 15)
+        assert inflated, f"the balloon did not reach {balloon_mib} MiB: {vm.balloon_stats()}"
+        assert (inflated.target_mib, inflated.actual_mib) == (balloon_mib, balloon_mib), inflated
+        assert inflated.target_pages == inflated.actual_pages == balloon_mib * MIB // 4096
+
+        # The guest's own figures follow: its available memory drops by about the balloon.
+        drop = lambda s: before.available_memory - s.available_memory  # noqa: E731
+        after = wait_for(lambda: (s := vm.balloon_stats()).available_memory is not None
+                         and drop(s) >= balloon_mib * MIB * 3 // 4 and s, 10)
+        assert after, (f"available memory {before.available_memory >> 20} MiB → "
+                       f"{vm.balloon_stats().available_memory >> 20} MiB with a "
+                       f"{balloon_mib} MiB balloon")
+        assert drop(after) <= balloon_mib * MIB * 3 // 2, (before, after)
+        assert after.free_memory <= after.total_memory <= total, after
+        assert after.available_memory <= after.total_memory, after
+
+        vm.set_balloon_target(0)
+        deflated = wait_for(lambda: (s := vm.balloon_stats()).actual_pages == 0
+                            and drop(s) < balloon_mib * MIB // 4 and s, 15)
+        assert deflated, f"after deflating: {vm.balloon_stats()} (before: {before})"

@@ -47,6 +47,15 @@ SNAPSHOT_TIMEOUT_S = 300.0
 MIGRATION_MAX_BANDWIDTH = 1 << 40
 
 
+def qemu_opt(value: "str | os.PathLike[str]") -> str:
+    """``value`` escaped for a QEMU option string (``-drive``, ``-chardev``, ``-object``, …).
+
+    QEMU splits those at commas and lets a later ``key=`` override an earlier one, so a path
+    with a comma in it could name another file; a doubled comma is a literal one. Every path
+    (and every other value not fixed by us) goes into an option string through here."""
+    return os.fspath(value).replace(",", ",,")
+
+
 def qemu_binary() -> str | None:
     for name in QEMU_NAMES:
         path = shutil.which(name)
@@ -136,11 +145,12 @@ class QemuInstance(EngineInstance):
         args = base_args(spec.memory_mib, spec.vcpus, spec.kernel, spec.initrd, cmdline, accel)
         if restore is not None:
             args = restore.machine_args(args, spec.memory_mib)
-        args += ["-name", spec.name,
-                 "-chardev", f"socket,id=agent,path={self._agent_path},server=on,wait=off",
+        args += ["-name", qemu_opt(spec.name),
+                 "-chardev", f"socket,id=agent,path={qemu_opt(self._agent_path)},server=on,"
+                             "wait=off",
                  "-device", "virtio-serial-device,id=vser0",
                  "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-                 "-qmp", f"unix:{self._qmp_path},server=on,wait=off"]
+                 "-qmp", f"unix:{qemu_opt(self._qmp_path)},server=on,wait=off"]
         args += self._device_args()
         if restore is not None:
             args += ["-incoming", "defer"]
@@ -169,10 +179,11 @@ class QemuInstance(EngineInstance):
             fmt = restore.volume_formats[i] if restore and i < len(restore.volume_formats) \
                 else "raw"
             extra = ",snapshot=on" if restore and restore.volume_snapshot else ""
-            args += ["-drive", f"file={volume.path},if=none,id=vol{i},format={fmt},"
+            args += ["-drive", f"file={qemu_opt(volume.path)},if=none,id=vol{i},format={fmt},"
                                f"readonly={'on' if volume.spec.read_only else 'off'},"
                                "cache=writeback,discard=unmap" + extra,
-                     "-device", f"virtio-blk-device,drive=vol{i},serial={volume.serial}"]
+                     "-device", f"virtio-blk-device,drive=vol{i},"
+                                f"serial={qemu_opt(volume.serial)}"]
         if spec.config.balloon:
             args += ["-device", "virtio-balloon-device,id=balloon0,deflate-on-oom=on"]
         if spec.config.mounts and self.restore is not None:
@@ -187,8 +198,9 @@ class QemuInstance(EngineInstance):
                     daemon = Virtiofsd(mount, spec.run_dir / f"fs{i}.sock")
                     self._virtiofsd.append(daemon)
                     daemon.wait_ready()
-                    args += ["-chardev", f"socket,id=fs{i},path={daemon.socket_path}",
-                             "-device", f"vhost-user-fs-device,chardev=fs{i},tag={mount.tag}"]
+                    args += ["-chardev", f"socket,id=fs{i},path={qemu_opt(daemon.socket_path)}",
+                             "-device", f"vhost-user-fs-device,chardev=fs{i},"
+                                        f"tag={qemu_opt(mount.tag)}"]
             except BaseException:
                 self._stop_virtiofsd()
                 raise
@@ -404,7 +416,7 @@ class QemuRestore:
             out.append(arg)
         return out + [
             "-object", f"memory-backend-file,id={RAM_BLOCK_ID},size={memory_mib}M,"
-                       f"mem-path={self.ram_file},share={'on' if self.share else 'off'}",
+                       f"mem-path={qemu_opt(self.ram_file)},share={'on' if self.share else 'off'}",
             "-M", f"microvm,acpi=off,memory-backend={RAM_BLOCK_ID}"]
 
 
@@ -456,5 +468,5 @@ def start(spec: LaunchSpec, accel: str, reason: str) -> QemuInstance:
     return QemuInstance(spec, accel, reason)
 
 
-__all__ = ["QemuInstance", "QemuRestore", "start", "qemu_binary", "qemu_version",
+__all__ = ["QemuInstance", "QemuRestore", "start", "qemu_binary", "qemu_opt", "qemu_version",
            "boots_to_init_with_kvm"]

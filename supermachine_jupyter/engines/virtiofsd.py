@@ -6,6 +6,18 @@ cannot leave it. It has no read-only option, so a read-only mount runs it inside
 mount namespace (``unshare -m``) where the directory is bind-mounted read-only: writes fail
 with EROFS host-side, whatever the guest does. Counters come from the kernel's accounting of
 the virtiofsd process (``/proc/PID/io``): syscalls and bytes it read and wrote for the guest.
+
+The guest is hostile and virtiofsd runs as root, so guest root must not leave host privilege
+in the directory: virtiofsd runs under a seccomp filter (``seccomp.py``) that refuses set-user-ID
+and set-group-ID modes, device nodes and xattrs, and with ``-o modcaps`` dropping CAP_MKNOD,
+CAP_SETFCAP and CAP_FSETID (without CAP_FSETID the kernel clears S_ISUID/S_ISGID when the guest
+writes to or truncates a set-id file already in the directory).
+
+The host path goes into virtiofsd's ``-o source=`` through :func:`fuse_opt_value`: its option
+parser (libfuse's ``fuse_opt``, copied into QEMU's ``tools/virtiofsd``) splits ``-o`` at commas
+and takes a later ``source=`` over an earlier one, so a directory named ``x,source=/etc`` would
+share ``/etc``. A backslash escapes the next character there (``\\,`` is a comma, ``\\\\`` a
+backslash, ``\\NNN`` an octal byte).
 """
 
 from __future__ import annotations
@@ -20,8 +32,16 @@ from ..config import MountSpec
 from ..errors import EngineError
 from ..mounts import MountCounters
 from ..process import spawn_owned, terminate
+from . import seccomp
 
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
+#: capabilities virtiofsd keeps by default that only serve handing out privilege
+DROPPED_CAPS = "-mknod:-setfcap:-fsetid"
+
+
+def fuse_opt_value(value: str) -> str:
+    """``value`` escaped for one ``-o`` option of a fuse_opt parser (virtiofsd's)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def virtiofsd_binary() -> str | None:
@@ -55,8 +75,9 @@ class Virtiofsd:
                               "with namespaces")
         self.spec = spec
         self.socket_path = socket_path
-        daemon = [binary, f"--socket-path={socket_path}", "-o", f"source={spec.host_path}",
-                  "-o", "cache=auto", "-o", "log_level=err"]
+        daemon = [binary, f"--socket-path={socket_path}",
+                  "-o", f"source={fuse_opt_value(spec.host_path)}",
+                  "-o", "cache=auto", "-o", "log_level=err", "-o", f"modcaps={DROPPED_CAPS}"]
         if spec.read_only:
             host = shlex.quote(spec.host_path)
             script = (f"mount --bind {host} {host} && mount -o remount,bind,ro {host} {host} "
@@ -64,8 +85,15 @@ class Virtiofsd:
             args = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
         else:
             args = daemon
-        self.proc = spawn_owned(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        # A read-only share needs no filter (its bind mount refuses every write), so only a
+        # read-write one fails on a host where the filter is unknown.
+        guard = None if spec.read_only and seccomp.unsupported_reason() \
+            else seccomp.no_setid_installer()
+        try:
+            self.proc = spawn_owned(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, child_setup=guard)
+        except subprocess.SubprocessError as exc:   # the filter could not be installed
+            raise EngineError(f"virtiofsd for {spec.host_path}: {exc}") from exc
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,17 +1,20 @@
 """virtio-fs under the native core, driven by the `fs` probe guest (Linux cannot boot under
 this machine's emulated KVM, so the probe speaks FUSE over the virtqueues the way Linux's
 virtio_fs driver does). Checks the guest's report and the host side: files, counters,
-confinement (`..` and symlinks leaving the share), read-only enforcement."""
+confinement (`..` and symlinks leaving the share), read-only enforcement, and that guest root
+gets no host privilege out of the share (no set-user-ID/set-group-ID files, no device nodes)."""
 
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
 PROBE_TIMEOUT_S = 60
 HELLO_TEXT = "hello from the host side\n"
 OUT_TEXT = "written by the fs probe\n"
+SETUID_TEXT = b"#!/bin/sh\necho host program\n"
 
 
 def _share(tmp_path):
@@ -23,6 +26,9 @@ def _share(tmp_path):
     os.symlink(str(secret), share / "escape_abs")
     os.symlink("../secret", share / "escape_rel")
     os.symlink("hello.txt", share / "inside_link")
+    setuid_host = share / "setuid_host"
+    setuid_host.write_bytes(SETUID_TEXT)
+    os.chmod(setuid_host, 0o4755)
     return share, secret
 
 
@@ -64,10 +70,41 @@ def test_fs_read_create_write_and_confinement(native, tmp_path):
         assert counters["bytes_read"] == len(HELLO_TEXT)
         assert counters["bytes_written"] == len(OUT_TEXT)
         assert counters["escape_refusals"] == 4
-        assert counters["unsupported_opcodes"] == 1
+        assert counters["unsupported_opcodes"] == 3  # MKNOD, SETATTR, the unknown one
         assert counters["malformed_requests"] >= 2  # request before INIT + garbage header
         assert counters["read_only_refusals"] == 0
         assert counters["ops"] >= 20 and counters["errors"] >= 8
+    finally:
+        vm.close()
+
+
+def test_fs_create_strips_setid_bits_and_refuses_device_nodes(native, tmp_path):
+    """Guest root sends CREATE with modes 04755/02755/06777, CREATE of char/block devices,
+    MKNOD, and write-opens of a set-user-ID file the host keeps in the share."""
+    share, _ = _share(tmp_path)
+    umask = os.umask(0o022)   # the host process's umask applies to what the core creates
+    os.umask(umask)
+    vm, out = _run(native, share, read_only=False)
+    try:
+        counters = _assert_ok(vm, out)
+        for name, asked in (("suid.bin", "04755"), ("sgid.bin", "02755"), ("both.bin", "06777")):
+            assert f"create {name} mode {asked} -> 0" in out
+            mode = os.stat(share / name).st_mode   # host side
+            assert stat.S_ISREG(mode), (name, oct(mode))
+            assert not mode & (stat.S_ISUID | stat.S_ISGID), (name, oct(mode))
+            assert stat.S_IMODE(mode) == int(asked, 8) & 0o777 & ~umask
+        assert "create chardev -> -1" in out and "create blockdev -> -1" in out
+        assert "mknod -> -38" in out and "setattr -> -38" in out
+        for name in ("chardev", "blockdev", "mknod_dev"):
+            assert not os.path.lexists(share / name)
+        assert not any(stat.S_ISCHR(m) or stat.S_ISBLK(m)
+                       for m in (os.lstat(p).st_mode for p in share.iterdir()))
+        for what in ("open-for-write", "open-truncate", "create-truncate"):
+            assert f"{what} setuid_host -> -1" in out
+        assert "open-read setuid_host -> 0" in out
+        assert (share / "setuid_host").read_bytes() == SETUID_TEXT
+        assert stat.S_IMODE(os.stat(share / "setuid_host").st_mode) == 0o4755
+        assert counters["privilege_refusals"] == 5
     finally:
         vm.close()
 

@@ -3,7 +3,10 @@
  * FORGET on hiprio without a reply. Sends FUSE_INIT, LOOKUP/GETATTR/OPEN/READ of hello.txt
  * (content checked), OPENDIR/READDIR, CREATE+WRITE of out.txt (ro=1: expects EROFS), tries
  * `..` and symlinks leaving the share (expects errors), an unknown opcode (ENOSYS) and a
- * garbage header (EINVAL); prints the results and PROBE fs OK. */
+ * garbage header (EINVAL); prints the results and PROBE fs OK. Read-write shares also get the
+ * privilege checks: CREATE with mode 04755 / 02755 (the host file must come out without the
+ * bits), CREATE of a character device (EPERM), MKNOD (ENOSYS), and a write-open / truncating
+ * CREATE of the host's set-user-ID file setuid_host (EPERM). */
 #include "probe.h"
 
 #define VIRTIO_ID_FS 26
@@ -17,6 +20,8 @@
 #define FUSE_LOOKUP 1
 #define FUSE_FORGET 2
 #define FUSE_GETATTR 3
+#define FUSE_SETATTR 4
+#define FUSE_MKNOD 8
 #define FUSE_OPEN 14
 #define FUSE_READ 15
 #define FUSE_WRITE 16
@@ -35,6 +40,7 @@
 #define L_O_WRONLY 1
 #define L_O_CREAT 0100
 #define L_O_TRUNC 01000
+#define E_PERM 1
 #define E_NOENT 2
 #define E_XDEV 18
 #define E_INVAL 22
@@ -124,6 +130,37 @@ static void forget(uint64_t nodeid, uint64_t nlookup)
     hiprio.desc[0].next = 0;
     virtq_publish(&hiprio, 0);
     virtq_wait_used(&hiprio, 0, 0);
+}
+
+static void report(const char *what, int rc);
+
+static void put_oct(uint32_t v)
+{
+    char digits[12];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + (v & 7));
+        v >>= 3;
+    } while (v);
+    put_char('0');
+    while (n)
+        put_char(digits[--n]);
+}
+
+/* CREATE name with mode (umask 0); returns the FUSE error, *mode_out the mode the reply says. */
+static int create_file(const char *name, uint32_t flags, uint32_t mode, uint32_t *mode_out,
+                       uint64_t *node_out, uint64_t *fh_out)
+{
+    struct fuse_create_in ci = {.flags = flags, .mode = mode, .umask = 0, .open_flags = 0};
+    int rc = fuse_call(FUSE_CREATE, FUSE_ROOT_ID, &ci, sizeof(ci), name, (uint32_t)strlen(name) + 1,
+                       sizeof(struct fuse_entry_out) + sizeof(struct fuse_open_out), 0);
+    if (rc == 0) {
+        struct fuse_entry_out *e = (struct fuse_entry_out *)out_payload;
+        *mode_out = e->attr.mode;
+        *node_out = e->nodeid;
+        *fh_out = ((struct fuse_open_out *)(out_payload + sizeof(*e)))->fh;
+    }
+    return rc;
 }
 
 static void report(const char *what, int rc)
@@ -341,6 +378,72 @@ int probe_main(void)
         if (release(FUSE_RELEASE, out_node, out_fh))
             return fail("release out.txt");
         forget(out_node, 1);
+
+        /* Guest root must not leave set-user-ID/set-group-ID files or device nodes behind. */
+        static const struct { const char *name; uint32_t mode; } privileged[] = {
+            {"suid.bin", 0104755}, {"sgid.bin", 0102755}, {"both.bin", 0106777}};
+        for (unsigned i = 0; i < sizeof(privileged) / sizeof(privileged[0]); i++) {
+            uint32_t mode = 0;
+            uint64_t node = 0, pfh = 0;
+            rc = create_file(privileged[i].name, L_O_WRONLY | L_O_CREAT, privileged[i].mode,
+                             &mode, &node, &pfh);
+            put_str("create ");
+            put_str(privileged[i].name);
+            put_str(" mode ");
+            put_oct(privileged[i].mode & 07777);
+            report("", rc);
+            if (rc)
+                return fail("create with a set-id mode failed instead of stripping the bits");
+            put_str("created mode ");
+            put_oct(mode & 07777);
+            put_char('\n');
+            if (mode & 06000)
+                return fail("CREATE kept a set-user-ID or set-group-ID bit");
+            release(FUSE_RELEASE, node, pfh);
+            forget(node, 1);
+        }
+        uint32_t mode = 0;
+        uint64_t node = 0, pfh = 0;
+        rc = create_file("chardev", L_O_WRONLY | L_O_CREAT, 0020644, &mode, &node, &pfh);
+        report("create chardev", rc);
+        if (rc != -E_PERM)
+            return fail("CREATE of a character device was not refused with EPERM");
+        rc = create_file("blockdev", L_O_WRONLY | L_O_CREAT, 0060644, &mode, &node, &pfh);
+        report("create blockdev", rc);
+        if (rc != -E_PERM)
+            return fail("CREATE of a block device was not refused with EPERM");
+        struct { uint32_t mode, rdev, umask, padding; } mk = {0020644, 0x0103, 0, 0};
+        rc = fuse_call(FUSE_MKNOD, FUSE_ROOT_ID, &mk, sizeof(mk), "mknod_dev", 10,
+                       sizeof(struct fuse_entry_out), 0);
+        report("mknod", rc);
+        if (rc != -E_NOSYS)
+            return fail("MKNOD was not answered ENOSYS");
+        rc = fuse_call(FUSE_SETATTR, FUSE_ROOT_ID, 0, 0, 0, 0, sizeof(struct fuse_attr_out), 0);
+        report("setattr", rc);
+        if (rc != -E_NOSYS)
+            return fail("SETATTR was not answered ENOSYS");
+        /* setuid_host is a set-user-ID file the host put in the share: no rewriting it. */
+        if (lookup(FUSE_ROOT_ID, "setuid_host", &e))
+            return fail("lookup setuid_host");
+        uint64_t suid_fh;
+        rc = open_node(FUSE_OPEN, e.nodeid, L_O_WRONLY, &suid_fh);
+        report("open-for-write setuid_host", rc);
+        if (rc != -E_PERM)
+            return fail("write-open of a set-user-ID host file was not refused with EPERM");
+        rc = open_node(FUSE_OPEN, e.nodeid, L_O_RDONLY | L_O_TRUNC, &suid_fh);
+        report("open-truncate setuid_host", rc);
+        if (rc != -E_PERM)
+            return fail("truncating open of a set-user-ID host file was not refused with EPERM");
+        rc = create_file("setuid_host", L_O_WRONLY | L_O_CREAT | L_O_TRUNC, 0100644, &mode, &node, &pfh);
+        report("create-truncate setuid_host", rc);
+        if (rc != -E_PERM)
+            return fail("truncating CREATE of a set-user-ID host file was not refused with EPERM");
+        rc = open_node(FUSE_OPEN, e.nodeid, L_O_RDONLY, &suid_fh);
+        report("open-read setuid_host", rc);
+        if (rc)
+            return fail("read-open of a set-user-ID host file failed");
+        release(FUSE_RELEASE, e.nodeid, suid_fh);
+        forget(e.nodeid, 1);
     }
 
     rc = fuse_call(FUSE_UNKNOWN_OPCODE, FUSE_ROOT_ID, 0, 0, 0, 0, 0, 0);

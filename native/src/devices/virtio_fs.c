@@ -42,8 +42,11 @@ struct open_how {
 #define FS_MAX_BACKGROUND 16
 #define FS_PROC_FD_PATH_BYTES 64
 #define FS_OPEN_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_TRUNC)
-#define FS_CREATE_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_TRUNC | O_EXCL)
-#define FS_MODE_BITS 07777
+#define FS_CREATE_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_EXCL) /* O_TRUNC: after the check */
+/* Permission bits a guest may give a file it creates: never S_ISUID or S_ISGID, so guest root
+ * cannot leave a set-user-ID (or set-group-ID) executable in the host directory. */
+#define FS_CREATE_MODE_BITS (S_ISVTX | S_IRWXU | S_IRWXG | S_IRWXO)
+#define FS_PRIVILEGE_BITS (S_ISUID | S_ISGID)
 
 /* ---- FUSE wire structures (little endian, as the guest lays them out) ---- */
 struct fuse_in_header { uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid; uint16_t total_extlen, padding; };
@@ -102,6 +105,7 @@ static const char *const FS_ERROR_MESSAGES[SM_FS_ERR_COUNT] = {
     [SM_FS_ERR_ESCAPE] = "Guest tried to resolve a path leaving the shared directory",
     [SM_FS_ERR_TABLE_FULL] = "Guest holds more nodes or open files than we allow",
     [SM_FS_ERR_HOST_IO] = "Host file operation failed",
+    [SM_FS_ERR_PRIVILEGED] = "Guest tried to create a device node or to write a set-user-ID or set-group-ID host file",
 };
 
 const char *sm_fs_error_message(int err)
@@ -337,6 +341,7 @@ static void reply_error(sm_fs *f, fs_req *r, int err_code, int errno_value)
     case SM_FS_ERR_READ_ONLY: f->counters.read_only_refusals++; break;
     case SM_FS_ERR_ESCAPE: f->counters.escape_refusals++; break;
     case SM_FS_ERR_TABLE_FULL: f->counters.table_full++; break;
+    case SM_FS_ERR_PRIVILEGED: f->counters.privilege_refusals++; break;
     default: f->counters.host_errors++; break;
     }
     reply(r, -errno_value, NULL, 0);
@@ -485,6 +490,12 @@ static void do_open(sm_fs *f, fs_req *r, sm_fs_node *node, int is_dir)
             reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
             return;
         }
+        /* We may hold CAP_FSETID (running as root), so the kernel would not clear these bits
+         * on a write: the guest could replace a set-user-ID host program's contents. */
+        if ((st.st_mode & FS_PRIVILEGE_BITS) && wants_write(in.flags)) {
+            reply_error(f, r, SM_FS_ERR_PRIVILEGED, EPERM);
+            return;
+        }
         flags = (int)(in.flags & FS_OPEN_FLAGS_KEPT);
     }
     int fd = reopen_fd(node->fd, flags);
@@ -519,8 +530,15 @@ static void do_create(sm_fs *f, fs_req *r, sm_fs_node *parent)
         reply_error(f, r, SM_FS_ERR_NO_REPLY_SPACE, EINVAL);
         return;
     }
+    /* CREATE makes regular files only (Linux sends S_IFREG): a device node, FIFO or socket
+     * type is refused, not silently turned into a file. */
+    uint32_t type = in.mode & S_IFMT;
+    if (type != 0 && type != S_IFREG) {
+        reply_error(f, r, SM_FS_ERR_PRIVILEGED, EPERM);
+        return;
+    }
     uint64_t flags = (in.flags & FS_CREATE_FLAGS_KEPT) | O_CREAT | O_CLOEXEC | O_NOFOLLOW;
-    int fd = fs_openat2(parent->fd, name, flags, in.mode & FS_MODE_BITS & ~in.umask);
+    int fd = fs_openat2(parent->fd, name, flags, in.mode & FS_CREATE_MODE_BITS & ~in.umask);
     if (fd < 0) {
         reply_errno(f, r, errno);
         return;
@@ -542,6 +560,23 @@ static void do_create(sm_fs *f, fs_req *r, sm_fs_node *parent)
         close(fd);
         reply_error(f, r, SM_FS_ERR_HOST_IO, EACCES);
         return;
+    }
+    /* Without O_EXCL an existing file opens: the same rule as a write-OPEN, checked before
+     * O_TRUNC (applied here, not by the open) touches the file. */
+    if ((st.st_mode & FS_PRIVILEGE_BITS) && wants_write(in.flags)) {
+        close(path_fd);
+        close(fd);
+        reply_error(f, r, SM_FS_ERR_PRIVILEGED, EPERM);
+        return;
+    }
+    if ((in.flags & O_TRUNC) && st.st_size != 0) {
+        if (truncate(proc, 0) < 0 || fstat(path_fd, &st) < 0) {
+            int e = errno;
+            close(path_fd);
+            close(fd);
+            reply_errno(f, r, e);
+            return;
+        }
     }
     uint64_t id = node_insert(f, path_fd, &st);
     if (!id) {
@@ -883,6 +918,7 @@ static void fs_counters(void *dev, sm_device_info *info, uint32_t *n)
     ADD(escape_refusals);
     ADD(table_full);
     ADD(host_errors);
+    ADD(privilege_refusals);
 #undef ADD
 }
 

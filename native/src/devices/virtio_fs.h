@@ -3,7 +3,11 @@
  * openat2(parent O_PATH fd, name, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS), so `..`,
  * absolute symlinks and symlinks leaving the share fail (EXDEV / ELOOP) host-side.
  * Symlinks inside the share are followed host-side (the guest sees their targets).
- * read_only is enforced host-side: WRITE, CREATE and write-opens answer EROFS. */
+ * read_only is enforced host-side: WRITE, CREATE and write-opens answer EROFS.
+ * No host privilege comes out of the share: CREATE strips S_ISUID/S_ISGID from the mode and
+ * refuses any type but a regular file; a write-open (or truncating CREATE) of an existing
+ * set-user-ID/set-group-ID file answers EPERM. MKNOD, MKDIR, SETATTR and SETXATTR are not
+ * served (ENOSYS), so there is no other way to create a device node or set those bits. */
 #ifndef SM_VIRTIO_FS_H
 #define SM_VIRTIO_FS_H
 
@@ -61,6 +65,7 @@ typedef enum sm_fs_error {
     SM_FS_ERR_ESCAPE,
     SM_FS_ERR_TABLE_FULL,
     SM_FS_ERR_HOST_IO,
+    SM_FS_ERR_PRIVILEGED,
     SM_FS_ERR_COUNT
 } sm_fs_error;
 
@@ -77,6 +82,7 @@ typedef struct sm_fs_counters {
     uint64_t escape_refusals;     /* openat2 said EXDEV or ELOOP: the path tried to leave */
     uint64_t table_full;          /* node or handle table exhausted (ENFILE) */
     uint64_t host_errors;         /* other host errno answered to the guest */
+    uint64_t privilege_refusals;  /* device-node CREATE, write to a setuid/setgid file: EPERM */
 } sm_fs_counters;
 
 typedef struct sm_fs_node {
