@@ -71,7 +71,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -80,6 +79,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import AgentError, EngineError, VmError
+from .volumes import VolumeError
 
 if TYPE_CHECKING:
     from .config import VmConfig
@@ -391,22 +391,11 @@ class Snapshot:
     # -- checks --------------------------------------------------------------------------------
     def check_host(self) -> None:
         """Refuse a snapshot this host's engine cannot load (other QEMU, no KVM, no core)."""
-        if self.engine == "native":
-            from .engines import native
-            ok, why = native.available()
-            if not ok:
-                raise SnapshotError(f"snapshot {self.path} was made by the native core, which "
-                                    f"cannot run here: {why}")
-            return
-        from .engines.qemu import qemu_version
-        made, here = self.header["engine_state"].get("qemu_version"), qemu_version()
-        if made != here:
-            raise SnapshotVersionError(
-                f"snapshot {self.path} was made by QEMU {made}; this host runs QEMU {here}, "
-                "whose migration format may differ: make the snapshot again here")
-        if self.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise SnapshotError(f"snapshot {self.path} was made under KVM (-cpu host) and "
-                                "/dev/kvm is not usable here")
+        from .engines import get
+        problem = get(self.engine).restore_problem(self.header["engine_state"])
+        if problem is not None:
+            error = SnapshotVersionError if problem.other_version else SnapshotError
+            raise error(f"snapshot {self.path} {problem.message}")
 
     def verify_state(self) -> None:
         """SHA-256 of the engine's state stream against the header."""
@@ -470,25 +459,6 @@ class Snapshot:
 
 # --- writing --------------------------------------------------------------------------------
 
-def _qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
-        raise SnapshotError("snapshot: volumes need qemu-img: apt-get install qemu-utils")
-    return path
-
-
-def _copy_volume(source: Path, target: Path) -> None:
-    """A sparse copy; a restored VM's qcow2 overlay is flattened into raw."""
-    if source.suffix == ".qcow2":
-        cmd = [_qemu_img(), "convert", "-U", "-q", "-f", "qcow2", "-O", "raw", str(source),
-               str(target)]
-    else:
-        cmd = ["cp", "--sparse=always", "--reflink=auto", str(source), str(target)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise SnapshotError(f"snapshot: copying volume {source} failed: {result.stderr.strip()}")
-
-
 def write_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
                    progress: Progress = _silent) -> Snapshot:
     """What ``Vm.snapshot`` does. The directory appears complete or not at all."""
@@ -509,8 +479,8 @@ def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
 
     def copy_volumes() -> None:
-        for i, volume in enumerate(spec.volumes):
-            _copy_volume(Path(volume.path), tmp / f"volume{i}.img")
+        for i in range(len(spec.volumes)):
+            instance.copy_volume(i, tmp / f"volume{i}.img")
 
     progress(f"saving {vm.name} to {path}…")
     created = time.time()
@@ -519,7 +489,7 @@ def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
     except NotImplementedError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SnapshotNotSupportedError(f"snapshot: {exc}") from exc
-    except (EngineError, TimeoutError, OSError) as exc:
+    except (EngineError, VolumeError, TimeoutError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SnapshotError(f"snapshot of VM {vm.name!r} failed: {exc}") from exc
     except BaseException:
@@ -598,73 +568,33 @@ class _Deadline:
             "config.with_restore_timeout(…)")
 
 
-def _overlay(base: Path, target: Path) -> None:
-    result = subprocess.run([_qemu_img(), "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                             str(base), str(target)], capture_output=True, text=True,
-                            check=False)
-    if result.returncode != 0:
-        raise SnapshotError(f"snapshot restore: qemu-img could not make an overlay for {base}: "
-                            f"{result.stderr.strip()}")
-
-
 def _restored_volumes(snapshot: Snapshot, config: VmConfig, run_dir: Path) -> list:
     """The snapshot's volume copies as a restored VM's volumes: read-only ones as they are,
-    writable ones behind a per-VM layer in ``run_dir`` (QEMU: a qcow2 overlay; the native
-    core, which serves raw files only: a sparse copy)."""
+    writable ones behind the engine's per-VM layer in ``run_dir``."""
+    from .engines import get
     from .volumes import PreparedVolume
+    engine = get(snapshot.engine)
     out = []
     for i, (vol, saved) in enumerate(zip(config.volumes, snapshot.header["volumes"])):
         base = snapshot.path / saved["file"]
-        if saved["read_only"]:
-            path = base
-        elif snapshot.engine == "native":
-            path = run_dir / f"volume{i}.img"
-            _copy_volume(base, path)
-        else:
-            path = run_dir / f"volume{i}.qcow2"
-            _overlay(base, path)
+        path = base if saved["read_only"] else engine.volume_layer(base, run_dir, i)
         out.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
     return out
 
 
-def _load_qemu(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], None]):
-    """A QEMU started for ``snapshot`` with its state loaded, paused."""
-    from .engines.qemu import QemuInstance, QemuRestore
-    h = snapshot.header
-    formats = tuple("raw" if v["read_only"] else "qcow2" for v in h["volumes"])
-    reason = f"restored from snapshot {snapshot.path} (made on qemu/{snapshot.accel})"
-    instance = None
+def _load(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], None]):
+    """An engine instance rebuilt from ``snapshot`` with ``spec``'s devices, paused."""
+    from .engines import get
+    reason = f"restored from snapshot {snapshot.path} (made on {snapshot.engine}/{snapshot.accel})"
     try:
-        instance = QemuInstance(spec, snapshot.accel, reason,
-                                restore=QemuRestore(snapshot.path / h["engine_state"]["ram_file"],
-                                                    volume_formats=formats))
-        mark("qemu_started")
-        instance.incoming(snapshot.path / h["engine_state"]["state_file"], deadline.at)
-        mark("state_loaded")
-        return instance
-    except BaseException as exc:
-        if instance is not None:
-            instance.shutdown(None, timeout=2)
-        if isinstance(exc, TimeoutError):
-            raise deadline.error("QEMU loading the state") from exc
-        if isinstance(exc, EngineError):
-            raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
-        raise
-
-
-def _load_native(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], None]):
-    """A native-core VM rebuilt from ``snapshot`` (guest RAM mapped copy-on-write from its
-    memory.bin, devices re-attached to ``spec``'s volumes and vsock socket), paused."""
-    from .engines.native import NativeInstance
-    reason = f"restored from snapshot {snapshot.path} (made on the native core)"
-    try:
-        instance = NativeInstance(spec, reason, restore_from=snapshot.path)
+        instance = get(snapshot.engine).restore(spec, snapshot.path,
+                                                snapshot.header["engine_state"], deadline.at,
+                                                reason, mark)
+    except TimeoutError as exc:
+        raise deadline.error(f"{snapshot.engine} loading the state: {exc}") from exc
     except EngineError as exc:
         raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
-    mark("state_loaded")    # one call: the VM is built from the files, RAM mapped lazily
-    if deadline.left() <= 0:
-        instance.shutdown(None, timeout=2)
-        raise deadline.error("the native core loading the state")
+    mark("state_loaded")
     return instance
 
 
@@ -716,8 +646,7 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
             volumes=tuple(volumes))
         progress(f"restoring {name} from {snapshot.path} ({snapshot.memory_mib} MiB, "
                  f"{snapshot.vcpus} vCPU, {snapshot.engine})")
-        load = _load_native if snapshot.engine == "native" else _load_qemu
-        instance = load(snapshot, spec, deadline, mark)
+        instance = _load(snapshot, spec, deadline, mark)
         checker.join(max(deadline.left(), 0))
         if checker.is_alive():
             raise deadline.error("checking the RAM and volume digests")
@@ -810,19 +739,14 @@ def cacheable(image: Image, config: VmConfig) -> str | None:
 
 def _engine_version(engine: str) -> str:
     """What must match for an engine to load another's snapshot."""
-    if engine == "native":
-        from .engines import native
-        return f"core {native.version()}"
-    from .engines.qemu import qemu_version
-    return f"qemu {qemu_version()}"
+    from .engines import get
+    return get(engine).version_tag()
 
 
 def _made_by(header: dict) -> tuple[str, str]:
     """(engine, engine version) of a snapshot header, in _engine_version's terms."""
-    state = header["engine_state"]
-    version = (f"core {state['core_version']}" if header["engine"] == "native"
-               else f"qemu {state['qemu_version']}")
-    return header["engine"], version
+    from .engines import get
+    return header["engine"], get(header["engine"]).made_by(header["engine_state"])
 
 
 def default_snapshot_key(image: Image, config: VmConfig) -> str:
@@ -895,7 +819,7 @@ def _prune_stale_defaults(current: Snapshot) -> None:
             theirs = (other["kernel_sha256"], other["initrd_sha256"], *_made_by(other))
             if theirs == mark or theirs[2] != mark[2]:     # current, or another engine's
                 continue
-        except (OSError, IndexError, ValueError, KeyError, TypeError):
+        except (OSError, IndexError, ValueError, KeyError, TypeError, EngineError):
             pass
         shutil.rmtree(entry, ignore_errors=True)
         with contextlib.suppress(OSError):

@@ -124,3 +124,11 @@ def usage(path: Path) -> dict:
     """Apparent size and host disk blocks actually used by a volume file."""
     st = path.stat()
     return {"size_bytes": st.st_size, "host_used_bytes": st.st_blocks * 512}
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy a raw volume file, keeping its holes (a reflink where the file system has them)."""
+    result = subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--", str(source),
+                             str(target)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise VolumeError(f"copying volume {source} failed: {result.stderr.strip()}")

@@ -59,9 +59,18 @@ def choose_engine(requested: str = "auto") -> EngineChoice:
     return EngineChoice("qemu", "tcg", f"{auto_why}, so TCG (software emulation)")
 
 
+def get(name: str):
+    """The :class:`~.base.Engine` called ``name`` (``"qemu"`` or ``"native"``)."""
+    if name == "qemu":
+        from .qemu import ENGINE
+    elif name == "native":
+        from .native import ENGINE
+    else:
+        raise EngineError(f"unknown engine {name!r}: choose one of "
+                          f"{', '.join(n for n in ENGINE_NAMES if n != 'auto')}")
+    return ENGINE
+
+
 def start_engine(choice: EngineChoice, spec):
-    if choice.name == "qemu":
-        from . import qemu
-        return qemu.start(spec, choice.accel, choice.reason)
-    from . import native
-    return native.start(spec, choice.reason)
+    """Boot ``spec`` on the chosen engine and accelerator."""
+    return get(choice.name).boot(spec, choice.accel, choice.reason)

@@ -47,6 +47,51 @@ class LaunchSpec:
     volumes: tuple["PreparedVolume", ...] = ()   # formatted files, in VmConfig order
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoreProblem:
+    """Why this host cannot load a snapshot's engine state."""
+    message: str
+    other_version: bool = False     # made by another version of the engine
+
+
+class Engine(abc.ABC):
+    """One engine: how it boots a VM, and everything it alone knows about its snapshots
+    (its state files, its version, the layer a restored VM writes its volumes to). Nothing
+    outside ``engines/`` asks which engine it is: it asks ``engines.get(name)``."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def boot(self, spec: LaunchSpec, accel: str, reason: str) -> "EngineInstance":
+        """Start ``spec``'s VM; it boots while the caller connects to its agent."""
+
+    @abc.abstractmethod
+    def version_tag(self) -> str:
+        """This engine's version as snapshots record it (and pre-booted cache keys use)."""
+
+    @abc.abstractmethod
+    def made_by(self, engine_state: dict) -> str:
+        """``version_tag()`` of the engine that wrote a snapshot's ``engine_state``."""
+
+    @abc.abstractmethod
+    def restore_problem(self, engine_state: dict) -> RestoreProblem | None:
+        """Why this host cannot load a snapshot with ``engine_state``, or None."""
+
+    @abc.abstractmethod
+    def volume_layer(self, base: Path, run_dir: Path, index: int) -> Path:
+        """A restored VM's own writable layer in ``run_dir`` over a snapshot's copy ``base``
+        of volume ``index``: restores never see each other's writes, and ``base`` is never
+        written."""
+
+    @abc.abstractmethod
+    def restore(self, spec: LaunchSpec, snapshot_dir: Path, engine_state: dict,
+                deadline: float, reason: str,
+                mark: "Callable[[str], None]" = lambda stage: None) -> "EngineInstance":
+        """An instance rebuilt from the snapshot's engine files with ``spec``'s devices,
+        loaded and paused (``resume`` runs it). Raises EngineError when the engine refuses
+        the files, TimeoutError when ``deadline`` (monotonic) passes first."""
+
+
 class EngineInstance(abc.ABC):
     """One running VM inside one engine."""
 
@@ -56,6 +101,8 @@ class EngineInstance(abc.ABC):
     accel: str = ""
     #: why this engine and accelerator were chosen, for reprs and panels
     reason: str = ""
+    #: what the instance runs
+    spec: LaunchSpec
 
     @abc.abstractmethod
     def connect_agent(self, timeout: float) -> socket.socket:
@@ -110,6 +157,12 @@ class EngineInstance(abc.ABC):
     def resume(self) -> None:
         """Restore hook: run the guest of a restored instance."""
         raise NotImplementedError(f"{self.engine_name}: snapshot restore not supported")
+
+    def copy_volume(self, index: int, target: Path) -> None:
+        """Copy volume ``index`` as this VM sees it into ``target`` as a sparse raw file (a
+        snapshot's copy; called while the guest is paused)."""
+        from ..volumes import copy_sparse
+        copy_sparse(self.spec.volumes[index].path, target)
 
     def mount_status(self) -> list["MountStatus"]:
         """One entry per virtio-fs mount, with counters."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import EngineError, VmStoppedError
-from .base import EngineInstance
+from .base import Engine, EngineInstance, RestoreProblem
 
 #: Module the cffi build produces; SUPERMACHINE_NATIVE_MODULE=_native_asan selects the
 #: sanitizer build (needs LD_PRELOAD of libasan).
@@ -720,8 +720,49 @@ class NativeInstance(EngineInstance):
         return out
 
 
-def start(spec, reason: str) -> NativeInstance:
-    return NativeInstance(spec, reason)
+class NativeEngine(Engine):
+    """The native core: its snapshots are the core's ``state.bin`` + ``memory.bin`` (format in
+    native/src/snapshot.h); a restored VM writes its volumes to a sparse copy of its own
+    (the core serves raw files only)."""
+
+    name = "native"
+
+    def boot(self, spec, accel: str, reason: str) -> NativeInstance:
+        return NativeInstance(spec, reason)
+
+    def version_tag(self) -> str:
+        return f"core {version()}"
+
+    def made_by(self, engine_state: dict) -> str:
+        return f"core {engine_state.get('core_version')}"
+
+    def restore_problem(self, engine_state: dict) -> RestoreProblem | None:
+        ok, why = available()
+        if not ok:
+            return RestoreProblem(f"was made by the native core, which cannot run here: {why}")
+        files = (engine_state.get("state_file"), engine_state.get("ram_file"))
+        if files != (SNAPSHOT_STATE_FILE, SNAPSHOT_MEMORY_FILE):
+            return RestoreProblem(f"names its core files {files}; the core reads "
+                                  f"{SNAPSHOT_STATE_FILE} and {SNAPSHOT_MEMORY_FILE}")
+        return None
+
+    def volume_layer(self, base: Path, run_dir: Path, index: int) -> Path:
+        from ..volumes import copy_sparse
+        layer = run_dir / f"volume{index}.img"
+        copy_sparse(base, layer)
+        return layer
+
+    def restore(self, spec, snapshot_dir: Path, engine_state: dict, deadline: float,
+                reason: str, mark: Callable[[str], None] = lambda stage: None) -> NativeInstance:
+        # One call: the VM is rebuilt from the files, its RAM mapped lazily (MAP_PRIVATE).
+        instance = NativeInstance(spec, reason, restore_from=snapshot_dir)
+        if time.monotonic() > deadline:
+            instance.shutdown(None, timeout=2)
+            raise TimeoutError("the native core was still loading the state")
+        return instance
+
+
+ENGINE = NativeEngine()
 
 
 

@@ -27,7 +27,8 @@ from ..process import spawn_owned, terminate
 from ..qmp import QmpClient, QmpError, connect_when_ready
 from ..balloon import BalloonStats
 from ..mounts import MountCounters, MountStatus
-from .base import AGENT_PORT_NAME, GUEST_READY_LINE, EngineInstance, LaunchSpec
+from .base import (AGENT_PORT_NAME, GUEST_READY_LINE, Engine, EngineInstance, LaunchSpec,
+                   RestoreProblem)
 from .virtiofsd import Virtiofsd
 
 if TYPE_CHECKING:
@@ -390,6 +391,14 @@ class QemuInstance(EngineInstance):
         """Run a restored guest (QMP ``cont``)."""
         self.qmp().execute("cont")
 
+    def copy_volume(self, index: int, target: Path) -> None:
+        """A restored VM's volume is a qcow2 overlay: flattened into a raw copy."""
+        source = self.spec.volumes[index].path
+        if source.suffix != ".qcow2":
+            return super().copy_volume(index, target)
+        _run_qemu_img("convert", "-U", "-q", "-f", "qcow2", "-O", "raw", str(source),
+                      str(target), what=f"copy volume {source}")
+
 
 @dataclasses.dataclass(frozen=True)
 class QemuRestore:
@@ -464,9 +473,68 @@ def qemu_version() -> str:
     return out.strip()
 
 
-def start(spec: LaunchSpec, accel: str, reason: str) -> QemuInstance:
-    return QemuInstance(spec, accel, reason)
+def qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise EngineError("volumes in snapshots need qemu-img: apt-get install qemu-utils")
+    return path
 
 
-__all__ = ["QemuInstance", "QemuRestore", "start", "qemu_binary", "qemu_opt", "qemu_version",
-           "boots_to_init_with_kvm"]
+def _run_qemu_img(*args: str, what: str) -> None:
+    result = subprocess.run([qemu_img(), *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise EngineError(f"qemu-img could not {what}: {result.stderr.strip()}")
+
+
+class QemuEngine(Engine):
+    """QEMU: its snapshots are a migration stream plus guest RAM as a file (see
+    ``QemuInstance.snapshot_to``); a restored VM writes its volumes to qcow2 overlays."""
+
+    name = "qemu"
+
+    def boot(self, spec: LaunchSpec, accel: str, reason: str) -> QemuInstance:
+        return QemuInstance(spec, accel, reason)
+
+    def version_tag(self) -> str:
+        return f"qemu {qemu_version()}"
+
+    def made_by(self, engine_state: dict) -> str:
+        return f"qemu {engine_state.get('qemu_version')}"
+
+    def restore_problem(self, engine_state: dict) -> RestoreProblem | None:
+        made, here = engine_state.get("qemu_version"), qemu_version()
+        if made != here:
+            return RestoreProblem(f"was made by QEMU {made}; this host runs QEMU {here}, whose "
+                                  "migration format may differ: make the snapshot again here",
+                                  other_version=True)
+        if engine_state.get("accel") == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return RestoreProblem("was made under KVM (-cpu host) and /dev/kvm is not usable here")
+        return None
+
+    def volume_layer(self, base: Path, run_dir: Path, index: int) -> Path:
+        layer = run_dir / f"volume{index}.qcow2"
+        # "-F raw": the backing file's format is stated, never probed from its contents.
+        _run_qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(layer),
+                      what=f"make an overlay for {base}")
+        return layer
+
+    def restore(self, spec: LaunchSpec, snapshot_dir: Path, engine_state: dict,
+                deadline: float, reason: str,
+                mark: Callable[[str], None] = lambda stage: None) -> QemuInstance:
+        formats = tuple("qcow2" if v.path.suffix == ".qcow2" else "raw" for v in spec.volumes)
+        instance = QemuInstance(spec, engine_state.get("accel", "tcg"), reason,
+                                restore=QemuRestore(snapshot_dir / engine_state["ram_file"],
+                                                    volume_formats=formats))
+        try:
+            mark("qemu_started")
+            instance.incoming(snapshot_dir / engine_state["state_file"], deadline)
+        except BaseException:
+            instance.shutdown(None, timeout=2)
+            raise
+        return instance
+
+
+ENGINE = QemuEngine()
+
+__all__ = ["ENGINE", "QemuEngine", "QemuInstance", "QemuRestore", "qemu_binary", "qemu_img",
+           "qemu_opt", "qemu_version", "boots_to_init_with_kvm"]

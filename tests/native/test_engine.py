@@ -34,7 +34,7 @@ def _spec(tmp_path, native_memory_mib=128, balloon=True):
 def test_native_engine_surfaces_early_boot_failure(native, kvm_speed, short_tmp):
     from supermachine_jupyter.errors import EngineError
     spec = _spec(short_tmp)
-    inst = native.start(spec, "test")
+    inst = native.ENGINE.boot(spec, "kvm", "test")
     try:
         assert inst.engine_name == "native" and inst.process_ids() == []
         assert inst.vsock_path.parent == short_tmp
@@ -73,7 +73,7 @@ def test_native_engine_attaches_mounts_as_virtio_fs(native, short_tmp):
     import dataclasses
     cfg = VmConfig(mounts=[MountSpec(str(short_tmp), "data", "/mnt/data", read_only=True)],
                    vsock_mux_dir=str(short_tmp))
-    inst = native.start(dataclasses.replace(spec, config=cfg), "test")
+    inst = native.ENGINE.boot(dataclasses.replace(spec, config=cfg), "kvm", "test")
     try:
         assert any(d["name"] == "virtio-fs0" for d in inst.vm.devices())
         (status,) = inst.mount_status()
