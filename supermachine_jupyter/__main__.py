@@ -23,37 +23,33 @@ def cmd_assets(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import VmConfig
     from .image import Image
-    from .vm import stop_command
 
     def say(line: str) -> None:
         if not args.quiet:
             print(f"[vm] {line}", file=sys.stderr, flush=True)
 
+    def write(stream):
+        def take(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+        return take
+
     config = VmConfig(memory_mib=args.memory, vcpus=args.vcpus, engine=args.engine)
     with Image.default(say).start(config, progress=say) as vm:
         say(f"{vm.name} ready in {vm.boot_seconds:.1f} s")
-        proc = vm.exec(args.script)
-        out, err = sys.stdout.buffer, sys.stderr.buffer
-
-        def write(stream):
-            def take(data: bytes) -> None:
-                stream.write(data)
-                stream.flush()
-            return take
-        try:
-            status = proc.wait(timeout=args.timeout, on_stdout=write(out), on_stderr=write(err))
-        except TimeoutError:
-            proc.kill()
-            status = proc.wait(timeout=10)
-            say(f"timed out after {args.timeout} s; command killed")
-            return 124
-        except KeyboardInterrupt:
-            status = stop_command(proc)
-            say("interrupted")
-            return 130
-    if status.signal:
-        return 128 + status.signal
-    return status.code or 0
+        # Output is streamed, not kept: Vm.run does timeout and Ctrl-C (vm.wait_command).
+        result = vm.run(args.script, timeout=args.timeout, on_stdout=write(sys.stdout.buffer),
+                        on_stderr=write(sys.stderr.buffer), max_output_bytes=0,
+                        raise_interrupt=False)
+    if result.interrupted:
+        say(f"interrupted; command stopped ({result.describe()})")
+        return 130
+    if result.timed_out:
+        say(f"timed out after {args.timeout} s; command killed")
+        return 124
+    if result.signal:
+        return 128 + result.signal
+    return result.exit_code or 0
 
 
 def cmd_notebook(args: argparse.Namespace) -> int:

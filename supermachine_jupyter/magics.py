@@ -37,7 +37,7 @@ from traitlets import Bool, Enum, Float, Int, TraitError
 from . import snapshot as snapshots
 from .config import ENGINES, MountSpec, VmConfig, VolumeSpec
 from .errors import VmError
-from .vm import ExecResult, Vm, stop_command
+from .vm import ExecResult, Vm
 
 
 _MISSING = object()
@@ -373,33 +373,14 @@ class VmMagics(Magics):
 
     def _run_cell(self, vm: Vm, script: str, timeout: float | None,
                   out: _StreamWriter, err: _StreamWriter) -> ExecResult:
-        started = time.monotonic()
-        proc = vm.exec(script)
-        try:
-            deadline = None if timeout is None else started + timeout
-            while proc.exit is None:
-                # Short slices keep KeyboardInterrupt prompt whatever the platform's locks do.
-                slice_s = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
-                try:
-                    proc.wait(timeout=slice_s, on_stdout=out, on_stderr=err)
-                except TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        proc.kill()
-                        status = proc.wait(timeout=10, on_stdout=out, on_stderr=err)
-                        return ExecResult(out.text, err.text, status.code,
-                                          time.monotonic() - started, True, status.signal)
-            status = proc.exit
-        except KeyboardInterrupt:
-            status = stop_command(proc)
-            sys.stderr.write(f"\n^C interrupted: guest command stopped "
-                             f"({status.describe() if status else 'no answer'}); "
+        # Vm.run owns deadline, kill on timeout and the Ctrl-C escalation (vm.wait_command);
+        # here an interrupt ends the cell with the command's result, not a traceback.
+        result = vm.run(script, timeout=timeout, on_stdout=out, on_stderr=err,
+                        max_output_bytes=out._keep_bytes, raise_interrupt=False)
+        if result.interrupted:
+            sys.stderr.write(f"\n^C interrupted: guest command stopped ({result.describe()}); "
                              f"VM {vm.name} {'kept' if vm.config.name else 'stopped'}\n")
-            status = status or proc.exit
-            return ExecResult(out.text, err.text, status.code if status else None,
-                              time.monotonic() - started, False,
-                              status.signal if status else None)
-        return ExecResult(out.text, err.text, status.code, time.monotonic() - started, False,
-                          status.signal)
+        return result
 
     # -- %vm ------------------------------------------------------------------------------
     @line_magic("vm")

@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .agent import AgentClient, ExecProcess, Exit, Output
+from .agent import DEFAULT_READ_LIMIT_BYTES, AgentClient, ExecProcess, Exit, Output
 from .balloon import BalloonNotEnabled, BalloonStats
 from .mounts import MountStatus
 from .console import ConsoleBuffer
@@ -29,25 +29,52 @@ if TYPE_CHECKING:
 
 #: How an interrupted command is stopped: (signal, seconds to wait for it to end).
 INTERRUPT_ESCALATION = ((_signal.SIGINT, 1.0), (_signal.SIGTERM, 1.0), (_signal.SIGKILL, 0.8))
+#: After the kill on a timeout, how long the command's exit is awaited before it is given up.
+KILL_GRACE_SECONDS = 2.0
+#: ``run``'s default cap on the output kept in its result, per stream (callbacks see it all).
+DEFAULT_OUTPUT_LIMIT_BYTES = 16 * 1024 * 1024
+# Waits are cut into slices this long so that KeyboardInterrupt is seen promptly.
+_WAIT_SLICE_SECONDS = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecResult:
-    """What ``Vm.run`` returns. ``exit_code`` is None when a signal ended the command."""
+    """What ``Vm.run`` returns. ``exit_code`` is None when a signal ended the command, or
+    when it was given up (``timed_out`` with neither code nor signal: its exit never came).
+    ``stdout_truncated``/``stderr_truncated``: the stream had more than the kept bytes.
+    ``interrupted``: Ctrl-C stopped it (``run(raise_interrupt=False)``)."""
     stdout: str
     stderr: str
     exit_code: int | None
     duration: float
     timed_out: bool = False
     signal: int | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
 
+    @property
+    def truncated(self) -> bool:
+        """True when some output was not kept (beyond ``max_output_bytes``)."""
+        return self.stdout_truncated or self.stderr_truncated
+
+    def describe(self) -> str:
+        """How the command ended, in words: ``exit 3``, ``killed by SIGKILL``, …"""
+        if self.signal:
+            return Exit(None, self.signal).describe()
+        if self.exit_code is not None:
+            return f"exit {self.exit_code}"
+        return "no exit status (the command was given up after the kill)"
+
     def __repr__(self) -> str:
         status = (f"signal={self.signal}" if self.signal else f"exit_code={self.exit_code}")
-        extra = ", timed_out=True" if self.timed_out else ""
+        extra = "".join(f", {flag}=True" for flag in ("timed_out", "interrupted",
+                                                      "stdout_truncated", "stderr_truncated")
+                        if getattr(self, flag))
         return (f"ExecResult({status}, duration={self.duration:.3f}s{extra}, "
                 f"stdout={_clip(self.stdout)!r}, stderr={_clip(self.stderr)!r})")
 
@@ -56,17 +83,103 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def stop_command(proc: ExecProcess, escalation=INTERRUPT_ESCALATION) -> Exit | None:
-    """SIGINT, then SIGTERM, then SIGKILL to a guest command, as IPython's ``%%script`` does."""
+def stop_command(proc: ExecProcess, escalation=INTERRUPT_ESCALATION,
+                 on_stdout: Callable[[bytes], object] | None = None,
+                 on_stderr: Callable[[bytes], object] | None = None) -> Exit | None:
+    """SIGINT, then SIGTERM, then SIGKILL to a guest command, as IPython's ``%%script`` does,
+    each given its time to end it. A command whose exit still does not come is given up
+    (the agent forgets it): None."""
     for signo, wait_s in escalation:
         proc.signal(signo)
         try:
-            return proc.wait(timeout=wait_s)
+            return proc.wait(timeout=wait_s, on_stdout=on_stdout, on_stderr=on_stderr)
         except TimeoutError:
             continue
         except AgentError:
             return None
+    proc.abandon("the command did not end after SIGINT, SIGTERM and SIGKILL")
     return None
+
+
+class _KeptOutput:
+    """One stream's output for an ExecResult: every chunk goes to the callback; the first
+    ``limit`` bytes are kept."""
+
+    def __init__(self, limit: int, callback: Callable[[bytes], object] | None):
+        self.data = bytearray()
+        self.limit = max(0, limit)
+        self.callback = callback
+        self.truncated = False
+
+    def __call__(self, chunk: bytes) -> None:
+        room = self.limit - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+        if room > 0:
+            self.data += chunk[:room]
+        if self.callback is not None:
+            self.callback(chunk)
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+def wait_command(proc: ExecProcess, timeout: float | None = None, *,
+                 on_stdout: Callable[[bytes], object] | None = None,
+                 on_stderr: Callable[[bytes], object] | None = None,
+                 max_output_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES,
+                 raise_interrupt: bool = True, escalation=INTERRUPT_ESCALATION,
+                 started: float | None = None) -> ExecResult:
+    """Wait for a running guest command and return its result: the one implementation of
+    deadline, kill on timeout and Ctrl-C behind ``Vm.run``, the ``%%vm`` magic and the CLI.
+
+    * Every byte of output goes to the callbacks as it arrives; the result keeps the first
+      ``max_output_bytes`` of each stream and says when there was more.
+    * ``timeout`` (seconds, counted from ``started``, a ``time.monotonic()`` value, default
+      now): the command's process group is killed; its exit is awaited for
+      ``KILL_GRACE_SECONDS`` at most, then the command is given up (children that left its
+      group may hold its output open). Either way the result has ``timed_out=True``.
+    * ``KeyboardInterrupt``: ``stop_command`` (SIGINT, SIGTERM, SIGKILL as ``escalation``
+      says), then the interrupt is raised again; with ``raise_interrupt=False`` the result
+      comes back with ``interrupted=True``.
+    """
+    started = time.monotonic() if started is None else started
+    deadline = None if timeout is None else started + timeout
+    out = _KeptOutput(max_output_bytes, on_stdout)
+    err = _KeptOutput(max_output_bytes, on_stderr)
+    status: Exit | None = None
+    timed_out = interrupted = False
+    try:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                timed_out = True
+                proc.kill()
+                try:
+                    status = proc.wait(timeout=KILL_GRACE_SECONDS, on_stdout=out, on_stderr=err)
+                except TimeoutError:
+                    proc.abandon(f"no exit {KILL_GRACE_SECONDS} s after the kill on timeout")
+                break
+            try:
+                status = proc.wait(timeout=_WAIT_SLICE_SECONDS if left is None
+                                   else min(_WAIT_SLICE_SECONDS, left),
+                                   on_stdout=out, on_stderr=err)
+                break
+            except TimeoutError:
+                continue
+    except KeyboardInterrupt:
+        interrupted = True
+        status = stop_command(proc, escalation, on_stdout=out, on_stderr=err)
+        if raise_interrupt:
+            raise
+    except BaseException:
+        # A callback failed (or the agent went away): never leave the command running.
+        if proc.exit is None and not proc.abandoned:
+            stop_command(proc, escalation)
+        raise
+    return ExecResult(out.text(), err.text(), status.code if status else None,
+                      time.monotonic() - started, timed_out, status.signal if status else None,
+                      out.truncated, err.truncated, interrupted)
 
 
 #: Console lines of a guest that stopped its CPUs for good, and what we report.
@@ -74,6 +187,16 @@ GUEST_HALT_LINES = {
     "reboot: Power down": "the guest powered off",
     "reboot: System halted": "the guest halted",
 }
+#: Console lines of a guest on its way out (the engine then exits by itself: ``-no-reboot``,
+#: ``panic=-1``), and what we report once it has.
+GUEST_END_LINES = {
+    "reboot: Restarting system": "the guest rebooted",
+}
+KERNEL_PANIC_MARK = "Kernel panic - not syncing: "
+# Console text kept while waiting for the end of a line.
+_CONSOLE_LINE_MAX = 4096
+# The last console lines may reach us a moment after the engine has exited.
+_CONSOLE_SETTLE_SECONDS = 0.3
 
 _live_vms: "weakref.WeakSet[Vm]" = weakref.WeakSet()
 
@@ -105,10 +228,17 @@ class Vm:
         _live_vms.add(self)
         # Without ACPI a guest that powers off or halts only stops its CPUs: the engine would
         # idle forever. The kernel says so on the console; we end the VM when it does.
-        self._console_tail = ""
+        self._console_partial = ""
         self._halted: str | None = None
+        # What the console said last about a guest on its way out (panic, reboot): the VM's
+        # failure once its engine has exited.
+        self._guest_end: str | None = None
+        self._ender: threading.Thread | None = None
+        # Set once a stopped or failed VM's engine is shut down and its files cleaned up.
+        self._ended = threading.Event()
         self._unsubscribe_console = spec.console.subscribe(self._watch_console)
         agent.describe_loss = self._describe_end
+        agent.on_connection_lost = self._agent_connection_lost
         self._watcher = threading.Thread(target=self._watch, name=f"vm-watch-{spec.name}",
                                          daemon=True)
         self._watcher.start()
@@ -185,17 +315,43 @@ class Vm:
         self.stop()
 
     def _describe_end(self) -> str | None:
-        """Why the VM ended: a halt seen on the console, else the engine's exit."""
+        """Why the VM ended: a halt seen on the console; else, once the engine has exited,
+        what the console said last (kernel panic, reboot) or the engine's exit. None while
+        the VM runs."""
         if self._halted:
             return self._halted
         end = self._instance.settled_exit_description()
-        return self._halted or end
+        if end is None:
+            return None
+        return self._halted or self._console_end() or end
+
+    def _console_end(self) -> str | None:
+        """The console's word on how the guest ended, once its last lines have arrived."""
+        deadline = time.monotonic() + _CONSOLE_SETTLE_SECONDS
+        while self._guest_end is None and self._halted is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._halted or self._guest_end
 
     def _watch_console(self, text: str) -> None:
-        self._console_tail = (self._console_tail + text)[-256:]
-        for line, why in GUEST_HALT_LINES.items():
-            if line in self._console_tail and self._halted is None:
-                self._halted = why
+        *lines, partial = (self._console_partial + text).split("\n")
+        self._console_partial = partial[-_CONSOLE_LINE_MAX:]
+        for line in lines:
+            self._console_line(line)
+        self._console_line(self._console_partial, partial=True)
+
+    def _console_line(self, line: str, partial: bool = False) -> None:
+        if self._halted is None:
+            self._halted = next((why for mark, why in GUEST_HALT_LINES.items() if mark in line),
+                                None)
+        if partial:
+            return   # panic reasons and reboots are read from whole lines
+        if KERNEL_PANIC_MARK in line and "---[ end " not in line:
+            reason = line.split(KERNEL_PANIC_MARK, 1)[1].strip()[:300]
+            self._guest_end = f"the guest kernel panicked: {reason}"
+        else:
+            for mark, why in GUEST_END_LINES.items():
+                if mark in line:
+                    self._guest_end = why
 
     def _watch(self) -> None:
         # Notice an engine that dies on its own (guest crash, killed QEMU) and say why.
@@ -209,16 +365,39 @@ class Vm:
         engine is already gone."""
         if self._instance.is_running() and not self._halted:
             return False
+        failure = self._halted or self._console_end() or self._instance.exit_description() \
+            or "engine ended"
         with self._lock:
             if self._state != "running":
                 return True
             self._state = "failed"
-            self._failure = self._halted or self._instance.exit_description() or "engine ended"
-        self._agent.close("the VM ended: " + self._failure)
-        # Ends a halted guest's engine; reaps a dead one's helpers (virtiofsd): no zombies.
-        self._instance.shutdown(None, timeout=3)
-        self._cleanup()
+            self._failure = failure
+        self._end_engine()
         return True
+
+    def _end_engine(self) -> None:
+        """After a failure: close the agent, end the engine, clean up."""
+        try:
+            self._agent.close("the VM ended: " + (self._failure or ""))
+            # Ends a halted guest's engine; reaps a dead one's helpers (virtiofsd): no zombies.
+            self._instance.shutdown(None, timeout=3)
+            self._cleanup()
+        finally:
+            self._ended.set()
+
+    def _agent_connection_lost(self, reason: str) -> None:
+        """The agent's connection died while the engine runs (the agent broke the protocol,
+        or the guest took its channel away): every later call would fail, so the VM is
+        failed, saying why, and its engine is ended (in the background: this runs on the
+        agent's reader thread)."""
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "failed"
+            self._failure = f"the guest agent connection was lost: {reason}"
+            self._ender = threading.Thread(target=self._end_engine, daemon=True,
+                                           name=f"vm-end-{self.name}")
+        self._ender.start()
 
     def _check_running(self) -> None:
         if self.state != "running":
@@ -227,6 +406,11 @@ class Vm:
 
     def _explain(self, exc: AgentError) -> VmError:
         """Turn a lost agent connection into an error that says what happened to the VM."""
+        if not self._agent.closed:
+            return exc      # the agent answered (an ERROR frame, a limit): nothing to add
+        if self._state == "failed" and self._failure:
+            return VmStoppedError(f"VM {self.name!r} failed while running the command: "
+                                  f"{self._failure}")
         desc = self._describe_end()
         if desc:
             return VmStoppedError(f"VM {self.name!r} ended while running the command: {desc}")
@@ -260,42 +444,28 @@ class Vm:
     def run(self, script: str, timeout: float | None = None, env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: bytes | None = None,
             on_stdout: Callable[[bytes], object] | None = None,
-            on_stderr: Callable[[bytes], object] | None = None) -> ExecResult:
-        """Run a shell script in the guest and wait for it.
+            on_stderr: Callable[[bytes], object] | None = None,
+            max_output_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES,
+            raise_interrupt: bool = True) -> ExecResult:
+        """Run a shell script in the guest and wait for it (details: :func:`wait_command`).
 
-        On ``timeout`` (seconds) the command's process group is killed and the result has
-        ``timed_out=True``; the VM stays usable. Callbacks see output as it arrives.
+        On ``timeout`` (seconds) the command's process group is killed and the result, with
+        ``timed_out=True``, comes back within ``timeout + KILL_GRACE_SECONDS`` even if
+        children that escaped the group keep its output open; the VM stays usable.
+        Callbacks see all output as it arrives; the result keeps the first
+        ``max_output_bytes`` of each stream (default 16 MiB; ``stdout_truncated`` and
+        ``stderr_truncated`` say when there was more). Ctrl-C stops the command (SIGINT,
+        SIGTERM, SIGKILL) and raises ``KeyboardInterrupt``; with ``raise_interrupt=False``
+        the result comes back with ``interrupted=True`` instead.
         """
-        out, err = bytearray(), bytearray()
-
-        def take_out(data: bytes) -> None:
-            out.extend(data)
-            if on_stdout:
-                on_stdout(data)
-
-        def take_err(data: bytes) -> None:
-            err.extend(data)
-            if on_stderr:
-                on_stderr(data)
-
         started = time.monotonic()
         proc = self.exec(script, env=env, cwd=cwd, stdin=stdin if stdin is not None else False)
-        timed_out = False
         try:
-            try:
-                status = proc.wait(timeout=timeout, on_stdout=take_out, on_stderr=take_err)
-            except TimeoutError:
-                timed_out = True
-                proc.kill()
-                status = proc.wait(timeout=10, on_stdout=take_out, on_stderr=take_err)
-            except BaseException:
-                if proc.exit is None:
-                    stop_command(proc)
-                raise
+            return wait_command(proc, timeout, on_stdout=on_stdout, on_stderr=on_stderr,
+                                max_output_bytes=max_output_bytes,
+                                raise_interrupt=raise_interrupt, started=started)
         except AgentError as exc:
             raise self._explain(exc) from exc
-        return ExecResult(out.decode(errors="replace"), err.decode(errors="replace"),
-                          status.code, time.monotonic() - started, timed_out, status.signal)
 
     def ping(self, timeout: float = 10.0) -> float:
         """Round trip to the guest agent, in seconds."""
@@ -306,9 +476,16 @@ class Vm:
         self._check_running()
         return self._agent.write_file(path, data.encode() if isinstance(data, str) else data, mode)
 
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, max_bytes: int = DEFAULT_READ_LIMIT_BYTES,
+                  timeout: float = 60.0) -> bytes:
+        """A guest file's contents. Only regular files (a FIFO or a device is refused); a
+        file larger than ``max_bytes`` (default 64 MiB) raises an error naming the path and
+        the limit instead of being read into memory."""
         self._check_running()
-        return self._agent.read_file(path)
+        try:
+            return self._agent.read_file(path, timeout=timeout, max_bytes=max_bytes)
+        except AgentError as exc:
+            raise self._explain(exc) from exc
 
     # -- devices -----------------------------------------------------------------------
     def _balloon_instance(self) -> "EngineInstance":
@@ -386,10 +563,14 @@ class Vm:
     def stop(self, timeout: float = 10.0) -> None:
         """Power the guest off, escalating to killing the engine; safe to call repeatedly."""
         with self._lock:
-            if self._state in ("stopped", "failed"):
-                self._cleanup()
-                return
-            self._state = "stopping"
+            ended = self._state in ("stopped", "failed")
+            if not ended:
+                self._state = "stopping"
+        if ended:
+            if self._ender is not threading.current_thread():
+                self._ended.wait(timeout)     # a failed VM's engine may be on its way out
+            self._cleanup()
+            return
         try:
             self._instance.shutdown(self._agent, timeout)
         finally:
@@ -397,6 +578,7 @@ class Vm:
             with self._lock:
                 self._state = "stopped"
             self._cleanup()
+            self._ended.set()
 
     def _cleanup(self) -> None:
         with self._lock:
@@ -413,12 +595,13 @@ class Vm:
         _live_vms.discard(self)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until the VM is stopped or failed and its engine is gone; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._state in ("running", "stopping"):
+        while self.state in ("running", "stopping"):
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
-        return True
+        return self._ended.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-__all__ = ["Vm", "ExecResult", "stop_command", "EngineError"]
+__all__ = ["Vm", "ExecResult", "stop_command", "wait_command", "EngineError"]

@@ -115,7 +115,7 @@ def test_killed_engine_is_reported_not_hung(image):
 
 
 @pytest.mark.parametrize("how, why", [
-    ("reboot -f", "the guest shut down"),
+    ("reboot -f", "the guest rebooted"),
     # The kernel prints its halt line and QEMU exits: whichever the host sees first.
     ("poweroff -f", "the guest (shut down|powered off|halted)"),
     ("halt -f", "the guest (shut down|powered off|halted)"),

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
@@ -31,8 +32,11 @@
 
 #define AGENT_SOFTWARE "supermachine-agent 0.1"
 /* After a command exits, output pipes still held open by its background children are
- * closed once they have been quiet this long, so `server &` does not hang the exec. */
+ * closed once they have been quiet this long, so `server &` does not hang the exec... */
 #define EXIT_DRAIN_QUIET_MS 250
+/* ...or, when they keep writing, this long after the exit: an escaped child never holds
+ * the EXIT back. */
+#define EXIT_DRAIN_MAX_MS 1000
 #define BASE_PATH "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* AF_VSOCK address; defined here because musl ships no linux/vm_sockets.h. */
@@ -63,6 +67,8 @@ struct stream {
     size_t stdin_len;
     int stdin_close_pending;
     int exited;
+    int killed;          /* the host sent SIGKILL: EXIT as soon as the command is reaped */
+    size_t left_at_exit[2];  /* stdout/stderr bytes still in the pipes when it was reaped */
     int exit_code;
     int exit_signal;
     long long exited_at_ms;
@@ -436,6 +442,8 @@ static void handle_signal(const struct sm_header *h, struct sm_cursor *c)
         send_error(h->stream, SM_E_BAD_PAYLOAD, "SIGNAL needs one u32 from 1 to 64");
         return;
     }
+    if (signo == SIGKILL)
+        s->killed = 1;
     if (s->pid > 0)
         kill(-s->pid, (int)signo);  /* ESRCH: the group is already gone, nothing to do */
 }
@@ -457,6 +465,19 @@ static void handle_credit(const struct sm_header *h, struct sm_cursor *c)
         s->out_credit = (int64_t)1 << 40;
 }
 
+/* The host gave a stream up (an ERROR frame on it): a command's process group is killed and
+ * its pipes closed, a file is closed; nothing more is sent on the stream. */
+static void handle_abandon(const struct sm_header *h, struct sm_cursor *c)
+{
+    (void)c;
+    struct stream *s = find_stream(h->stream);
+    if (!s)
+        return;  /* already ended: its last frame crossed the host's ERROR */
+    if (s->kind == STREAM_EXEC && !s->exited && s->pid > 0)
+        kill(-s->pid, SIGKILL);  /* the zombie is reaped by reap_children() */
+    free_stream(s);
+}
+
 static char *get_path(struct sm_cursor *c)
 {
     const uint8_t *p;
@@ -464,6 +485,61 @@ static char *get_path(struct sm_cursor *c)
     if (!sm_get_str(c, &p, &len) || len == 0 || len > 4096)
         return NULL;
     return dup_str(p, len);
+}
+
+/* What a file that is not a regular file is, for error messages. */
+static const char *file_kind(mode_t mode)
+{
+    if (S_ISDIR(mode))
+        return "a directory";
+    if (S_ISFIFO(mode))
+        return "a FIFO";
+    if (S_ISSOCK(mode))
+        return "a socket";
+    if (S_ISCHR(mode))
+        return "a character device";
+    if (S_ISBLK(mode))
+        return "a block device";
+    return "not a regular file";
+}
+
+/* Reads take regular files only (a FIFO or a device could block or never end); writes also
+ * take devices (/dev/urandom) but never a FIFO or a socket, whose reader could stall us. */
+static int file_type_allowed(mode_t mode, int writing)
+{
+    return S_ISREG(mode) || (writing && (S_ISCHR(mode) || S_ISBLK(mode)));
+}
+
+/* Open a guest file for READ_FILE or WRITE_FILE without ever blocking the agent's loop: a
+ * file of the wrong type is refused before it is opened (opening a device can have effects),
+ * O_NONBLOCK keeps open(2) of a FIFO from waiting for its other end should one be renamed
+ * into place meanwhile, and the opened file's type is checked again. Returns the fd
+ * (blocking again), or -1 with the error sent. */
+static int open_guest_file(uint32_t stream, const char *path, int flags, mode_t mode, int writing)
+{
+    const char *verb = writing ? "write" : "read";
+    struct stat st;
+    int fd = -1;
+    if (stat(path, &st) == 0 && !file_type_allowed(st.st_mode, writing))
+        goto refuse;
+    fd = open(path, flags | O_CLOEXEC | O_NONBLOCK, mode);
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        send_error(stream, SM_E_IO_FAILED, "%s %s: %s", verb, path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    if (!file_type_allowed(st.st_mode, writing))
+        goto refuse;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    return fd;
+
+refuse:
+    send_error(stream, SM_E_IO_FAILED, "%s %s: %s, not a regular file", verb, path,
+               file_kind(st.st_mode));
+    if (fd >= 0)
+        close(fd);
+    return -1;
 }
 
 static void handle_write_file(const struct sm_header *h, struct sm_cursor *c)
@@ -480,11 +556,17 @@ static void handle_write_file(const struct sm_header *h, struct sm_cursor *c)
     }
     const uint8_t *data = c->data + c->pos;
     size_t len = c->len - c->pos;
-    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC | ((flags & 1) ? O_APPEND : O_TRUNC), mode);
-    if (fd < 0 || write_all(fd, data, len) < 0 || close(fd) < 0) {
+    int fd = open_guest_file(h->stream, path,
+                             O_WRONLY | O_CREAT | ((flags & 1) ? O_APPEND : O_TRUNC), mode, 1);
+    if (fd < 0) {
+        free(path);
+        return;
+    }
+    if (write_all(fd, data, len) < 0) {
         send_error(h->stream, SM_E_IO_FAILED, "write %s: %s", path, strerror(errno));
-        if (fd >= 0)
-            close(fd);
+        close(fd);
+    } else if (close(fd) < 0) {
+        send_error(h->stream, SM_E_IO_FAILED, "write %s: %s", path, strerror(errno));
     } else {
         send_ok(h->stream, len);
     }
@@ -501,15 +583,8 @@ static void handle_read_file(const struct sm_header *h, struct sm_cursor *c)
         free(path);
         return;
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    if (fd >= 0 && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
-        close(fd);
-        fd = -1;
-        errno = EISDIR;
-    }
+    int fd = open_guest_file(h->stream, path, O_RDONLY, 0, 0);
     if (fd < 0) {
-        send_error(h->stream, SM_E_IO_FAILED, "read %s: %s", path, strerror(errno));
         free(path);
         return;
     }
@@ -568,6 +643,7 @@ static struct sm_agent agent = {
     .credit = handle_credit,
     .write_file = handle_write_file,
     .read_file = handle_read_file,
+    .abandon = handle_abandon,
 };
 
 /* ----------------------------------------------------------------------------------- */
@@ -607,6 +683,19 @@ static void pump_output(struct stream *s, int *fd, uint8_t type)
     s->last_output_ms = now_ms();
     if (type == SM_FILE_DATA)
         s->file_sent += (uint64_t)n;
+    if (type != SM_FILE_DATA) {
+        size_t *left = &s->left_at_exit[type == SM_STDERR];
+        *left = *left > (size_t)n ? *left - (size_t)n : 0;
+    }
+}
+
+/* Bytes waiting in a pipe (0 when closed or unknown). */
+static size_t pipe_pending(int fd)
+{
+    int n = 0;
+    if (fd < 0 || ioctl(fd, FIONREAD, &n) < 0 || n < 0)
+        return 0;
+    return (size_t)n;
 }
 
 static void pump_stdin(struct stream *s)
@@ -641,6 +730,10 @@ static void reap_children(int sfd)
             if (s->kind == STREAM_EXEC && s->pid == pid && !s->exited) {
                 s->exited = 1;
                 s->exited_at_ms = now_ms();
+                /* Everything the command wrote is in its pipes by now: that much is
+                 * forwarded before the EXIT, whatever its escaped children do. */
+                s->left_at_exit[0] = pipe_pending(s->stdout_fd);
+                s->left_at_exit[1] = pipe_pending(s->stderr_fd);
                 s->exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
                 s->exit_signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
             }
@@ -655,10 +748,20 @@ static void finish_streams(void)
     for (int i = 0; i < SM_MAX_STREAMS; i++) {
         struct stream *s = &streams[i];
         if (s->kind == STREAM_EXEC && s->exited) {
-            int quiet = now - s->last_output_ms >= EXIT_DRAIN_QUIET_MS
-                        && now - s->exited_at_ms >= EXIT_DRAIN_QUIET_MS;
-            if ((s->stdout_fd >= 0 || s->stderr_fd >= 0) && !(quiet && s->out_credit > 0))
-                continue;
+            /* Pipes still open after the exit are held by children that escaped the command
+             * (`server &`, `setsid ...`). What the command itself wrote goes first, at the
+             * host's pace; then the pipes are cut once quiet, or after EXIT_DRAIN_MAX_MS if
+             * the children keep writing. After the host's SIGKILL nothing is waited for:
+             * the host is waiting for this EXIT to return on time. */
+            int pipes_open = s->stdout_fd >= 0 || s->stderr_fd >= 0;
+            if (pipes_open && !s->killed) {
+                int drained = (s->stdout_fd < 0 || s->left_at_exit[0] == 0)
+                              && (s->stderr_fd < 0 || s->left_at_exit[1] == 0);
+                int quiet = now - s->last_output_ms >= EXIT_DRAIN_QUIET_MS
+                            && now - s->exited_at_ms >= EXIT_DRAIN_QUIET_MS;
+                if (!drained || !(quiet || now - s->exited_at_ms >= EXIT_DRAIN_MAX_MS))
+                    continue;
+            }
             struct sm_builder b = { 0 };
             if (sm_put_u32(&b, (uint32_t)s->exit_code) && sm_put_u32(&b, (uint32_t)s->exit_signal))
                 send_frame(SM_EXIT, s->id, b.data, b.len);

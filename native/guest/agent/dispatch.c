@@ -75,7 +75,11 @@ static void dispatch(struct sm_agent *a, const struct sm_header *h, const uint8_
             a->power_off();
         return;
     case SM_ERROR:
-        return; /* the host reporting our mistake: nothing to answer */
+        /* Never answered. On stream 0 the host reports our mistake; on a stream of ours it
+         * gives that stream up (it stopped reading a file, stopped waiting for a command). */
+        if (h->stream != 0 && a->abandon)
+            a->abandon(h, &c);
+        return;
     case SM_EXEC: handler = a->exec; break;
     case SM_STDIN: handler = a->stdin_data; break;
     case SM_SIGNAL: handler = a->signal; break;

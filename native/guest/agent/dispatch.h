@@ -1,7 +1,8 @@
 /* dispatch.h — what an agent does with the bytes the host sends (PROTOCOL.md): frames out of
  * them, with resynchronisation; the session gate (nothing but HELLO before a HELLO); HELLO,
- * PING and POWEROFF; ERROR frames from the host (nothing to answer); each request type to
- * the agent's handler; and the ERROR for anything else. Shared by the guest agent
+ * PING and POWEROFF; ERROR frames from the host (never answered; on a stream, the host gives
+ * that stream up); each request type to the agent's handler; and the ERROR for anything
+ * else. Shared by the guest agent
  * (agent.c) and the agent probe (native/guest/probes/agent.c), which differ in what a
  * command, a file and a poweroff are. Builds hosted and freestanding (no printf, no heap). */
 #ifndef SUPERMACHINE_DISPATCH_H
@@ -18,6 +19,8 @@ struct sm_agent {
     void (*forget_streams)(void);  /* the session ends: stop its commands, drop its streams */
     void (*power_off)(void);       /* end the VM */
     sm_request_handler exec, stdin_data, signal, credit, write_file, read_file;
+    /* The host's ERROR on a stream: it gives the stream up (NULL: ignored). */
+    sm_request_handler abandon;
     /* state */
     int session_ready;
     struct sm_parser parser;
