@@ -8,22 +8,21 @@ returns a running :class:`~supermachine_jupyter.vm.Vm` once the guest agent has 
 from __future__ import annotations
 
 import dataclasses
-import secrets
-import shutil
-import tempfile
-import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import mounts, volumes
-from .agent import AgentClient
 from .assets import GuestAssets, ensure_assets
 from .config import AssetPaths, VmConfig
 from .console import ConsoleBuffer
 from .engines import EngineChoice, choose_engine, start_engine
 from .engines.base import LaunchSpec
-from .errors import AgentError, EngineError, VmError
+from .errors import VmError
+from .launch import Launch, launch, vm_name
 from .vm import Vm
+
+if TYPE_CHECKING:
+    from .engines.base import EngineInstance
 
 DEFAULT_BOOT_TIMEOUT_S = 120.0
 # reboot=t: a guest reboot is a triple fault, which ends the VM at once on every engine.
@@ -101,7 +100,7 @@ class Image:
                     and _snapshot.cacheable(self, config) is None:
                 return _snapshot.start_with_cache(self, config, name=name, progress=progress,
                                                   boot_timeout=boot_timeout)
-        name = name or config.name or f"vm-{secrets.token_hex(3)}"
+        name = vm_name(name, config)
         kernel, vmlinux, initrd = self.kernel, self.vmlinux, self.initrd
         if config.assets is not None:
             kernel, initrd = Path(config.assets.kernel), Path(config.assets.initrd)
@@ -120,41 +119,23 @@ class Image:
         for volume in prepared:
             if volume.formatted_now:
                 progress(f"formatted volume {volume.path} ({volume.size_mib} MiB, ext4)")
-        run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=config.vsock_mux_dir))
-        spec = LaunchSpec(
-            name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel, vmlinux=vmlinux,
-            initrd=initrd, cmdline=cmdline, config=config, run_dir=run_dir,
-            console=ConsoleBuffer(), volumes=prepared)
-        progress(f"starting {name} on {choice.name}/{choice.accel} "
-                 f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
-        started = time.monotonic()
-        try:
+
+        def spec(run_dir: Path) -> LaunchSpec:
+            return LaunchSpec(name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel,
+                              vmlinux=vmlinux, initrd=initrd, cmdline=cmdline, config=config,
+                              run_dir=run_dir, console=ConsoleBuffer(), volumes=prepared)
+
+        def start(spec: LaunchSpec, mark) -> "EngineInstance":
+            progress(f"starting {name} on {choice.name}/{choice.accel} "
+                     f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
             instance = start_engine(choice, spec)
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        agent = None
-        try:
-            sock = instance.connect_agent(timeout=boot_timeout)
-            agent = AgentClient(sock, name=name)
-            agent.describe_loss = instance.settled_exit_description
             progress(f"booting {name}…")
-            agent.handshake(timeout=boot_timeout)
-        except (AgentError, EngineError, TimeoutError, OSError) as exc:
-            if agent is not None:
-                agent.close()
-            instance.shutdown(None, timeout=3)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            tail = "\n".join(spec.console.text().splitlines()[-15:])
-            why = instance.exit_description() or str(exc)
-            raise VmError(f"VM {name!r} did not boot: {why}\n--- last console lines ---\n"
-                          f"{tail}") from exc
-        except BaseException:
-            # KeyboardInterrupt during boot: never leave the engine behind.
-            if agent is not None:
-                agent.close()
-            instance.shutdown(None, timeout=3)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        boot_seconds = time.monotonic() - started
-        return Vm(spec, instance, agent, boot_seconds)
+            return instance
+
+        def failed(exc: BaseException, instance, spec) -> VmError:
+            why = (instance.exit_description() if instance is not None else None) or str(exc)
+            tail = "\n".join(spec.console.text().splitlines()[-15:]) if spec else ""
+            return VmError(f"VM {name!r} did not boot: {why}\n--- last console lines ---\n"
+                           f"{tail}")
+
+        return launch(name, config, Launch(spec, start, failed, timeout_s=boot_timeout))

@@ -78,7 +78,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import AgentError, EngineError, VmError
+from .errors import EngineError, VmError
 from .volumes import VolumeError
 
 if TYPE_CHECKING:
@@ -511,7 +511,7 @@ def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
         "initrd": str(spec.initrd),
         "initrd_sha256": asset_sha256(spec.initrd),
         "cmdline": spec.cmdline,
-        "balloon_target_mib": getattr(vm, "_balloon_target_mib", 0),
+        "balloon_target_mib": vm.balloon_target_mib,
         "volumes": [{"index": i, "file": f"volume{i}.img", "serial": v.serial,
                      "guest_path": v.spec.guest_path, "read_only": v.spec.read_only,
                      "host_path": str(v.spec.host_path)}
@@ -600,28 +600,20 @@ def _load(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], N
 
 def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | None = None,
             progress: Progress = _silent) -> Vm:
-    """Start a new VM from ``snapshot`` (what ``Image.from_snapshot(p).start()`` does)."""
-    from .agent import AgentClient
+    """Start a new VM from ``snapshot`` (what ``Image.from_snapshot(p).start()`` does),
+    through the one launcher (``launch.py``) within ``config.restore_timeout``."""
     from .config import VmConfig
     from .console import ConsoleBuffer
     from .engines.base import LaunchSpec
-    from .vm import Vm
-
-    started = time.monotonic()
-    marks: dict[str, float] = {}
-
-    def mark(stage: str) -> None:
-        marks[stage] = round(time.monotonic() - started, 4)
+    from .launch import Launch, launch, vm_name
 
     config = config or VmConfig()
     deadline = _Deadline(config.restore_timeout, snapshot.path)
     snapshot.check_host()
     effective = snapshot.restored_config(config)
     snapshot.verify_state()
-    mark("header_checked")
-    name = name or config.name or f"vm-{secrets.token_hex(3)}"
+    name = vm_name(name, config)
     h = snapshot.header
-    run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=effective.vsock_mux_dir))
 
     # Guest RAM and volume digests are checked while the engine starts and loads the state;
     # the guest only runs once they match.
@@ -635,61 +627,54 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
             verdict.append(exc)
 
     checker = threading.Thread(target=verify, name=f"snapshot-verify-{name}", daemon=True)
-    checker.start()
-    instance = None
-    try:
-        volumes = _restored_volumes(snapshot, effective, run_dir)
-        spec = LaunchSpec(
+
+    def spec(run_dir: Path) -> LaunchSpec:
+        return LaunchSpec(
             name=name, memory_mib=snapshot.memory_mib, vcpus=snapshot.vcpus,
             kernel=Path(h["kernel"]), vmlinux=Path(h["kernel"]), initrd=Path(h["initrd"]),
-            cmdline=h["cmdline"], config=effective, run_dir=run_dir, console=ConsoleBuffer(),
-            volumes=tuple(volumes))
+            cmdline=h["cmdline"], config=effective, run_dir=run_dir, console=console,
+            volumes=tuple(_restored_volumes(snapshot, effective, run_dir)))
+
+    def start(spec: LaunchSpec, mark: Callable[[str], None]):
+        mark("header_checked")
+        checker.start()
         progress(f"restoring {name} from {snapshot.path} ({snapshot.memory_mib} MiB, "
                  f"{snapshot.vcpus} vCPU, {snapshot.engine})")
         instance = _load(snapshot, spec, deadline, mark)
-        checker.join(max(deadline.left(), 0))
-        if checker.is_alive():
-            raise deadline.error("checking the RAM and volume digests")
-        if verdict[0] is not None:
-            raise verdict[0]
-        mark("digests_checked")
-        instance.resume()
-        agent = None
         try:
-            sock = instance.connect_agent(timeout=max(deadline.left(), 0.01))
-            agent = AgentClient(sock, name=name)
-            agent.handshake(timeout=max(deadline.left(), 0.01))
-            mark("agent_hello")
-            _refresh_guest(agent, name, timeout=max(deadline.left(), 0.01))
-            mark("guest_refreshed")
-        except TimeoutError as exc:
-            if agent is not None:
-                agent.close()
-            raise deadline.error("waiting for the guest agent") from exc
-        except (AgentError, EngineError, OSError) as exc:
-            if agent is not None:
-                agent.close()
-            why = instance.exit_description() or str(exc)
-            if deadline.left() <= 0:
-                raise deadline.error(f"waiting for the guest agent: {why}") from exc
-            raise SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent did "
-                                f"not answer: {why}") from exc
-    except BaseException:
-        checker.join(5)
-        if instance is not None:
+            checker.join(max(deadline.left(), 0))
+            if checker.is_alive():
+                raise deadline.error("checking the RAM and volume digests")
+            if verdict[0] is not None:
+                raise verdict[0]
+            mark("digests_checked")
+            instance.resume()
+        except BaseException:
             instance.shutdown(None, timeout=2)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    spec.console.append(f"[supermachine: {name} restored from snapshot {snapshot.path} of "
-                        f"{snapshot.source_name!r}, made {snapshot.created_at}]\n".encode())
-    vm = Vm(spec, instance, agent, time.monotonic() - started)
-    vm.restored_from = snapshot.path
-    #: seconds from the start of the restore to each stage
-    vm.restore_timings = marks
-    balloon = int(h.get("balloon_target_mib") or 0)
-    vm._balloon_target_mib = balloon
-    instance._balloon_target_mib = balloon
-    return vm
+            raise
+        return instance
+
+    def refresh(agent, seconds_left: float) -> None:
+        _refresh_guest(agent, name, timeout=seconds_left)
+        console.append(f"[supermachine: {name} restored from snapshot {snapshot.path} "
+                       f"of {snapshot.source_name!r}, made {snapshot.created_at}]\n".encode())
+
+    def failed(exc: BaseException, instance, spec) -> SnapshotError:
+        if isinstance(exc, TimeoutError) or deadline.left() <= 0:
+            return deadline.error("waiting for the guest agent")
+        why = (instance.exit_description() if instance is not None else None) or str(exc)
+        return SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent did not "
+                             f"answer: {why}")
+
+    console = ConsoleBuffer()
+    try:
+        return launch(name, effective, Launch(
+            spec, start, failed, timeout_s=max(deadline.left(), 0.01), refresh=refresh,
+            restored_from=snapshot.path,
+            balloon_target_mib=int(h.get("balloon_target_mib") or 0)))
+    finally:
+        if checker.is_alive():
+            checker.join(5)
 
 
 def _refresh_guest(agent, name: str, timeout: float) -> None:

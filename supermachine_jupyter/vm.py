@@ -24,6 +24,8 @@ from .console import ConsoleBuffer
 from .errors import AgentError, EngineError, VmError, VmStoppedError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .config import VmConfig
     from .engines.base import EngineInstance, LaunchSpec
 
@@ -214,7 +216,12 @@ class Vm:
     """A running microVM. Create with ``Image.start(config)``; use as a context manager."""
 
     def __init__(self, spec: "LaunchSpec", instance: "EngineInstance", agent: AgentClient,
-                 boot_seconds: float, on_stop: Callable[["Vm"], None] | None = None):
+                 boot_seconds: float, on_stop: Callable[["Vm"], None] | None = None, *,
+                 restored_from: "Path | None" = None,
+                 restore_timings: dict[str, float] | None = None,
+                 balloon_target_mib: int = 0):
+        """Made by ``launch.launch`` once the guest's agent has answered (``Image.start``,
+        ``Image.from_snapshot(p).start``): not called directly."""
         self._spec = spec
         self._instance = instance
         self._agent = agent
@@ -222,7 +229,11 @@ class Vm:
         self._state = "running"
         self._failure: str | None = None
         self._on_stop = [on_stop] if on_stop else []
-        self._balloon_target_mib = 0
+        self._balloon_target_mib = balloon_target_mib
+        #: the snapshot directory this VM was restored from (None: it booted)
+        self.restored_from = restored_from
+        #: seconds from the start of the launch to each stage (agent_hello, …)
+        self.restore_timings = restore_timings or {}
         self.boot_seconds = boot_seconds
         self.started_at = time.time()
         _live_vms.add(self)
@@ -408,10 +419,8 @@ class Vm:
         """Turn a lost agent connection into an error that says what happened to the VM."""
         if not self._agent.closed:
             return exc      # the agent answered (an ERROR frame, a limit): nothing to add
-        if self._state == "failed" and self._failure:
-            return VmStoppedError(f"VM {self.name!r} failed while running the command: "
-                                  f"{self._failure}")
-        desc = self._describe_end()
+        desc = self._failure if self._state == "failed" and self._failure else \
+            self._describe_end()
         if desc:
             return VmStoppedError(f"VM {self.name!r} ended while running the command: {desc}")
         return exc
@@ -518,9 +527,14 @@ class Vm:
         self.set_balloon_target(target)
         return target
 
+    @property
+    def balloon_target_mib(self) -> int:
+        """The balloon size last asked for, in MiB (0: none; a restore keeps its snapshot's)."""
+        return self._balloon_target_mib
+
     def balloon_stats(self) -> BalloonStats:
         """Balloon size (target/actual) and the guest's memory statistics."""
-        return self._balloon_instance().balloon_stats()
+        return self._balloon_instance().balloon_stats(self._balloon_target_mib)
 
     def mounts(self) -> list[MountStatus]:
         """The VM's virtio-fs mounts with their counters."""
@@ -534,9 +548,6 @@ class Vm:
                 for v in self._spec.volumes]
 
     # -- snapshots ---------------------------------------------------------------------
-    #: The snapshot directory this VM was restored from (None: it booted).
-    restored_from = None
-
     def snapshot(self, path, *, overwrite: bool = False):
         """Save this VM (guest memory, vCPUs, irqchip, devices, volume contents) as a
         snapshot directory at ``path``; the guest pauses briefly and keeps running.

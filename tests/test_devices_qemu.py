@@ -178,7 +178,8 @@ def test_balloon_statistics_are_in_bytes_and_pages_and_follow_the_balloon(image)
                        f"{vm.balloon_stats().available_memory >> 20} MiB with a "
                        f"{balloon_mib} MiB balloon")
         assert drop(after) <= balloon_mib * MIB * 3 // 2, (before, after)
-        assert after.free_memory <= after.total_memory <= total, after
+        # (MemTotal itself may grow a little after boot, as the kernel frees its init memory.)
+        assert after.free_memory <= after.total_memory <= memory_mib * MIB, after
         assert after.available_memory <= after.total_memory, after
 
         vm.set_balloon_target(0)

@@ -137,7 +137,9 @@ class EngineInstance(abc.ABC):
         """Ask the guest to give ``balloon_mib`` MiB to the balloon (absolute size)."""
         raise NotImplementedError(f"{self.engine_name}: balloon not supported")
 
-    def balloon_stats(self) -> "BalloonStats":
+    def balloon_stats(self, target_mib: int) -> "BalloonStats":
+        """The balloon's statistics; ``target_mib`` is the size last asked for (its owner,
+        the Vm, keeps it)."""
         raise NotImplementedError(f"{self.engine_name}: balloon not supported")
 
     # -- snapshots (engines override what they support; see snapshot.py) ------------------

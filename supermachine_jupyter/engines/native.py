@@ -542,7 +542,6 @@ class NativeInstance(EngineInstance):
         self.vsock_path = mux_dir / VSOCK_SOCKET_NAME.format(name=spec.name)
         self._pump_stop = False
         self._pump = None
-        self._balloon_target_mib = 0
         # The same device set for a boot and a restore: the core checks a restore's devices
         # against the snapshot's, and the guest already has drivers bound to these.
         devices = {"balloon": bool(spec.config.balloon), "balloon_deflate_on_oom": True,
@@ -695,10 +694,10 @@ class NativeInstance(EngineInstance):
 
     # -- devices -------------------------------------------------------------------------
     def balloon_set_target_mib(self, balloon_mib: int) -> None:
-        self._balloon_target_mib = balloon_mib
         self.vm.balloon_set_target_mib(balloon_mib)
 
-    def balloon_stats(self):
+    def balloon_stats(self, target_mib: int):
+        # The core knows the target itself (sm_balloon_stats.target_mib).
         from ..balloon import BalloonStats
         stats = self.vm.balloon_stats()
         stats.pop("stats_updates", None)

@@ -139,7 +139,6 @@ class QemuInstance(EngineInstance):
         self._stderr = bytearray()
         self._qmp: QmpClient | None = None
         self._qmp_lock = threading.Lock()
-        self._balloon_target_mib = 0
         self._virtiofsd: list[Virtiofsd] = []
         # pci=off: microvm has no PCI bus; the kernel would only complain about it.
         cmdline = f"{spec.cmdline} pci=off sm.agent=port:{AGENT_PORT_NAME}"
@@ -285,10 +284,9 @@ class QemuInstance(EngineInstance):
     # -- devices -------------------------------------------------------------------------
     def balloon_set_target_mib(self, balloon_mib: int) -> None:
         # QMP's "balloon" takes the memory the guest should keep, in bytes.
-        self._balloon_target_mib = balloon_mib
         self.qmp().execute("balloon", value=(self.spec.memory_mib - balloon_mib) * 1024 * 1024)
 
-    def balloon_stats(self) -> BalloonStats:
+    def balloon_stats(self, target_mib: int) -> BalloonStats:
         qmp = self.qmp()
         if not getattr(self, "_stats_polling", False):
             qmp.execute("qom-set", path="/machine/peripheral/balloon0",
@@ -296,7 +294,7 @@ class QemuInstance(EngineInstance):
             self._stats_polling = True
         info = qmp.execute("query-balloon")
         stats = qmp.execute("qom-get", path="/machine/peripheral/balloon0", property="guest-stats")
-        return BalloonStats.from_qemu(self.spec.memory_mib, self._balloon_target_mib, info, stats)
+        return BalloonStats.from_qemu(self.spec.memory_mib, target_mib, info, stats)
 
     def mount_status(self) -> list[MountStatus]:
         return [MountStatus(d.spec, dax=False,
