@@ -12,7 +12,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc fl
 	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1 \
 	nodejs chromium fonts-dejavu-core qemu-utils
 
-.PHONY: all setup system-deps venv assets demo test doctor bench clean
+.PHONY: all setup system-deps venv assets demo test test-nested doctor bench clean
 all: demo
 
 system-deps:
@@ -70,6 +70,13 @@ demo: assets
 
 test: assets
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# The nested-KVM tier alone (part of `make test` too): tests marked nested_kvm run inside an L1
+# Linux under QEMU TCG whose /dev/kvm runs Linux guests (tools/nested_kvm.py builds it from
+# Debian's linux-image-amd64 into the user cache). SUPERMACHINE_NESTED_TODO=1 adds the tests of
+# issue H's known failures.
+test-nested: assets
+	@$(PY) -m pytest -ra tests/nested -v $(PYTEST_ARGS)
 
 doctor: setup
 	@$(PY) -m supermachine_jupyter doctor

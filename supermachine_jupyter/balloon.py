@@ -31,7 +31,6 @@ QEMU_STAT_NAMES = {
     "hugetlb_allocations": "stat-htlb-pgalloc",
     "hugetlb_failures": "stat-htlb-pgfail",
 }
-GUEST_STAT_FIELDS = tuple(QEMU_STAT_NAMES)
 
 
 class BalloonNotEnabled(VmError):

@@ -389,10 +389,6 @@ class NativeVm:
     def balloon_set_target_mib(self, mib: int) -> None:
         self.balloon_set_target_pages(int(mib) * MIB_TO_4K_PAGES)
 
-    def balloon_set_stats_interval(self, seconds: int) -> None:
-        self._check(self._lib.sm_vm_balloon_set_stats_interval(self._handle(), int(seconds)),
-                    "balloon statistics interval")
-
     def balloon_stats(self) -> dict:
         """Firecracker's field names; fields the guest did not report are None."""
         s = self._ffi.new("sm_balloon_stats *")
