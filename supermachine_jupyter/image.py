@@ -105,7 +105,7 @@ class Image:
         if config.assets is not None:
             kernel, initrd = Path(config.assets.kernel), Path(config.assets.initrd)
             vmlinux = kernel
-        choice: EngineChoice = choose_engine(config.engine)
+        choice: EngineChoice = choose_engine(config.engine, config)
         memory = config.memory_mib or self.default_memory_mib
         vcpus = config.vcpus or self.default_vcpus
         cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",

@@ -34,8 +34,10 @@ def native_available() -> tuple[bool, str]:
     return native.available()
 
 
-def choose_engine(requested: str = "auto") -> EngineChoice:
-    """Pick the engine and accelerator for a VM, with the reason shown to users."""
+def choose_engine(requested: str = "auto", config=None) -> EngineChoice:
+    """Pick the engine and accelerator for a VM, with the reason shown to users. With a
+    ``config``, an engine that cannot take it (the native core's device limits) is refused
+    when asked for by name, naming the limit, and passed over by ``auto``."""
     from ..accel import kvm_status
     if requested not in ENGINE_NAMES:
         raise EngineError(f"unknown engine {requested!r}: choose one of {', '.join(ENGINE_NAMES)}")
@@ -45,12 +47,19 @@ def choose_engine(requested: str = "auto") -> EngineChoice:
         if not ok:
             raise EngineError(f"engine='native' is not available here: {why}; "
                               "use engine='qemu' (or 'auto')")
+        limit = get("native").config_problem(config) if config is not None else None
+        if limit:
+            raise EngineError(f"engine='native' cannot run this VM: {limit}; "
+                              "use engine='qemu' (or 'auto')")
         note = "" if kvm.hardware else f" (warning: KVM is {kvm.speed} here)"
         return EngineChoice("native", "kvm", "requested" + note)
     if requested == "auto":
         ok, why = native_available()
-        if kvm.hardware and ok:
+        limit = get("native").config_problem(config) if ok and config is not None else None
+        if kvm.hardware and ok and not limit:
             return EngineChoice("native", "kvm", "auto: KVM runs at hardware speed")
+        if kvm.hardware and limit:
+            why = f"the native core {limit}"
         auto_why = f"auto: KVM is {kvm.speed} here" if not kvm.hardware else f"auto: {why}"
     else:
         auto_why = "requested" if kvm.hardware else f"requested; KVM is {kvm.speed} here"

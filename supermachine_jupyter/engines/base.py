@@ -65,6 +65,10 @@ class Engine(abc.ABC):
     def boot(self, spec: LaunchSpec, accel: str, reason: str) -> "EngineInstance":
         """Start ``spec``'s VM; it boots while the caller connects to its agent."""
 
+    def config_problem(self, config: "VmConfig") -> str | None:
+        """Why this engine cannot run ``config`` (a limit of its own, named), or None."""
+        return None
+
     @abc.abstractmethod
     def version_tag(self) -> str:
         """This engine's version as snapshots record it (and pre-booted cache keys use)."""

@@ -725,6 +725,18 @@ class NativeEngine(Engine):
     def boot(self, spec, accel: str, reason: str) -> NativeInstance:
         return NativeInstance(spec, reason)
 
+    def config_problem(self, config) -> str | None:
+        _, lib = _load()
+        if len(config.volumes) > lib.SM_MAX_BLK_DEVICES:
+            return (f"takes at most {lib.SM_MAX_BLK_DEVICES} volumes (virtio-blk devices), "
+                    f"this config has {len(config.volumes)}")
+        if len(config.mounts) > lib.SM_MAX_FS_DEVICES:
+            return (f"takes at most {lib.SM_MAX_FS_DEVICES} mounts (virtio-fs devices), "
+                    f"this config has {len(config.mounts)}")
+        if (config.vcpus or 1) > lib.SM_MAX_VCPUS:
+            return f"takes at most {lib.SM_MAX_VCPUS} vCPUs, this config has {config.vcpus}"
+        return None
+
     def version_tag(self) -> str:
         return f"core {version()}"
 

@@ -57,7 +57,7 @@ def test_native_engine_surfaces_early_boot_failure(native, kvm_speed, short_tmp)
         text = spec.console.text()
         assert "Linux version" in text and "sm.agent=vsock:1024" in text
         assert "[supermachine] VM failed (emulation_failure)" in text
-        stats = inst.balloon_stats()
+        stats = inst.balloon_stats(0)
         assert stats.target_pages == 0 and stats.free_memory is None
     finally:
         inst.shutdown(None, timeout=5)
@@ -82,3 +82,17 @@ def test_native_engine_attaches_mounts_as_virtio_fs(native, short_tmp):
     finally:
         inst.shutdown(None, timeout=5)
     assert not inst.is_running()
+
+
+def test_a_config_beyond_the_cores_limits_is_refused_before_anything_starts(native, tmp_path):
+    from supermachine_jupyter.config import VmConfig
+    from supermachine_jupyter.errors import EngineError
+    from supermachine_jupyter.image import Image
+    probe = native.probe_path("agent")
+    config = VmConfig(engine="native", memory_mib=64)
+    for i in range(9):
+        config = config.with_volume(str(tmp_path / f"v{i}.img"), f"/data{i}", size_mib=8)
+    with pytest.raises(EngineError, match=r"engine='native' cannot run this VM: takes at most "
+                                          r"8 volumes \(virtio-blk devices\), this config has 9"):
+        Image(probe, probe, probe).start(config)
+    assert not list(tmp_path.glob("v*.img")), "volumes were formatted for a VM that never ran"
