@@ -231,15 +231,15 @@ def cache_runs(result: dict, args, work: Path) -> None:
     """The %%vm path: the image's pre-booted snapshot cache, from empty; its first start (a
     boot plus the snapshot's pause) and the later ones (restores)."""
     image, config = result["image"], result["config"]
-    from supermachine_jupyter import snapshot as snapmod
+    from supermachine_jupyter.snapshots import cache, store
     cache_dir = work / f"{result['engine']}-cache"
     cache_dir.mkdir()
-    snapmod.snapshots_dir = lambda: cache_dir
+    store.snapshots_dir = lambda: cache_dir
     seconds, vm = start_to_first_output(
         lambda: image.start(config, name="cache0", snapshot_cache=True))
     result["cache_first"] = [seconds]
     vm.stop()
-    snapmod.wait_for_background(60)
+    cache.wait_for_background(60)
     result["cache_later"] = []
     for i in range(args.runs):
         seconds, vm = start_to_first_output(

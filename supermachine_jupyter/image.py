@@ -1,7 +1,8 @@
 """``Image``: what a VM boots — a kernel and an initramfs with their baked defaults.
 
 ``Image.default()`` is the embedded busybox guest (built on first use into the user cache,
-see ``assets.py``). ``image.start(config)`` boots it on the engine the config asks for and
+see ``assets.py``); ``Image.from_assets`` boots a kernel of your own; ``Image.from_snapshot``
+restores a snapshot. ``image.start(config)`` hands it to the one launcher (``launch.py``) and
 returns a running :class:`~supermachine_jupyter.vm.Vm` once the guest agent has answered.
 """
 
@@ -9,33 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
-from . import mounts, volumes
+from . import launch
 from .assets import GuestAssets, ensure_assets
 from .config import AssetPaths, VmConfig
-from .console import ConsoleBuffer
-from .engines import EngineChoice, choose_engine, start_engine
-from .engines.base import LaunchSpec
-from .errors import VmError
-from .launch import Launch, launch, vm_name
+from .launch import DEFAULT_BOOT_TIMEOUT_S, Progress, _silent
+from .snapshots.format import Snapshot
 from .vm import Vm
-
-if TYPE_CHECKING:
-    from .engines.base import EngineInstance
-
-DEFAULT_BOOT_TIMEOUT_S = 120.0
-# reboot=t: a guest reboot is a triple fault, which ends the VM at once on every engine.
-BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t"
-#: x86 Linux truncates its command line at 2048 bytes (COMMAND_LINE_SIZE); engines append their
-#: own device entries (the native core: one virtio_mmio.device= per device), so ours stops here.
-MAX_CMDLINE_BYTES = 1536
-
-Progress = Callable[[str], None]
-
-
-def _silent(_: str) -> None:
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +48,6 @@ class Image:
     def from_snapshot(cls, path) -> "Image":
         """An image whose ``start(config)`` restores the snapshot at ``path`` (made by
         ``Vm.snapshot``) instead of booting; the header is checked now and again at start."""
-        from .snapshot import Snapshot
         snap = Snapshot.open(path)
         h = snap.header
         return cls(Path(h["kernel"]), Path(h["kernel"]), Path(h["initrd"]),
@@ -87,55 +67,16 @@ class Image:
 
         A snapshot image (``from_snapshot``) restores instead, within
         ``config.restore_timeout``. ``snapshot_cache=True`` (``None``: the default policy,
-        ``snapshot.cache_enabled()``) restores from this image's cached pre-booted snapshot
-        when the config allows; the first such start boots and makes the snapshot (see
-        ``snapshot.start_with_cache``)."""
+        ``snapshots.cache.cache_enabled()``) restores from this image's cached pre-booted
+        snapshot when the config allows; the first such start boots and makes the snapshot
+        (see ``snapshots.cache.start_with_cache``)."""
         config = config or VmConfig()
         if self.snapshot is not None:
-            from .snapshot import Snapshot, restore
-            return restore(Snapshot.open(self.snapshot), config, name=name, progress=progress)
+            return launch.restore(Snapshot.open(self.snapshot), config, name=name,
+                                  progress=progress)
         if snapshot_cache or snapshot_cache is None:
-            from . import snapshot as _snapshot
-            if (snapshot_cache or _snapshot.cache_enabled()) \
-                    and _snapshot.cacheable(self, config) is None:
-                return _snapshot.start_with_cache(self, config, name=name, progress=progress,
-                                                  boot_timeout=boot_timeout)
-        name = vm_name(name, config)
-        kernel, vmlinux, initrd = self.kernel, self.vmlinux, self.initrd
-        if config.assets is not None:
-            kernel, initrd = Path(config.assets.kernel), Path(config.assets.initrd)
-            vmlinux = kernel
-        choice: EngineChoice = choose_engine(config.engine, config)
-        memory = config.memory_mib or self.default_memory_mib
-        vcpus = config.vcpus or self.default_vcpus
-        cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",
-                                         volumes.cmdline(list(config.volumes)),
-                                         mounts.cmdline(list(config.mounts))]))
-        if len(cmdline) > MAX_CMDLINE_BYTES:
-            raise VmError(f"VM {name!r}: its volumes and mounts make a kernel command line of "
-                          f"{len(cmdline)} bytes, more than the {MAX_CMDLINE_BYTES} this guest "
-                          "takes: use shorter guest paths or fewer volumes and mounts")
-        prepared = tuple(volumes.prepare(v, i) for i, v in enumerate(config.volumes))
-        for volume in prepared:
-            if volume.formatted_now:
-                progress(f"formatted volume {volume.path} ({volume.size_mib} MiB, ext4)")
-
-        def spec(run_dir: Path) -> LaunchSpec:
-            return LaunchSpec(name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel,
-                              vmlinux=vmlinux, initrd=initrd, cmdline=cmdline, config=config,
-                              run_dir=run_dir, console=ConsoleBuffer(), volumes=prepared)
-
-        def start(spec: LaunchSpec, mark) -> "EngineInstance":
-            progress(f"starting {name} on {choice.name}/{choice.accel} "
-                     f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
-            instance = start_engine(choice, spec)
-            progress(f"booting {name}…")
-            return instance
-
-        def failed(exc: BaseException, instance, spec) -> VmError:
-            why = (instance.exit_description() if instance is not None else None) or str(exc)
-            tail = "\n".join(spec.console.text().splitlines()[-15:]) if spec else ""
-            return VmError(f"VM {name!r} did not boot: {why}\n--- last console lines ---\n"
-                           f"{tail}")
-
-        return launch(name, config, Launch(spec, start, failed, timeout_s=boot_timeout))
+            from .snapshots import cache
+            if (snapshot_cache or cache.cache_enabled()) and cache.cacheable(self, config) is None:
+                return cache.start_with_cache(self, config, name=name, progress=progress,
+                                              boot_timeout=boot_timeout)
+        return launch.boot(self, config, name=name, progress=progress, boot_timeout=boot_timeout)

@@ -3,29 +3,53 @@
     (what to start, VmConfig) → run directory → engine boot | engine restore
         → agent handshake → guest refresh (restores) → Vm
 
-:func:`launch` is that path; ``Image.start`` (boot) and ``snapshot.restore`` (restore) only
-say what differs: how the :class:`LaunchSpec` is made, how the engine starts, how a failure
-reads. Whatever fails on the way, the engine is ended and the run directory removed here,
-once, and an interrupt (KeyboardInterrupt) while booting never leaves an engine behind.
+:func:`launch` is that path; :func:`boot` (an image's kernel and initramfs, what
+``Image.start`` does) and :func:`restore` (a snapshot, what ``Image.from_snapshot(p).start``
+does) only say what differs: how the :class:`LaunchSpec` is made, how the engine starts, how
+a failure reads. Whatever fails on the way, the engine is ended and the run directory removed
+here, once, and an interrupt (KeyboardInterrupt) while booting never leaves an engine behind.
+Every VM launched is listed in the registry (the Jupyter server's sidebar) until it stops.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from . import mounts, registry, volumes
 from .agent import AgentClient
-from .errors import AgentError, EngineError
+from .config import VmConfig
+from .console import ConsoleBuffer
+from .engines import choose_engine, get, start_engine
+from .engines.base import LaunchSpec
+from .errors import AgentError, EngineError, VmError
+from .snapshots.format import Snapshot, SnapshotError, SnapshotTimeoutError
 from .vm import Vm
+from .volumes import PreparedVolume
 
 if TYPE_CHECKING:
-    from .config import VmConfig
-    from .engines.base import EngineInstance, LaunchSpec
+    from .engines.base import EngineInstance
+    from .image import Image
+
+Progress = Callable[[str], None]
+
+DEFAULT_BOOT_TIMEOUT_S = 120.0
+# reboot=t: a guest reboot is a triple fault, which ends the VM at once on every engine.
+BASE_CMDLINE = "console=ttyS0 panic=-1 reboot=t"
+#: x86 Linux truncates its command line at 2048 bytes (COMMAND_LINE_SIZE); engines append their
+#: own device entries (the native core: one virtio_mmio.device= per device), so ours stops here.
+MAX_CMDLINE_BYTES = 1536
+
+
+def _silent(_: str) -> None:
+    pass
 
 #: The failures of a launch that say something about the guest or the engine (anything else,
 #: KeyboardInterrupt included, is raised as it is).
@@ -94,6 +118,184 @@ def launch(name: str, config: "VmConfig", how: Launch) -> Vm:
         if isinstance(exc, LAUNCH_FAILURES):
             raise how.failed(exc, instance, spec) from exc
         raise
-    return Vm(spec, instance, agent, time.monotonic() - started,
-              restored_from=how.restored_from, restore_timings=marks,
-              balloon_target_mib=how.balloon_target_mib)
+    vm = Vm(spec, instance, agent, time.monotonic() - started, registry.withdraw,
+            restored_from=how.restored_from, restore_timings=marks,
+            balloon_target_mib=how.balloon_target_mib)
+    registry.publish(vm)      # list it for the Jupyter server's sidebar (never raises)
+    return vm
+
+
+# --- booting an image -------------------------------------------------------------------------
+
+def boot(image: "Image", config: VmConfig, *, name: str | None = None,
+         progress: Progress = _silent, boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S) -> Vm:
+    """Boot a VM of ``image`` (its kernel and initramfs, or ``config.assets``) on the engine
+    ``config`` asks for, and return it once its agent answers (within ``boot_timeout``)."""
+    name = vm_name(name, config)
+    kernel, vmlinux, initrd = image.kernel, image.vmlinux, image.initrd
+    if config.assets is not None:
+        kernel, initrd = Path(config.assets.kernel), Path(config.assets.initrd)
+        vmlinux = kernel
+    choice = choose_engine(config.engine, config)
+    memory = config.memory_mib or image.default_memory_mib
+    vcpus = config.vcpus or image.default_vcpus
+    cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",
+                                     volumes.cmdline(list(config.volumes)),
+                                     mounts.cmdline(list(config.mounts))]))
+    if len(cmdline) > MAX_CMDLINE_BYTES:
+        raise VmError(f"VM {name!r}: its volumes and mounts make a kernel command line of "
+                      f"{len(cmdline)} bytes, more than the {MAX_CMDLINE_BYTES} this guest "
+                      "takes: use shorter guest paths or fewer volumes and mounts")
+    prepared = tuple(volumes.prepare(v, i) for i, v in enumerate(config.volumes))
+    for volume in prepared:
+        if volume.formatted_now:
+            progress(f"formatted volume {volume.path} ({volume.size_mib} MiB, ext4)")
+
+    def spec(run_dir: Path) -> LaunchSpec:
+        return LaunchSpec(name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel,
+                          vmlinux=vmlinux, initrd=initrd, cmdline=cmdline, config=config,
+                          run_dir=run_dir, console=ConsoleBuffer(), volumes=prepared)
+
+    def start(spec: LaunchSpec, mark) -> "EngineInstance":
+        progress(f"starting {name} on {choice.name}/{choice.accel} "
+                 f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
+        instance = start_engine(choice, spec)
+        progress(f"booting {name}…")
+        return instance
+
+    def failed(exc: BaseException, instance, spec) -> VmError:
+        why = (instance.exit_description() if instance is not None else None) or str(exc)
+        tail = "\n".join(spec.console.text().splitlines()[-15:]) if spec else ""
+        return VmError(f"VM {name!r} did not boot: {why}\n--- last console lines ---\n{tail}")
+
+    return launch(name, config, Launch(spec, start, failed, timeout_s=boot_timeout))
+
+
+# --- restoring a snapshot ---------------------------------------------------------------------
+
+class _Deadline:
+    def __init__(self, timeout: float, path: Path):
+        self.timeout, self.path = timeout, path
+        self.at = time.monotonic() + timeout
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def error(self, stage: str) -> SnapshotTimeoutError:
+        return SnapshotTimeoutError(
+            f"snapshot restore from {self.path} took longer than restore_timeout="
+            f"{self.timeout:g} s ({stage}); raise it with VmConfig(restore_timeout=…) or "
+            "config.with_restore_timeout(…)")
+
+
+def _restored_volumes(snapshot: Snapshot, config: VmConfig, run_dir: Path) -> list:
+    """The snapshot's volume copies as a restored VM's volumes: read-only ones as they are,
+    writable ones behind the engine's per-VM layer in ``run_dir``."""
+    engine = get(snapshot.engine)
+    out = []
+    for i, (vol, saved) in enumerate(zip(config.volumes, snapshot.header["volumes"])):
+        base = snapshot.path / saved["file"]
+        path = base if saved["read_only"] else engine.volume_layer(base, run_dir, i)
+        out.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
+    return out
+
+
+def _load(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], None]):
+    """An engine instance rebuilt from ``snapshot`` with ``spec``'s devices, paused."""
+    reason = f"restored from snapshot {snapshot.path} (made on {snapshot.engine}/{snapshot.accel})"
+    try:
+        instance = get(snapshot.engine).restore(spec, snapshot.path,
+                                                snapshot.header["engine_state"], deadline.at,
+                                                reason, mark)
+    except TimeoutError as exc:
+        raise deadline.error(f"{snapshot.engine} loading the state: {exc}") from exc
+    except EngineError as exc:
+        raise SnapshotError(f"snapshot {snapshot.path} could not be restored: {exc}") from exc
+    mark("state_loaded")
+    return instance
+
+
+def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | None = None,
+            progress: Progress = _silent) -> Vm:
+    """Start a new VM from ``snapshot`` (what ``Image.from_snapshot(p).start()`` does) within
+    ``config.restore_timeout``: the header and host are checked first, the RAM and volume
+    digests while the engine loads the state, and the guest runs only once they match."""
+    config = config or VmConfig()
+    deadline = _Deadline(config.restore_timeout, snapshot.path)
+    snapshot.check_host()
+    effective = snapshot.restored_config(config)
+    snapshot.verify_state()
+    name = vm_name(name, config)
+    h = snapshot.header
+
+    # Guest RAM and volume digests are checked while the engine starts and loads the state;
+    # the guest only runs once they match.
+    verdict: list[BaseException | None] = []
+
+    def verify() -> None:
+        try:
+            snapshot.verify_contents()
+            verdict.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            verdict.append(exc)
+
+    checker = threading.Thread(target=verify, name=f"snapshot-verify-{name}", daemon=True)
+
+    def spec(run_dir: Path) -> LaunchSpec:
+        return LaunchSpec(
+            name=name, memory_mib=snapshot.memory_mib, vcpus=snapshot.vcpus,
+            kernel=Path(h["kernel"]), vmlinux=Path(h["kernel"]), initrd=Path(h["initrd"]),
+            cmdline=h["cmdline"], config=effective, run_dir=run_dir, console=console,
+            volumes=tuple(_restored_volumes(snapshot, effective, run_dir)))
+
+    def start(spec: LaunchSpec, mark: Callable[[str], None]):
+        mark("header_checked")
+        checker.start()
+        progress(f"restoring {name} from {snapshot.path} ({snapshot.memory_mib} MiB, "
+                 f"{snapshot.vcpus} vCPU, {snapshot.engine})")
+        instance = _load(snapshot, spec, deadline, mark)
+        try:
+            checker.join(max(deadline.left(), 0))
+            if checker.is_alive():
+                raise deadline.error("checking the RAM and volume digests")
+            if verdict[0] is not None:
+                raise verdict[0]
+            mark("digests_checked")
+            instance.resume()
+        except BaseException:
+            instance.shutdown(None, timeout=2)
+            raise
+        return instance
+
+    def refresh(agent, seconds_left: float) -> None:
+        _refresh_guest(agent, name, timeout=seconds_left)
+        console.append(f"[supermachine: {name} restored from snapshot {snapshot.path} "
+                       f"of {snapshot.source_name!r}, made {snapshot.created_at}]\n".encode())
+
+    def failed(exc: BaseException, instance, spec) -> SnapshotError:
+        if isinstance(exc, TimeoutError) or deadline.left() <= 0:
+            return deadline.error("waiting for the guest agent")
+        why = (instance.exit_description() if instance is not None else None) or str(exc)
+        return SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent did not "
+                             f"answer: {why}")
+
+    console = ConsoleBuffer()
+    try:
+        return launch(name, effective, Launch(
+            spec, start, failed, timeout_s=max(deadline.left(), 0.01), refresh=refresh,
+            restored_from=snapshot.path,
+            balloon_target_mib=int(h.get("balloon_target_mib") or 0)))
+    finally:
+        if checker.is_alive():
+            checker.join(5)
+
+
+def _refresh_guest(agent, name: str, timeout: float) -> None:
+    """Make a restored guest its own: hostname, fresh entropy (mixed into the pool, which the
+    kernel reseeds from within seconds of an early-uptime restore), the current time (busybox
+    ``date -s``: whole seconds)."""
+    ends = time.monotonic() + timeout
+    clock = agent.exec(["date", "-s", f"@{int(time.time())}"])
+    agent.write_file("/proc/sys/kernel/hostname", name.encode(), timeout=timeout)
+    agent.write_file("/dev/urandom", os.urandom(64), timeout=max(ends - time.monotonic(), 0.01))
+    clock.wait(timeout=max(ends - time.monotonic(), 0.01))

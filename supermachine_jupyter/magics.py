@@ -34,7 +34,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, TraitError
 
-from . import snapshot as snapshots
+from . import snapshots
 from .config import ENGINES, MountSpec, VmConfig, VolumeSpec
 from .errors import VmError
 from .vm import ExecResult, Vm

@@ -253,8 +253,6 @@ class Vm:
         self._watcher = threading.Thread(target=self._watch, name=f"vm-watch-{spec.name}",
                                          daemon=True)
         self._watcher.start()
-        from . import registry
-        registry.publish(self)      # list it for the Jupyter server's sidebar (never raises)
 
     # -- identity and state ------------------------------------------------------------
     @property
@@ -552,12 +550,12 @@ class Vm:
         """Save this VM (guest memory, vCPUs, irqchip, devices, volume contents) as a
         snapshot directory at ``path``; the guest pauses briefly and keeps running.
 
-        Returns a :class:`~supermachine_jupyter.snapshot.Snapshot`;
+        Returns a :class:`~supermachine_jupyter.snapshots.Snapshot`;
         ``Image.from_snapshot(path).start()`` starts new VMs from it on the same engine
-        (QEMU or the native core). VMs with virtio-fs mounts cannot be snapshotted (see
-        ``snapshot.py``)."""
+        (QEMU or the native core). VMs with virtio-fs mounts cannot be snapshotted (each
+        engine says why)."""
         self._check_running()
-        from .snapshot import write_snapshot
+        from .snapshots.write import write_snapshot
         return write_snapshot(self, path, overwrite=overwrite)
 
     # -- console -----------------------------------------------------------------------
@@ -600,8 +598,6 @@ class Vm:
             except Exception:  # noqa: BLE001 - cleanup must go on
                 pass
         self._unsubscribe_console()
-        from . import registry
-        registry.withdraw(self)
         shutil.rmtree(self._spec.run_dir, ignore_errors=True)
         _live_vms.discard(self)
 

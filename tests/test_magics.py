@@ -12,7 +12,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 from IPython.core.error import UsageError
 
-from supermachine_jupyter import snapshot
+from supermachine_jupyter import snapshots
+from supermachine_jupyter.snapshots import cache
 from supermachine_jupyter.magics import VmCommandError
 from tests.helpers import engine_pids
 
@@ -148,12 +149,12 @@ def test_snapshot_and_from(ip, capsys):
     ip.run_line_magic("vm", "snapshots")
     assert "snap-test" in capsys.readouterr().out
     ip.run_line_magic("vm", "stop s1 s2")
-    shutil.rmtree(snapshot.named_snapshot_path("snap-test"))
+    shutil.rmtree(snapshots.named_snapshot_path("snap-test"))
 
 
 def test_second_unnamed_cell_restores_from_the_prebooted_snapshot(ip, capsys):
     run_cell(ip, capsys, "--quiet", "true")        # makes the pre-booted snapshot if missing
-    snapshot.wait_for_background(timeout=60)
+    cache.wait_for_background(timeout=60)
     out = run_cell(ip, capsys, "", "echo restored")
     assert ip._supermachine_magics.last_result.stdout == "restored\n"
     assert " · restore 0." in out.out      # the status line: restored in well under a second

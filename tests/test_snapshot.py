@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_jupyter import snapshot as snapmod
+from supermachine_jupyter.snapshots import cache, store
 from supermachine_jupyter.config import VmConfig
 from supermachine_jupyter.image import Image
-from supermachine_jupyter.snapshot import (
+from supermachine_jupyter.snapshots.format import (
     FORMAT_VERSION,
     MAGIC,
     Snapshot,
@@ -338,13 +338,13 @@ def test_vm_with_mounts_cannot_be_snapshotted(guest_image, tmp_path):
 
 def test_default_snapshot_is_made_on_first_use_then_restored(guest_image, tmp_path,
                                                               monkeypatch):
-    monkeypatch.setattr(snapmod, "snapshots_dir", lambda: tmp_path)
+    monkeypatch.setattr(store, "snapshots_dir", lambda: tmp_path)
     config = QEMU.with_memory_mib(192)
     # First use boots (and snapshots the fresh VM before handing it over).
     with guest_image.start(config, name="first", snapshot_cache=True) as first:
         assert first.restored_from is None
         assert first.run("echo cell-one > /tmp/cell").ok
-    assert snapmod.wait_for_background(60)
+    assert cache.wait_for_background(60)
     made = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(made) == 1 and made[0].name.startswith("default-")
     with guest_image.start(config, name="second", snapshot_cache=True) as second:
@@ -358,7 +358,7 @@ def test_default_snapshot_is_made_on_first_use_then_restored(guest_image, tmp_pa
                            snapshot_cache=True) as booted:
         assert booted.restored_from is None
     # Synchronous form: returns the cached one.
-    assert snapmod.default_snapshot(guest_image, config).path == made[0]
+    assert cache.default_snapshot(guest_image, config).path == made[0]
 
 
 def test_overwriting_a_snapshot_leaves_running_restores_intact(guest_image, tmp_path):

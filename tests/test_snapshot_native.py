@@ -21,7 +21,7 @@ import pytest
 from supermachine_jupyter.config import VmConfig
 from supermachine_jupyter.engines import native
 from supermachine_jupyter.image import Image
-from supermachine_jupyter.snapshot import (
+from supermachine_jupyter.snapshots.format import (
     Snapshot,
     SnapshotError,
     SnapshotTimeoutError,
@@ -211,8 +211,8 @@ def test_vm_with_mounts_cannot_be_snapshotted(probe_image, tmp_path):
 
 
 def test_pre_booted_snapshot_cache_on_the_native_engine(probe_image, tmp_path, monkeypatch):
-    from supermachine_jupyter import snapshot as snapmod
-    monkeypatch.setattr(snapmod, "snapshots_dir", lambda: tmp_path)
+    from supermachine_jupyter.snapshots import cache as snapmod, store
+    monkeypatch.setattr(store, "snapshots_dir", lambda: tmp_path)
     with probe_image.start(NATIVE, name="ncache1", snapshot_cache=True) as first:
         assert first.restored_from is None
         assert count(first) == 1
@@ -241,8 +241,8 @@ def test_vm_magic_saves_and_starts_named_native_snapshots(probe_image, tmp_path,
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.testing.globalipapp import start_ipython
 
-    from supermachine_jupyter import snapshot as snapmod
-    monkeypatch.setattr(snapmod, "snapshots_dir", lambda: tmp_path)
+    from supermachine_jupyter.snapshots import store
+    monkeypatch.setattr(store, "snapshots_dir", lambda: tmp_path)
     shell = start_ipython() or InteractiveShell.instance()
     shell.run_line_magic("load_ext", "supermachine_jupyter")
     shell.user_ns["probe_config"] = NATIVE.with_assets(probe_image.kernel, probe_image.initrd)

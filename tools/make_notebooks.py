@@ -930,7 +930,7 @@ def snapshots():
            "to load the state and the guest's agent to answer. Past it, the half-restored VM "
            "is stopped and `SnapshotTimeoutError` says which stage was too slow. A "
            "millisecond is far too short:"),
-        code("from supermachine_jupyter.snapshot import SnapshotError, SnapshotTimeoutError\n\n"
+        code("from supermachine_jupyter.snapshots import SnapshotError, SnapshotTimeoutError\n\n"
              "try:\n"
              "    snap_image.start(VmConfig(name=\"too-quick\", restore_timeout=0.001))\n"
              "except SnapshotTimeoutError as error:\n"
@@ -1001,9 +1001,9 @@ def snapshots():
            "turns it off. From Python it is `image.start(config, snapshot_cache=True)`. To "
            "watch the first start happen, we use a memory size of our own and empty its cache "
            "entry:"),
-        code("from supermachine_jupyter import snapshot\n\n"
+        code("from supermachine_jupyter.snapshots import cache, store\n\n"
              "config = VmConfig(memory_mib=160, engine=\"qemu\")\n"
-             "cached = snapshot.snapshots_dir() / f\"default-{snapshot.default_snapshot_key(image, config)}\"\n"
+             "cached = store.snapshots_dir() / f\"default-{cache.default_snapshot_key(image, config)}\"\n"
              "shutil.rmtree(cached, ignore_errors=True)\n"
              "for start in range(1, 4):\n"
              "    began = time.monotonic()\n"
@@ -1013,7 +1013,7 @@ def snapshots():
              "        how = (f\"restored from {vm.restored_from.name}\" if vm.restored_from\n"
              "               else \"booted, and saved the pre-booted snapshot\")\n"
              "        print(f\"start {start}: first command done after {took:.2f} s: {how}\")\n"
-             "        snapshot.wait_for_background()    # let the first one finish writing it"),
+             "        cache.wait_for_background()    # let the first one finish writing it"),
         md("## The same on the native core\n"
            "The project's own KVM core writes its own snapshot format: `state.bin` holds the "
            "vCPUs, the interrupt controllers, the clock, the UART and every virtio device "
@@ -1050,7 +1050,7 @@ def snapshots():
         md("Clean up: the snapshot directories of this notebook, the named snapshot `s1` and "
            "our cache entry. (The VMs are all stopped already.)"),
         code("shutil.rmtree(workdir)\n"
-             "shutil.rmtree(snapshot.named_snapshot_path(\"s1\"), ignore_errors=True)\n"
+             "shutil.rmtree(store.named_snapshot_path(\"s1\"), ignore_errors=True)\n"
              "shutil.rmtree(cached, ignore_errors=True)\n"
              "print(\"removed\", workdir, \"and the snapshot s1\")"),
         md("## Exercises\n"
