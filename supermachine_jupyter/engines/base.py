@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..console import ConsoleBuffer
+from ..errors import EngineError
 
 if TYPE_CHECKING:
     from ..agent import AgentClient
@@ -147,13 +148,47 @@ class EngineInstance(abc.ABC):
         raise NotImplementedError(f"{self.engine_name}: balloon not supported")
 
     # -- snapshots (engines override what they support; see snapshot.py) ------------------
+    #: Why this engine cannot carry virtio-fs mounts across a snapshot (the one place each
+    #: engine says it): "… cannot be snapshotted: <this>".
+    mounts_not_snapshotted_because: str = "this engine cannot snapshot them"
+
     def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
                     timeout: float = 300.0) -> "Callable[[], dict]":
         """Save the VM's engine state (guest memory, vCPUs, irqchip, devices) into
         ``directory``: pause the guest, save what must be saved while it is paused, call
-        ``while_paused``, resume it. Returns a function that finishes the files (it may run
-        in another thread, after the VM has moved on) and returns what the snapshot header
-        records about the engine."""
+        ``while_paused`` (volume copies), resume it. Returns a function that finishes the
+        files (it may run in another thread, after the VM has moved on) and returns what the
+        snapshot header records about the engine (``engine_state``)."""
+        if self.spec.config.mounts:
+            raise EngineError("snapshot: this VM has virtio-fs mounts, so it cannot be "
+                              f"snapshotted: {self.mounts_not_snapshotted_because} (use "
+                              "volumes instead)")
+        deadline = time.monotonic() + timeout
+        was_running = self._guest_running()
+        paused_at = time.monotonic()
+        self._pause()
+        try:
+            finish = self._save_paused(directory, deadline)
+            if while_paused is not None:
+                while_paused()
+        finally:
+            if was_running and self.is_running():
+                self._unpause()
+        paused_s = round(time.monotonic() - paused_at, 4)
+        return lambda: {**finish(), "paused_seconds": paused_s}
+
+    # The snapshot_to template's steps (engines that snapshot override them).
+    def _guest_running(self) -> bool:
+        raise NotImplementedError(f"{self.engine_name}: snapshots not supported")
+
+    def _pause(self) -> None:
+        raise NotImplementedError(f"{self.engine_name}: snapshots not supported")
+
+    def _unpause(self) -> None:
+        raise NotImplementedError(f"{self.engine_name}: snapshots not supported")
+
+    def _save_paused(self, directory: Path, deadline: float) -> "Callable[[], dict]":
+        """Save while the guest is paused; return the function that finishes the files."""
         raise NotImplementedError(f"{self.engine_name}: snapshots not supported")
 
     def incoming(self, state: Path, deadline: float, ignore_shared: bool = True) -> None:

@@ -570,26 +570,24 @@ class NativeInstance(EngineInstance):
                                       name=f"native-console-{self.spec.name}")
         self._pump.start()
 
-    def snapshot_to(self, directory: Path, while_paused: Callable[[], None] | None = None,
-                    timeout: float = 300.0) -> Callable[[], dict]:
-        """Save the VM into ``directory`` in the core's format (state.bin: vCPUs, irqchip,
-        clock, UART and virtio devices; memory.bin: guest RAM, sparse) while it is paused,
-        call ``while_paused``, resume. The returned function flushes guest RAM to disk."""
-        if self.spec.config.mounts:
-            raise EngineError("snapshot: this VM has virtio-fs mounts, which the native core "
-                              "cannot carry across a snapshot (the guest's FUSE node ids and "
-                              "open files name host file descriptors); use volumes instead")
-        was_running = self.vm.state == "running"
-        paused_at = time.monotonic()
+    # -- the snapshot_to template's steps (EngineInstance.snapshot_to) ---------------------
+    # The core writes state.bin (vCPUs, irqchip, clock, UART, virtio devices) and memory.bin
+    # (guest RAM, sparse) while the guest is paused; ``finish`` flushes guest RAM to disk.
+    mounts_not_snapshotted_because = ("the guest's FUSE node ids and open files name host "
+                                      "file descriptors of the native core")
+
+    def _guest_running(self) -> bool:
+        return self.vm.state == "running"
+
+    def _pause(self) -> None:
         self.vm.pause()
-        try:
-            self.vm.snapshot(directory)
-            if while_paused is not None:
-                while_paused()
-        finally:
-            if was_running and self.vm.state == "paused":
-                self.vm.resume()
-        paused_s = time.monotonic() - paused_at
+
+    def _unpause(self) -> None:
+        if self.vm.state == "paused":
+            self.vm.resume()
+
+    def _save_paused(self, directory: Path, deadline: float) -> Callable[[], dict]:
+        self.vm.snapshot(directory)
 
         def finish() -> dict:
             # The core leaves guest RAM in the page cache so the pause is not a disk wait.
@@ -599,8 +597,7 @@ class NativeInstance(EngineInstance):
             finally:
                 os.close(fd)
             return {"core_version": version(), "accel": self.accel,
-                    "state_file": SNAPSHOT_STATE_FILE, "ram_file": SNAPSHOT_MEMORY_FILE,
-                    "paused_seconds": round(paused_s, 4)}
+                    "state_file": SNAPSHOT_STATE_FILE, "ram_file": SNAPSHOT_MEMORY_FILE}
 
         return finish
 

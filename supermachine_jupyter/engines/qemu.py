@@ -186,9 +186,6 @@ class QemuInstance(EngineInstance):
                                 f"serial={qemu_opt(volume.serial)}"]
         if spec.config.balloon:
             args += ["-device", "virtio-balloon-device,id=balloon0,deflate-on-oom=on"]
-        if spec.config.mounts and self.restore is not None:
-            raise EngineError("snapshot: a VM with virtio-fs mounts cannot be restored: QEMU "
-                              f"{qemu_version()}'s vhost-user-fs device is not migratable")
         if spec.config.mounts:
             # vhost-user needs guest memory that virtiofsd can map: a shared memfd.
             args += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
@@ -303,44 +300,39 @@ class QemuInstance(EngineInstance):
                 for d in self._virtiofsd]
 
     # -- snapshots (QEMU's migration stream; the format around it is snapshot.py's) -------
-    def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
-                    timeout: float = SNAPSHOT_TIMEOUT_S) -> "Callable[[], dict]":
-        """Save this VM's state into ``directory``; the VM keeps running afterwards.
+    # -- the snapshot_to template's steps (EngineInstance.snapshot_to) ---------------------
+    # Now: the guest is paused (QMP ``stop``) for one migration to a file. Later, in
+    # ``finish``, without the VM: a helper QEMU, never run, loads that stream into file-backed
+    # RAM (``ram_file``, share=on) and saves it again with ``x-ignore-shared``. The result is
+    # guest RAM as a plain file that restores map copy-on-write, plus a small device-state
+    # stream (``state_file``).
+    @property
+    def mounts_not_snapshotted_because(self) -> str:
+        return f"QEMU {qemu_version()}'s vhost-user-fs device is not migratable"
 
-        Now: the guest is paused (QMP ``stop``) for one migration to a file and for
-        ``while_paused`` (volume copies), then resumed. The returned function does the rest,
-        without the VM: a helper QEMU, never run, loads that stream into file-backed RAM
-        (``ram_file``, share=on) and saves it again with ``x-ignore-shared``. The result is
-        guest RAM as a plain file that restores map copy-on-write, plus a small device-state
-        stream (``state_file``).
-        """
-        if self.spec.config.mounts:
-            raise EngineError("snapshot: this VM has virtio-fs mounts, and QEMU "
-                              f"{qemu_version()}'s vhost-user-fs device is not migratable, so "
-                              "it cannot be snapshotted (use volumes, or no mounts)")
-        deadline = time.monotonic() + timeout
-        full = directory / "qemu-full.migration.tmp"
-        state, ram = directory / SNAPSHOT_STATE_FILE, directory / SNAPSHOT_RAM_FILE
+    def _guest_running(self) -> bool:
+        return self.qmp().execute("query-status").get("running", False)
+
+    def _pause(self) -> None:
         qmp = self.qmp()
         qmp.execute("migrate-set-parameters", **{"max-bandwidth": MIGRATION_MAX_BANDWIDTH})
         # A restored VM loaded with x-ignore-shared; its own RAM (share=off) must go in full.
         qmp.execute("migrate-set-capabilities",
                     capabilities=[{"capability": "x-ignore-shared", "state": False}])
-        was_running = qmp.execute("query-status").get("running", False)
-        paused_at = time.monotonic()
         qmp.execute("stop")
+
+    def _unpause(self) -> None:
+        self.qmp().execute("cont")
+
+    def _save_paused(self, directory: Path, deadline: float) -> "Callable[[], dict]":
+        full = directory / "qemu-full.migration.tmp"
+        state, ram = directory / SNAPSHOT_STATE_FILE, directory / SNAPSHOT_RAM_FILE
         try:
-            qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(full))}")
-            wait_for_migration(qmp, deadline, self.is_running, "saving the snapshot")
-            if while_paused is not None:
-                while_paused()
+            self.qmp().execute("migrate", uri=f"exec:cat > {shlex.quote(str(full))}")
+            wait_for_migration(self.qmp(), deadline, self.is_running, "saving the snapshot")
         except BaseException:
             full.unlink(missing_ok=True)
             raise
-        finally:
-            if was_running and self.is_running():
-                qmp.execute("cont")
-        paused_s = time.monotonic() - paused_at
         spec = self.spec
 
         def finish() -> dict:
@@ -368,7 +360,7 @@ class QemuInstance(EngineInstance):
                 full.unlink(missing_ok=True)
             return {"qemu_version": qemu_version(), "accel": self.accel, "machine": "microvm",
                     "ram_block": RAM_BLOCK_ID, "state_file": SNAPSHOT_STATE_FILE,
-                    "ram_file": SNAPSHOT_RAM_FILE, "paused_seconds": round(paused_s, 4)}
+                    "ram_file": SNAPSHOT_RAM_FILE}
 
         return finish
 

@@ -54,8 +54,7 @@ dir like the kernel, keyed by everything that shapes it (kernel and initramfs ha
 vCPUs, balloon, engine with its version and accelerator, format version).
 ``Image.start(config, snapshot_cache=True)`` uses it when the config allows (no volumes, no
 mounts, the image's own kernel): the first start boots and snapshots the fresh VM before handing
-it over (:func:`start_with_cache`), later starts restore. :func:`default_snapshot` makes or
-returns it synchronously.
+it over (``cache.start_with_cache``), later starts restore.
 
 The package: ``format`` (the header, digests, checks and :class:`Snapshot`), ``write`` (taking
 a snapshot of a running VM), ``store`` (where snapshots live; named snapshots) and ``cache``

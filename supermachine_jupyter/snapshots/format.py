@@ -1,62 +1,16 @@
-"""The snapshot format: a directory with a versioned, checksummed ``header``, its digests
-and checks, and :class:`Snapshot` (a directory whose header has been checked).
-
-``vm.snapshot(path)`` pauses the guest for a moment, writes its state and resumes it.
-``Image.from_snapshot(path).start(config)`` restores: a new engine process loads the state
-and the guest carries on exactly where the snapshot left it (files in ``/tmp``, running
-processes, the page cache), under a new name and in its own run directory. Every restore is
-independent of the others and of the VM the snapshot came from.
-
-A snapshot is a directory::
-
-    header                  versioned, checksummed header (see below)
-    volume<i>.img           the data volumes as they were at the snapshot (sparse copies)
-
-and the engine's own files. QEMU (``engine_state.qemu_version``):
-
-    qemu-state.migration    QEMU's migration stream: vCPU, irqchip, timers and device state
-                            (saved with ``x-ignore-shared``, so without guest RAM)
-    qemu-ram.img            guest RAM as a sparse file; every restore maps it copy-on-write
-                            (``memory-backend-file,share=off``), so N restores share the
-                            pages none of them has written
-
-The native core (``engine_state.core_version``; format in ``native/src/snapshot.h``):
-
-    state.bin               vCPUs, irqchip, PIT, clock, UART and every virtio-mmio device
-                            (transport, queue indexes, device state), versioned, checksummed
-    memory.bin              guest RAM as a sparse file, mapped ``MAP_PRIVATE`` by restores
+"""The snapshot format: a directory with a versioned, checksummed ``header``, the digests of
+its files, the checks made before any engine starts, and :class:`Snapshot` (a directory
+whose header has been checked). What a snapshot holds and what a restored VM gets: the
+package's docstring (``snapshots/__init__.py``).
 
 ``header`` is three lines: ``SUPERMACHINE-SNAPSHOT <format version>``, one line of JSON (the
 engine, its version and accelerator, the ``VmConfig`` as ``to_dict()``, memory and vCPUs,
 kernel and initramfs paths with their SHA-256, the creation time, and the size and digest of
-every other file), and ``sha256:<hex>`` of that JSON line. Everything is checked before an
-engine starts; a snapshot that is truncated, corrupted, from another format version or from
-another QEMU version is refused with a :class:`SnapshotError` that says which and why
-(the native core checks its own files' format version, sizes and checksum the same way).
-A snapshot restores on the engine that made it.
-
-What a restored VM gets:
-
-* its **volumes** are the snapshot's copies, behind a per-VM copy-on-write overlay in its
-  run directory (QEMU: qcow2; native: a sparse per-VM copy): the guest's filesystem matches
-  its memory, restores never see each other's writes, and the original volume file (which
-  the source VM may have changed since) is never touched. Writes end with the VM.
-* **host mounts** (virtio-fs) cannot be carried, so a VM with mounts cannot be snapshotted
-  (a clear error says why): QEMU 7.2's ``vhost-user-fs`` device is not migratable, and the
-  native core's FUSE node ids and open files name host file descriptors.
-* on the native core, **vsock connections** are reset (the guest gets a transport-reset
-  event, as on Firecracker); the agent keeps listening and the host connects anew.
-* after the agent answers, the host sets the guest's **hostname** to the new VM's name,
-  mixes fresh host entropy into ``/dev/urandom`` and sets the guest **clock** (it stood still
-  while the snapshot sat on disk).
-
-The default image's pre-booted snapshot is made on first use and cached in the user cache
-dir like the kernel, keyed by everything that shapes it (kernel and initramfs hashes, memory,
-vCPUs, balloon, engine with its version and accelerator, format version).
-``Image.start(config, snapshot_cache=True)`` uses it when the config allows (no volumes, no
-mounts, the image's own kernel): the first start boots and snapshots the fresh VM before handing
-it over (:func:`start_with_cache`), later starts restore. :func:`default_snapshot` makes or
-returns it synchronously.
+every other file), and ``sha256:<hex>`` of that JSON line. The checksum catches damage, not
+tampering (anyone can recompute it), so the header is treated as host input: every field a
+restore reads is type-checked and every file it names must be a plain name inside the
+directory. A snapshot that is truncated, corrupted, from another format version or from
+another engine version is refused with a :class:`SnapshotError` that says which and why.
 """
 
 from __future__ import annotations
