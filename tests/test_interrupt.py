@@ -159,9 +159,19 @@ def test_a_lost_named_vm_is_reported_and_restarted_with_its_config(demo):
     qemu = engine_pids("qemu-system", parent=demo.pid)
     assert len(qemu) == 1
     os.kill(qemu[0], signal.SIGKILL)
+    # Until it has exited: a zombie with no thread left, or reaped. (A process tearing down
+    # its memory has no command line any more, and the leader of a multi-threaded one shows
+    # "Z" while its other threads are still exiting: neither has ended yet.)
     deadline = time.monotonic() + 10
-    while qemu[0] in engine_pids("qemu-system", parent=demo.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{qemu[0]}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            if zombie and len(os.listdir(f"/proc/{qemu[0]}/task")) <= 1:
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
     out = demo.run("%%vm --name demo\necho back; cat /mnt/share/hello.txt; "
                    "test -e /sys/bus/virtio/drivers/virtio_balloon/virtio* && echo balloon-on")
     assert "was lost" in out and "killed by signal 9" in out, out

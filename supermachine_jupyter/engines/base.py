@@ -109,9 +109,33 @@ class EngineInstance(abc.ABC):
     #: what the instance runs
     spec: LaunchSpec
 
-    @abc.abstractmethod
+    #: How long to wait between two attempts to reach a guest agent that is not there yet:
+    #: each wait adds to the time to a VM's first output, and an attempt costs one local socket.
+    agent_connect_retry_s = 0.01
+
     def connect_agent(self, timeout: float) -> socket.socket:
-        """A connected stream socket to the guest agent's transport."""
+        """A connected stream socket to the guest agent's transport, retried until the
+        guest listens; EngineError when the VM ends first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        last = "no attempt"
+        while True:
+            if not self.is_running():
+                raise EngineError(self.exit_description() or f"the {self.engine_name} VM ended")
+            try:
+                sock = self._try_connect_agent(max(0.1, min(5.0, deadline - time.monotonic())))
+                if sock is not None:
+                    return sock
+                last = "not listening yet"
+            except OSError as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise EngineError(f"the guest agent of {self.spec.name} was not reachable "
+                                  f"within {timeout:g} s ({last})")
+            time.sleep(self.agent_connect_retry_s)
+
+    @abc.abstractmethod
+    def _try_connect_agent(self, timeout: float) -> socket.socket | None:
+        """One attempt: a connected socket, None (or OSError) when the agent is not there."""
 
     @abc.abstractmethod
     def is_running(self) -> bool:
@@ -129,9 +153,30 @@ class EngineInstance(abc.ABC):
             time.sleep(0.02)
         return self.exit_description()
 
-    @abc.abstractmethod
     def shutdown(self, agent: "AgentClient | None", timeout: float) -> None:
-        """End the VM, escalating from a clean guest poweroff to killing the engine."""
+        """End the VM, escalating from a clean guest poweroff (the agent's ``POWEROFF``, half
+        of ``timeout``) to the engine's own ways of stopping it, then free what it holds.
+        Safe to call on an instance that already ended."""
+        if self.is_running() and agent is not None and not agent.closed:
+            try:
+                agent.poweroff()
+                self._wait_ended(max(timeout / 2, 0.5))
+            except Exception:  # noqa: BLE001 - escalate below
+                pass
+        self._stop(max(timeout / 2, 0.5))
+        self._release()
+
+    @abc.abstractmethod
+    def _wait_ended(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the guest to end the VM itself."""
+
+    @abc.abstractmethod
+    def _stop(self, timeout: float) -> None:
+        """End a VM that is still running, escalating as the engine allows."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free what the ended VM held (helper processes, threads, memory, sockets)."""
 
     @abc.abstractmethod
     def process_ids(self) -> list[int]:

@@ -32,7 +32,6 @@ from .base import (AGENT_PORT_NAME, GUEST_READY_LINE, Engine, EngineInstance, La
 from .virtiofsd import Virtiofsd
 
 if TYPE_CHECKING:
-    from ..agent import AgentClient
     from ..assets import GuestAssets
 
 QEMU_PACKAGE = "qemu-system-x86"
@@ -211,23 +210,25 @@ class QemuInstance(EngineInstance):
         return f"<QemuInstance {self.spec.name} pid={self.proc.pid} accel={self.accel}>"
 
     # -- EngineInstance ------------------------------------------------------------------
-    def connect_agent(self, timeout: float) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.is_running():
-                raise EngineError(self.exit_description() or "QEMU exited")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(self._agent_path))
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise EngineError(f"QEMU did not open {self._agent_path} within {timeout} s")
-                time.sleep(0.01)
+    def _try_connect_agent(self, timeout: float) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self._agent_path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
 
     def is_running(self) -> bool:
-        return self.proc.poll() is None
+        if self.proc.poll() is not None:
+            return False
+        # poll() answers "running" while another thread holds Popen's wait lock; ask the
+        # kernel directly, without reaping, whether QEMU has exited.
+        try:
+            return os.waitid(os.P_PID, self.proc.pid,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:     # reaped by then: poll() will say how it ended
+            return False
 
     def exit_description(self) -> str | None:
         code = self.proc.poll()
@@ -250,15 +251,13 @@ class QemuInstance(EngineInstance):
                                                self.is_running)
             return self._qmp
 
-    def shutdown(self, agent: "AgentClient | None", timeout: float) -> None:
-        """Agent POWEROFF → QMP ``quit`` → SIGTERM → SIGKILL, each with a share of ``timeout``."""
-        step = max(timeout / 3, 0.5)
-        if self.is_running() and agent is not None and not agent.closed:
-            try:
-                agent.poweroff()
-                self.proc.wait(timeout=step)
-            except (subprocess.TimeoutExpired, Exception):  # noqa: BLE001 - escalate below
-                pass
+    # -- the shutdown template's steps (EngineInstance.shutdown) --------------------------
+    def _wait_ended(self, timeout: float) -> None:
+        self.proc.wait(timeout=timeout)
+
+    def _stop(self, timeout: float) -> None:
+        """QMP ``quit``, then SIGTERM, then SIGKILL."""
+        step = timeout / 2
         if self.is_running():
             try:
                 self.qmp().execute("quit")
@@ -268,6 +267,8 @@ class QemuInstance(EngineInstance):
         if self.is_running():
             terminate(self.proc, grace=step)
         self.proc.wait()
+
+    def _release(self) -> None:
         self._stop_virtiofsd()
         for reader in self._readers:
             reader.join(timeout=2)
