@@ -1,9 +1,10 @@
-/* sm_internal.h — types shared by the core's modules (never part of the C ABI). */
+/* sm_internal.h — the VM's internals, shared by vm.c, kvm.c, vcpu.c, boot_x86.c and
+ * snapshot.c (never part of the C ABI). Devices never include it: they get what they need
+ * through devices/device.h. */
 #ifndef SM_INTERNAL_H
 #define SM_INTERNAL_H
 
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <linux/kvm.h>
@@ -91,7 +92,7 @@ struct sm_vm {
     char last_error[SM_ERROR_MESSAGE_BYTES];
 
     struct sm_uart *uart;
-    sm_i8042_counters i8042;  /* updated under the vCPU exits; advisory */
+    sm_i8042 i8042;
     struct sm_event_loop *loop;
     struct sm_virtio_mmio *virtio[SM_MAX_VIRTIO_DEVICES];
     uint32_t n_virtio;
@@ -116,8 +117,11 @@ void sm_vm_flag_unhandled(struct sm_vm *vm, int is_mmio, const char *fmt, ...)
 /* Append a host-side note ("[supermachine] ...") to the console ring. */
 void sm_vm_console_note(struct sm_vm *vm, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
-int sm_irq_pulse(struct sm_vm *vm, uint32_t irq);
-int sm_irq_set_level(struct sm_vm *vm, uint32_t irq, int level);
+/* sm_vm_create with guest RAM mapped MAP_PRIVATE from memory_fd (>= 0: a snapshot's
+ * memory.bin, no kernel load; the caller sets vCPU and irqchip state). memory_fd < 0 is plain
+ * sm_vm_create. */
+int sm_vm_create_internal(const sm_vm_config *c, int memory_fd, struct sm_vm **out, char *err,
+                          size_t err_len);
 
 /* kvm.c */
 int sm_kvm_open(struct sm_vm *vm, char *err, size_t err_len);
@@ -141,9 +145,5 @@ int sm_boot_write_page_tables(struct sm_vm *vm, char *err, size_t err_len);
 /* io dispatch (vm.c) */
 void sm_io_port(struct sm_vm *vm, uint16_t port, uint8_t *data, uint32_t size, int is_write);
 void sm_io_mmio(struct sm_vm *vm, uint64_t gpa, uint8_t *data, uint32_t size, int is_write);
-
-/* small helpers */
-void sm_format(char *buf, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-void sm_vformat(char *buf, size_t len, const char *fmt, va_list ap);
 
 #endif

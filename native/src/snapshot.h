@@ -80,10 +80,4 @@ typedef struct sm_snapshot_vcpu_state {
     struct kvm_msr_entry msrs[SM_SNAPSHOT_MAX_MSRS];
 } sm_snapshot_vcpu_state;
 
-/* vm.c: sm_vm_create with guest RAM mapped MAP_PRIVATE from memory_fd (>= 0: a snapshot's
- * memory.bin, no kernel load; the caller sets vCPU and irqchip state). memory_fd < 0 is plain
- * sm_vm_create. */
-int sm_vm_create_internal(const sm_vm_config *c, int memory_fd, struct sm_vm **out, char *err,
-                          size_t err_len);
-
 #endif

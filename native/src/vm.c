@@ -2,7 +2,7 @@
 #define _GNU_SOURCE
 #include "sm_internal.h"
 #include "event_loop.h"
-#include "snapshot.h"
+#include "devices/device.h"
 #include "devices/i8042.h"
 #include "devices/uart8250.h"
 #include "devices/virtio_balloon.h"
@@ -12,6 +12,7 @@
 #include "devices/virtio_vsock.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,20 +87,6 @@ uint64_t sm_monotonic_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-void sm_vformat(char *buf, size_t len, const char *fmt, va_list ap)
-{
-    if (len)
-        vsnprintf(buf, len, fmt, ap);
-}
-
-void sm_format(char *buf, size_t len, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    sm_vformat(buf, len, fmt, ap);
-    va_end(ap);
 }
 
 /* ---- errors, ending, notes ---------------------------------------------------------- */
@@ -210,17 +197,39 @@ void sm_vm_flag_unhandled(struct sm_vm *vm, int is_mmio, const char *fmt, ...)
     pthread_mutex_unlock(&vm->lock);
 }
 
-int sm_irq_set_level(struct sm_vm *vm, uint32_t irq, int level)
+/* ---- what devices are handed (devices/device.h) ------------------------------------ */
+
+static int irq_set_level(struct sm_vm *vm, uint32_t gsi, int level)
 {
-    struct kvm_irq_level l = {.irq = irq, .level = (uint32_t)level};
+    struct kvm_irq_level l = {.irq = gsi, .level = (uint32_t)level};
     return ioctl(vm->vm_fd, KVM_IRQ_LINE, &l);
 }
 
-int sm_irq_pulse(struct sm_vm *vm, uint32_t irq)
+static void irq_pulse(void *ctx, uint32_t gsi)
 {
-    int rc = sm_irq_set_level(vm, irq, 1);
-    rc |= sm_irq_set_level(vm, irq, 0);
-    return rc;
+    struct sm_vm *vm = ctx;
+    irq_set_level(vm, gsi, 1);
+    irq_set_level(vm, gsi, 0);
+}
+
+static sm_irq_line device_irq_line(struct sm_vm *vm, uint32_t gsi)
+{
+    return (sm_irq_line){.pulse = irq_pulse, .ctx = vm, .gsi = gsi};
+}
+
+static void device_broken(void *ctx, const char *device, const char *reason)
+{
+    sm_vm_console_note(ctx, "device %s is broken: %s", device, reason);
+}
+
+static void device_reset(void *ctx, const char *why)
+{
+    sm_vm_end(ctx, SM_STATE_STOPPED, SM_EXIT_GUEST_RESET, "%s", why);
+}
+
+static sm_device_reporter device_reporter(struct sm_vm *vm)
+{
+    return (sm_device_reporter){.broken = device_broken, .reset = device_reset, .ctx = vm};
 }
 
 /* ---- I/O dispatch ------------------------------------------------------------------- */
@@ -233,7 +242,7 @@ void sm_io_port(struct sm_vm *vm, uint16_t port, uint8_t *data, uint32_t size, i
         return;
     }
     if (port == SM_I8042_DATA_PORT || port == SM_I8042_COMMAND_PORT) {
-        sm_i8042_pio(vm, &vm->i8042, port, data, is_write);
+        sm_i8042_pio(&vm->i8042, port, data, is_write);
         return;
     }
     for (size_t i = 0; i < sizeof(SM_ABSENT_LEGACY_PORTS) / sizeof(SM_ABSENT_LEGACY_PORTS[0]); i++) {
@@ -293,7 +302,8 @@ static int add_virtio(struct sm_vm *vm, const char *name, const sm_virtio_ops *o
     uint32_t slot = vm->n_virtio;
     uint64_t base = SM_VIRTIO_MMIO_BASE_GPA + slot * SM_VIRTIO_MMIO_SLOT_BYTES;
     uint32_t irq = SM_VIRTIO_FIRST_IRQ + slot;
-    sm_virtio_mmio *t = sm_virtio_mmio_create(vm, name, base, irq, ops, dev);
+    sm_virtio_mmio *t = sm_virtio_mmio_create(name, base, ops, dev, &vm->mem,
+                                              device_irq_line(vm, irq), device_reporter(vm));
     if (!t) {
         ops->destroy(dev);
         snprintf(err, err_len, "out of memory for %s", name);
@@ -310,11 +320,12 @@ static int add_virtio(struct sm_vm *vm, const char *name, const sm_virtio_ops *o
 
 static int create_devices(struct sm_vm *vm, const sm_vm_config *c, char *err, size_t err_len)
 {
-    vm->uart = sm_uart_create(vm, SM_COM1_PORT, SM_COM1_IRQ);
+    vm->uart = sm_uart_create(SM_COM1_PORT, device_irq_line(vm, SM_COM1_IRQ));
     if (!vm->uart) {
         snprintf(err, err_len, "out of memory for the UART");
         return SM_ERR_OUT_OF_MEMORY;
     }
+    sm_i8042_init(&vm->i8042, device_reporter(vm));
     vm->loop = sm_event_loop_create(err, err_len);
     if (!vm->loop)
         return SM_ERR_DEVICE_SETUP;
@@ -780,15 +791,4 @@ int sm_vm_device_info(sm_vm *vm, uint32_t index, sm_device_info *out)
         return fail_call(vm, SM_ERR_NO_SUCH_DEVICE, "no device %u (the VM has %u)", index, vm->n_virtio);
     sm_virtio_mmio_info(vm->virtio[index], out);
     return SM_OK;
-}
-
-#include "../guest/probes/calib_loop.h"
-
-uint64_t sm_calib_loop(uint64_t iterations, uint64_t *checksum)
-{
-    uint64_t sum = 0;
-    uint64_t cycles = sm_calib_timed(iterations, &sum);
-    if (checksum)
-        *checksum = sum;
-    return cycles;
 }

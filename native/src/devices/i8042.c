@@ -1,21 +1,26 @@
 /* i8042.c — keyboard controller stub: status always "empty", reset command honoured. */
 #include "i8042.h"
-#include "../sm_internal.h"
+
+#include <string.h>
 
 #define I8042_STATUS_EMPTY 0x00
 
-void sm_i8042_pio(struct sm_vm *vm, sm_i8042_counters *c, uint16_t port, uint8_t *data,
-                  int is_write)
+void sm_i8042_init(sm_i8042 *k, sm_device_reporter reporter)
+{
+    memset(k, 0, sizeof(*k));
+    k->reporter = reporter;
+}
+
+void sm_i8042_pio(sm_i8042 *k, uint16_t port, uint8_t *data, int is_write)
 {
     if (!is_write) {
-        c->reads++;
+        k->counters.reads++;
         *data = I8042_STATUS_EMPTY;
         return;
     }
-    c->writes++;
+    k->counters.writes++;
     if (port == SM_I8042_COMMAND_PORT && *data == SM_I8042_CMD_RESET_CPU) {
-        c->reset_requests++;
-        sm_vm_end(vm, SM_STATE_STOPPED, SM_EXIT_GUEST_RESET,
-                  "guest reset the machine through the i8042 (reboot)");
+        k->counters.reset_requests++;
+        sm_device_report_reset(&k->reporter, "guest reset the machine through the i8042 (reboot)");
     }
 }

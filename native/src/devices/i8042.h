@@ -3,8 +3,7 @@
 #define SM_I8042_H
 
 #include <stdint.h>
-
-struct sm_vm;
+#include "device.h"
 
 #define SM_I8042_DATA_PORT 0x60
 #define SM_I8042_COMMAND_PORT 0x64
@@ -16,8 +15,14 @@ typedef struct sm_i8042_counters {
     uint64_t reset_requests;
 } sm_i8042_counters;
 
-/* Port I/O on 0x60/0x64. A 0xFE written to 0x64 ends the VM cleanly (guest reboot). */
-void sm_i8042_pio(struct sm_vm *vm, sm_i8042_counters *c, uint16_t port, uint8_t *data,
-                  int is_write);
+typedef struct sm_i8042 {
+    sm_device_reporter reporter;   /* reset: the guest wrote 0xFE to 0x64 */
+    sm_i8042_counters counters;    /* updated under the vCPU exits; advisory */
+} sm_i8042;
+
+void sm_i8042_init(sm_i8042 *k, sm_device_reporter reporter);
+/* Port I/O on 0x60/0x64. A 0xFE written to 0x64 asks the machine for a reset (the VM ends
+ * cleanly: guest reboot). */
+void sm_i8042_pio(sm_i8042 *k, uint16_t port, uint8_t *data, int is_write);
 
 #endif

@@ -3,7 +3,6 @@
  * probe guests. Guest writes land in a ring buffer read by the host. */
 #define _GNU_SOURCE
 #include "uart8250.h"
-#include "../sm_internal.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +32,7 @@
 #define UART_MSR_DSR 0x20
 #define UART_MSR_CTS 0x10
 
-sm_uart *sm_uart_create(struct sm_vm *vm, uint16_t base_port, uint32_t irq)
+sm_uart *sm_uart_create(uint16_t base_port, sm_irq_line irq)
 {
     sm_uart *u = calloc(1, sizeof(*u));
     if (!u)
@@ -43,7 +42,6 @@ sm_uart *sm_uart_create(struct sm_vm *vm, uint16_t base_port, uint32_t irq)
         free(u);
         return NULL;
     }
-    u->vm = vm;
     u->base_port = base_port;
     u->irq = irq;
     u->msr = UART_MSR_DCD | UART_MSR_DSR | UART_MSR_CTS;
@@ -195,7 +193,7 @@ void sm_uart_pio(sm_uart *u, uint16_t offset, uint8_t *data, int is_write)
         u->counters.interrupts++;
     pthread_mutex_unlock(&u->lock);
     if (raise)
-        sm_irq_pulse(u->vm, u->irq);
+        sm_irq_line_pulse(&u->irq);
 }
 
 int sm_uart_input(sm_uart *u, const uint8_t *buf, size_t len)
@@ -214,7 +212,7 @@ int sm_uart_input(sm_uart *u, const uint8_t *buf, size_t len)
         u->counters.interrupts++;
     pthread_mutex_unlock(&u->lock);
     if (raise)
-        sm_irq_pulse(u->vm, u->irq);
+        sm_irq_line_pulse(&u->irq);
     return accepted;
 }
 

@@ -5,8 +5,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stddef.h>
-
-struct sm_vm;
+#include "device.h"
 
 #define SM_UART_REGISTER_COUNT 8
 #define SM_CONSOLE_RING_BYTES (1024 * 1024)
@@ -21,9 +20,8 @@ typedef struct sm_uart_counters {
 } sm_uart_counters;
 
 typedef struct sm_uart {
-    struct sm_vm *vm;
     uint16_t base_port;
-    uint32_t irq;
+    sm_irq_line irq;            /* the line it raises (COM1: IRQ 4) */
     pthread_mutex_t lock;
     /* registers */
     uint8_t ier, lcr, mcr, lsr_extra, msr, scr, dll, dlm, fcr;
@@ -37,7 +35,7 @@ typedef struct sm_uart {
     sm_uart_counters counters;
 } sm_uart;
 
-sm_uart *sm_uart_create(struct sm_vm *vm, uint16_t base_port, uint32_t irq);
+sm_uart *sm_uart_create(uint16_t base_port, sm_irq_line irq);
 void sm_uart_destroy(sm_uart *u);
 void sm_uart_pio(sm_uart *u, uint16_t offset, uint8_t *data, int is_write);
 int sm_uart_input(sm_uart *u, const uint8_t *buf, size_t len);

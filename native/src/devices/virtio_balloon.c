@@ -3,7 +3,7 @@
 #include "virtio_balloon.h"
 #include "error_table.h"
 #include "../event_loop.h"
-#include "../sm_internal.h"
+#include "../util.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -83,7 +83,7 @@ static void balloon_config_write(void *dev, uint32_t offset, const uint8_t *data
 /* Inflate (discard = 1) or deflate one chain of PFNs. Returns 0 or -1 (device broken). */
 static int handle_pfn_chain(sm_balloon *b, const sm_vq_chain *c, int inflate)
 {
-    sm_guest_memory *mem = &b->transport->vm->mem;
+    const sm_guest_memory *mem = b->transport->mem;
     uint64_t run_start = 0, run_pages = 0;
     for (uint16_t i = 0; i < c->n; i++) {
         const sm_vq_buffer *buf = &c->bufs[i];
@@ -272,7 +272,7 @@ static int balloon_restore(void *dev, const uint8_t *buf, size_t len, char *err,
     }
     memcpy(&s, buf, sizeof(s));
     const sm_virtqueue *stats_q = &b->transport->queues[SM_BALLOON_STATS_INDEX];
-    uint64_t ram_pages = b->transport->vm->mem.total_bytes / SM_BALLOON_PAGE_BYTES;
+    uint64_t ram_pages = b->transport->mem->total_bytes / SM_BALLOON_PAGE_BYTES;
     if (s.deflate_on_oom != (b->deflate_on_oom != 0)) {
         snprintf(err, err_len, "deflate_on_oom differs (snapshot %u, restore config %d)",
                  s.deflate_on_oom, b->deflate_on_oom != 0);

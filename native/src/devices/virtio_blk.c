@@ -4,7 +4,6 @@
 #define _GNU_SOURCE
 #include "virtio_blk.h"
 #include "error_table.h"
-#include "../sm_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>

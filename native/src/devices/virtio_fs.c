@@ -5,7 +5,6 @@
 #define _GNU_SOURCE
 #include "virtio_fs.h"
 #include "error_table.h"
-#include "../sm_internal.h"
 
 #include <dirent.h>
 #include <errno.h>

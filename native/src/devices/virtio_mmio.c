@@ -3,7 +3,6 @@
 #define _GNU_SOURCE
 #include "virtio_mmio.h"
 #include "error_table.h"
-#include "../sm_internal.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -55,21 +54,23 @@ const char *sm_virtio_mmio_error_message(int err)
     return sm_error_table_lookup(MMIO_ERROR_MESSAGES, SM_VIRTIO_MMIO_ERR_COUNT, err, "unknown virtio-mmio error");
 }
 
-sm_virtio_mmio *sm_virtio_mmio_create(struct sm_vm *vm, const char *name, uint64_t base_gpa,
-                                      uint32_t irq, const sm_virtio_ops *ops, void *dev)
+sm_virtio_mmio *sm_virtio_mmio_create(const char *name, uint64_t base_gpa, const sm_virtio_ops *ops,
+                                      void *dev, const sm_guest_memory *mem, sm_irq_line irq,
+                                      sm_device_reporter reporter)
 {
     sm_virtio_mmio *t = calloc(1, sizeof(*t));
     if (!t)
         return NULL;
-    t->vm = vm;
     snprintf(t->name, sizeof(t->name), "%s", name);
     t->base_gpa = base_gpa;
     t->irq = irq;
+    t->mem = mem;
+    t->reporter = reporter;
     t->ops = ops;
     t->dev = dev;
     pthread_mutex_init(&t->lock, NULL);
     for (uint16_t i = 0; i < SM_VIRTIO_MAX_QUEUES; i++)
-        sm_vq_init(&t->queues[i], &vm->mem, i < ops->num_queues ? SM_VQ_MAX_SIZE : 0);
+        sm_vq_init(&t->queues[i], mem, i < ops->num_queues ? SM_VQ_MAX_SIZE : 0);
     return t;
 }
 
@@ -87,7 +88,7 @@ void sm_virtio_mmio_signal_used_locked(sm_virtio_mmio *t)
 {
     t->interrupt_status |= SM_VIRTIO_INTERRUPT_USED_RING;
     t->counters.interrupts_used_ring++;
-    sm_irq_pulse(t->vm, t->irq);
+    sm_irq_line_pulse(&t->irq);
 }
 
 void sm_virtio_mmio_signal_config_locked(sm_virtio_mmio *t)
@@ -96,7 +97,7 @@ void sm_virtio_mmio_signal_config_locked(sm_virtio_mmio *t)
     t->interrupt_status |= SM_VIRTIO_INTERRUPT_CONFIG_CHANGE;
     t->counters.interrupts_config++;
     if (t->status & SM_VIRTIO_STATUS_DRIVER_OK)
-        sm_irq_pulse(t->vm, t->irq);
+        sm_irq_line_pulse(&t->irq);
 }
 
 void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
@@ -109,7 +110,7 @@ void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
     vsnprintf(t->broken_reason, sizeof(t->broken_reason), fmt, ap);
     va_end(ap);
     t->status |= SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET;
-    sm_vm_console_note(t->vm, "device %s is broken: %s", t->name, t->broken_reason);
+    sm_device_report_broken(&t->reporter, t->name, t->broken_reason);
     sm_virtio_mmio_signal_config_locked(t);
 }
 
@@ -355,7 +356,7 @@ void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out)
     snprintf(out->name, sizeof(out->name), "%s", t->name);
     out->virtio_device_id = t->ops->device_id;
     out->mmio_base = t->base_gpa;
-    out->irq = t->irq;
+    out->irq = t->irq.gsi;
     out->broken = t->broken;
     snprintf(out->broken_reason, sizeof(out->broken_reason), "%s", t->broken_reason);
     out->driver_status = t->status;

@@ -1,14 +1,17 @@
 /* virtio_mmio.h — virtio-mmio transport, version 2 (virtio 1.x, section 4.2). One
- * transport per device; the device (balloon, blk, vsock) plugs in through sm_virtio_ops. */
+ * transport per device; the device (balloon, blk, vsock, fs) plugs in through sm_virtio_ops.
+ * The transport is handed its interrupt line, guest memory and a reporter (device.h) when it
+ * is created, and passes them on: a device reaches guest RAM through t->mem and interrupts
+ * the guest through sm_virtio_mmio_signal_*_locked. */
 #ifndef SM_VIRTIO_MMIO_H
 #define SM_VIRTIO_MMIO_H
 
 #include <pthread.h>
 #include <stdint.h>
+#include "device.h"
 #include "virtio_queue.h"
+#include "../memory.h"
 #include "../../include/supermachine.h"
-
-struct sm_vm;
 
 #define SM_VIRTIO_MMIO_MAGIC_VALUE 0x74726976u /* "virt" */
 #define SM_VIRTIO_MMIO_VERSION 2
@@ -108,10 +111,11 @@ typedef struct sm_virtio_mmio_state {
 } sm_virtio_mmio_state;
 
 typedef struct sm_virtio_mmio {
-    struct sm_vm *vm;
     char name[SM_VIRTIO_NAME_BYTES];
     uint64_t base_gpa;
-    uint32_t irq;
+    sm_irq_line irq;
+    const sm_guest_memory *mem;   /* guest RAM, for the queues and the device */
+    sm_device_reporter reporter;  /* told when the device breaks */
     pthread_mutex_t lock;   /* the transport and the device state behind it */
     const sm_virtio_ops *ops;
     void *dev;
@@ -132,8 +136,9 @@ typedef struct sm_virtio_mmio {
     sm_virtio_mmio_counters counters;
 } sm_virtio_mmio;
 
-sm_virtio_mmio *sm_virtio_mmio_create(struct sm_vm *vm, const char *name, uint64_t base_gpa,
-                                      uint32_t irq, const sm_virtio_ops *ops, void *dev);
+sm_virtio_mmio *sm_virtio_mmio_create(const char *name, uint64_t base_gpa, const sm_virtio_ops *ops,
+                                      void *dev, const sm_guest_memory *mem, sm_irq_line irq,
+                                      sm_device_reporter reporter);
 void sm_virtio_mmio_destroy(sm_virtio_mmio *t);
 void sm_virtio_mmio_access(sm_virtio_mmio *t, uint64_t offset, uint8_t *data, uint32_t len,
                            int is_write);
@@ -141,7 +146,8 @@ void sm_virtio_mmio_access(sm_virtio_mmio *t, uint64_t offset, uint8_t *data, ui
 /* For devices, with t->lock held: */
 void sm_virtio_mmio_signal_used_locked(sm_virtio_mmio *t);
 void sm_virtio_mmio_signal_config_locked(sm_virtio_mmio *t);
-/* Mark the device broken (first reason wins), set DEVICE_NEEDS_RESET, stop processing. */
+/* Mark the device broken (first reason wins), set DEVICE_NEEDS_RESET, stop processing, tell
+ * the reporter. */
 void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 int sm_virtio_mmio_is_live_locked(const sm_virtio_mmio *t);

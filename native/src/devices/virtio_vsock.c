@@ -6,7 +6,6 @@
 #include "virtio_vsock.h"
 #include "error_table.h"
 #include "../event_loop.h"
-#include "../sm_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
