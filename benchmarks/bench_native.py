@@ -52,7 +52,7 @@ from pathlib import Path
 from common import machine_line, row, table_header
 
 from supermachine_jupyter.engines import native
-from supermachine_jupyter.engines.qemu import accel_args, qemu_binary
+from supermachine_jupyter.engines.qemu.engine import accel_args, qemu_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_BYTE_PROBE = "uart"

@@ -115,10 +115,10 @@ def plain_restores(image: Image, config: VmConfig, count: int, work: Path) -> tu
     launches QEMU by hand with the cold VM's command line plus ``-incoming``."""
     import socket
 
-    from supermachine_jupyter.agent import AgentClient
-    from supermachine_jupyter.engines.qemu import wait_for_migration
-    from supermachine_jupyter.process import spawn_owned, terminate
-    from supermachine_jupyter.qmp import connect_when_ready
+    from supermachine_jupyter.guest.agent import AgentClient
+    from supermachine_jupyter.engines.qemu.engine import wait_for_migration
+    from supermachine_jupyter.engines.process import spawn_owned, terminate
+    from supermachine_jupyter.engines.qemu.qmp import connect_when_ready
 
     stream = work / "plain.migration"
     with image.start(config, name="plainsrc") as vm:

@@ -25,7 +25,7 @@ def cpu_model() -> str:
 
 
 def qemu_version() -> str:
-    from supermachine_jupyter.engines.qemu import qemu_binary
+    from supermachine_jupyter.engines.qemu.engine import qemu_binary
     binary = qemu_binary()
     if binary is None:
         return "not installed"

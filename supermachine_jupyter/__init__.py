@@ -8,7 +8,7 @@ In a notebook::
 
 From Python::
 
-    from supermachine_jupyter import Image, VmConfig
+    from . import Image, VmConfig
     with Image.default().start(VmConfig(memory_mib=512)) as vm:
         print(vm.run("uname -a").stdout)
 """
@@ -16,8 +16,14 @@ From Python::
 __version__ = "0.1.0"
 
 from .config import AssetPaths, MountSpec, VmConfig, VolumeSpec  # noqa: E402
-from .errors import (AgentError, AssetError, EngineError, ProtocolVersionError,  # noqa: E402
-                     VmError, VmStoppedError)
+from .errors import (  # noqa: E402
+    AgentError,
+    AssetError,
+    EngineError,
+    ProtocolVersionError,
+    VmError,
+    VmStoppedError,
+)
 
 
 def __getattr__(name: str):
@@ -33,18 +39,18 @@ def __getattr__(name: str):
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext supermachine_jupyter``: registers ``%%vm`` and ``%vm``."""
-    from .magics import load_ipython_extension as load
+    from .jupyter.magics import load_ipython_extension as load
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
-    from .magics import unload_ipython_extension as unload
+    from .jupyter.magics import unload_ipython_extension as unload
     unload(ipython)
 
 
 def _jupyter_server_extension_points() -> list[dict]:
     """The jupyter_server extension (REST API over the VM registry), enabled on install."""
-    return [{"module": "supermachine_jupyter.server"}]
+    return [{"module": "supermachine_jupyter.jupyter.server"}]
 
 
 def _jupyter_labextension_paths() -> list[dict]:

@@ -16,7 +16,7 @@ import sys
 
 
 def cmd_assets(args: argparse.Namespace) -> int:
-    from .assets import main_assets
+    from .guest.assets import main_assets
     return main_assets()
 
 
@@ -90,10 +90,10 @@ def cmd_notebook(args: argparse.Namespace) -> int:
 
 def doctor_report() -> dict:
     from . import __version__
-    from .accel import kvm_status
-    from .assets import find_assets
     from .engines import choose_engine, native_available
-    from .engines.qemu import qemu_binary
+    from .engines.accel import kvm_status
+    from .engines.qemu.engine import qemu_binary
+    from .guest.assets import find_assets
 
     kvm = kvm_status()
     assets = find_assets()
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - a CLI prints one clear line, not a traceback
         from traitlets import TraitError
+
         from .errors import VmError
         if isinstance(exc, (VmError, TraitError)):
             print(f"error: {exc}", file=sys.stderr)

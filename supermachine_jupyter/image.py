@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 
 from . import launch
-from .assets import GuestAssets, ensure_assets
 from .config import AssetPaths, VmConfig
+from .guest.assets import GuestAssets, ensure_assets
 from .launch import DEFAULT_BOOT_TIMEOUT_S, Progress, _silent
 from .snapshots.format import Snapshot
 from .vm import Vm

@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import mounts, registry, volumes
-from .agent import AgentClient
 from .config import VmConfig
-from .console import ConsoleBuffer
+from .devices import mounts, volumes
+from .devices.volumes import PreparedVolume
 from .engines import choose_engine, get, start_engine
 from .engines.base import LaunchSpec
 from .errors import AgentError, EngineError, VmError
+from .guest.agent import AgentClient
+from .guest.console import ConsoleBuffer
+from .jupyter import registry
 from .snapshots.format import Snapshot, SnapshotError, SnapshotTimeoutError
 from .vm import Vm
-from .volumes import PreparedVolume
 
 if TYPE_CHECKING:
     from .engines.base import EngineInstance

@@ -17,11 +17,17 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .agent import DEFAULT_READ_LIMIT_BYTES, AgentClient, ExecProcess, Exit, Output
-from .balloon import BalloonNotEnabled, BalloonStats
-from .mounts import MountStatus
-from .console import ConsoleBuffer
+from .devices.balloon import BalloonNotEnabled, BalloonStats
+from .devices.mounts import MountStatus
 from .errors import AgentError, EngineError, VmError, VmStoppedError
+from .guest.agent import (
+    DEFAULT_READ_LIMIT_BYTES,
+    AgentClient,
+    ExecProcess,
+    Exit,
+    Output,
+)
+from .guest.console import ConsoleBuffer
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -540,7 +546,7 @@ class Vm:
 
     def volumes(self) -> list[dict]:
         """The VM's volumes: paths, serial, read-only, size and host blocks used."""
-        from .volumes import usage
+        from .devices.volumes import usage
         return [{"host_path": str(v.path), "guest_path": v.spec.guest_path,
                  "serial": v.serial, "read_only": v.spec.read_only, **usage(v.path)}
                 for v in self._spec.volumes]

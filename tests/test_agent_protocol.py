@@ -25,7 +25,7 @@ import zlib
 
 import pytest
 
-from supermachine_jupyter.agent import (
+from supermachine_jupyter.guest.agent import (
     INITIAL_WINDOW_BYTES,
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,

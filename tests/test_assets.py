@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_jupyter import assets
-from supermachine_jupyter.assets import CpioEntry, pack_cpio
+from supermachine_jupyter.guest import assets
+from supermachine_jupyter.guest.assets import CpioEntry, pack_cpio
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from supermachine_jupyter import Image, VmConfig
-from supermachine_jupyter.balloon import BalloonNotEnabled
+from supermachine_jupyter.devices.balloon import BalloonNotEnabled
 
 QEMU = VmConfig(engine="qemu")
 

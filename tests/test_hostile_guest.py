@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_jupyter.agent import MAX_UNCLAIMED_ERRORS
+from supermachine_jupyter.guest.agent import MAX_UNCLAIMED_ERRORS
 from supermachine_jupyter.errors import VmError, VmStoppedError
 from supermachine_jupyter.vm import DEFAULT_OUTPUT_LIMIT_BYTES, KILL_GRACE_SECONDS
 from tests.helpers import engine_pids

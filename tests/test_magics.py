@@ -14,7 +14,7 @@ from IPython.core.error import UsageError
 
 from supermachine_jupyter import snapshots
 from supermachine_jupyter.snapshots import cache
-from supermachine_jupyter.magics import VmCommandError
+from supermachine_jupyter.jupyter.magics import VmCommandError
 from tests.helpers import engine_pids
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from supermachine_jupyter import Image, VmConfig
-from supermachine_jupyter.engines.qemu import qemu_opt
-from supermachine_jupyter.engines.seccomp import no_setid_installer
-from supermachine_jupyter.engines.virtiofsd import fuse_opt_value
-from supermachine_jupyter.process import spawn_owned
+from supermachine_jupyter.engines.qemu.engine import qemu_opt
+from supermachine_jupyter.engines.qemu.seccomp import no_setid_installer
+from supermachine_jupyter.engines.qemu.virtiofsd import fuse_opt_value
+from supermachine_jupyter.engines.process import spawn_owned
 
 QEMU = VmConfig(engine="qemu")
 

@@ -45,7 +45,7 @@ def _at_least(group: int, minimum: float) -> Callable[[re.Match], bool]:
 
 
 def _kvm_is_emulated() -> bool:
-    from supermachine_jupyter.accel import kvm_status
+    from supermachine_jupyter.engines.accel import kvm_status
     from supermachine_jupyter.engines import native_available
     return native_available()[0] and kvm_status().speed == "emulated"
 

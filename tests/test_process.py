@@ -12,7 +12,7 @@ import textwrap
 import threading
 import time
 
-from supermachine_jupyter.process import spawn_owned, terminate
+from supermachine_jupyter.engines.process import spawn_owned, terminate
 
 # A child that ignores SIGTERM (the disposition is set before it says "ready", and exec'd
 # Python is the process itself: no shell in between that could die in its place).
@@ -93,7 +93,7 @@ def _running(pid: int, start: int) -> bool:
 
 OWNER = textwrap.dedent("""
     import sys, threading, time
-    from supermachine_jupyter.process import spawn_owned
+    from supermachine_jupyter.engines.process import spawn_owned
     procs = []
     # Asked for from a short-lived thread: the child must outlive the thread, not the owner.
     t = threading.Thread(target=lambda: procs.append(spawn_owned(

@@ -28,7 +28,7 @@ from supermachine_jupyter.config import (
     host_cpu_count,
     host_memory_mib,
 )
-from supermachine_jupyter.magics import VmMagics
+from supermachine_jupyter.jupyter.magics import VmMagics
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from supermachine_jupyter import registry
-from supermachine_jupyter.registry import RegistryError, VmNotFound
+from supermachine_jupyter.jupyter import registry
+from supermachine_jupyter.jupyter.registry import RegistryError, VmNotFound
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,8 @@ def test_a_balloon_target_the_vm_refuses_is_a_bad_request(start_vm):
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from supermachine_jupyter import Image, VmConfig, registry
+    from supermachine_jupyter import Image, VmConfig
+    from supermachine_jupyter.jupyter import registry
     vm = Image.default().start(VmConfig(engine="qemu", name="orphan"))
     print(registry.vm_id(vm), flush=True)
     time.sleep(600)

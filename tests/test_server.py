@@ -15,9 +15,9 @@ from jupyter_server.auth import Authorizer
 from tornado.httpclient import HTTPClientError
 from traitlets import TraitError
 
-from supermachine_jupyter import registry
+from supermachine_jupyter.jupyter import registry
 from supermachine_jupyter.config import MountSpec, VmConfig
-from supermachine_jupyter.server import handlers
+from supermachine_jupyter.jupyter.server import handlers
 
 # pytest-jupyter's fixtures (jp_fetch, jp_serverapp, …), imported into this module only: as a
 # plugin (pytest_plugins) its autouse fixtures would wrap every test of the session, and its

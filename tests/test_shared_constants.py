@@ -8,7 +8,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from supermachine_jupyter import agent, balloon, config, engines
+from supermachine_jupyter import config, engines
+from supermachine_jupyter.guest import agent
+from supermachine_jupyter.devices import balloon
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_H = (ROOT / "native/guest/agent/protocol.h").read_text()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from supermachine_jupyter import Image, VmConfig
-from supermachine_jupyter.agent import Exit, Output
+from supermachine_jupyter.guest.agent import Exit, Output
 from supermachine_jupyter.config import AssetPaths
 from supermachine_jupyter.errors import VmError, VmStoppedError
 from tests.helpers import engine_pids

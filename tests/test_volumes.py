@@ -12,7 +12,7 @@ import os
 import pytest
 
 from supermachine_jupyter.config import VolumeSpec
-from supermachine_jupyter.volumes import MIB, VolumeError, has_ext4, prepare
+from supermachine_jupyter.devices.volumes import MIB, VolumeError, has_ext4, prepare
 
 
 def digest(path) -> str:

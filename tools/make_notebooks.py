@@ -616,7 +616,7 @@ def engines():
         md("## How `auto` chooses\n"
            "`choose_engine()` is what `Image.start` calls. It rests on `kvm_status()`, a "
            "verdict about this host's KVM, with the reason and the hints behind it:"),
-        code("from supermachine_jupyter.accel import kvm_status\n"
+        code("from supermachine_jupyter.engines.accel import kvm_status\n"
              "from supermachine_jupyter.engines import choose_engine, native_available\n\n"
              "status = kvm_status()\n"
              "print(\"KVM speed:\", status.speed)\n"

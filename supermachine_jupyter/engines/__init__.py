@@ -38,7 +38,7 @@ def choose_engine(requested: str = "auto", config=None) -> EngineChoice:
     """Pick the engine and accelerator for a VM, with the reason shown to users. With a
     ``config``, an engine that cannot take it (the native core's device limits) is refused
     when asked for by name, naming the limit, and passed over by ``auto``."""
-    from ..accel import kvm_status
+    from .accel import kvm_status
     if requested not in ENGINE_NAMES:
         raise EngineError(f"unknown engine {requested!r}: choose one of {', '.join(ENGINE_NAMES)}")
     kvm = kvm_status()
@@ -71,7 +71,7 @@ def choose_engine(requested: str = "auto", config=None) -> EngineChoice:
 def get(name: str):
     """The :class:`~.base.Engine` called ``name`` (``"qemu"`` or ``"native"``)."""
     if name == "qemu":
-        from .qemu import ENGINE
+        from .qemu.engine import ENGINE
     elif name == "native":
         from .native import ENGINE
     else:

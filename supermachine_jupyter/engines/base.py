@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..console import ConsoleBuffer
 from ..errors import EngineError
+from ..guest.console import ConsoleBuffer
 
 if TYPE_CHECKING:
-    from ..agent import AgentClient
-    from ..balloon import BalloonStats
     from ..config import VmConfig
-    from ..mounts import MountStatus
-    from ..volumes import PreparedVolume
+    from ..devices.balloon import BalloonStats
+    from ..devices.mounts import MountStatus
+    from ..devices.volumes import PreparedVolume
+    from ..guest.agent import AgentClient
 
 #: The agent's virtio-serial port name (QEMU) and vsock port (native core).
 AGENT_PORT_NAME = "sm.agent"
@@ -247,7 +247,7 @@ class EngineInstance(abc.ABC):
     def copy_volume(self, index: int, target: Path) -> None:
         """Copy volume ``index`` as this VM sees it into ``target`` as a sparse raw file (a
         snapshot's copy; called while the guest is paused)."""
-        from ..volumes import copy_sparse
+        from ..devices.volumes import copy_sparse
         copy_sparse(self.spec.volumes[index].path, target)
 
     def mount_status(self) -> list["MountStatus"]:

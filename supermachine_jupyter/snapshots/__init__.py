@@ -63,8 +63,14 @@ as ``snapshots.cache``, never from here). Restoring is the launcher's (``launch.
 like every other way a VM comes into being.
 """
 
-from .format import (FORMAT_VERSION, Snapshot, SnapshotError, SnapshotNotSupportedError,
-                     SnapshotTimeoutError, SnapshotVersionError)
+from .format import (
+                     FORMAT_VERSION,
+                     Snapshot,
+                     SnapshotError,
+                     SnapshotNotSupportedError,
+                     SnapshotTimeoutError,
+                     SnapshotVersionError,
+)
 from .store import list_snapshots, named_snapshot_path, snapshots_dir
 from .write import begin_snapshot, write_snapshot
 

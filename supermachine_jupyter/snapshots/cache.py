@@ -24,10 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import EngineError, VmError
-from . import store
-from .format import (FORMAT_VERSION, HEADER_FILE, Progress, Snapshot, SnapshotError,
-                     SnapshotTimeoutError, _silent, asset_sha256)
 from ..launch import BASE_CMDLINE, restore
+from . import store
+from .format import (
+    FORMAT_VERSION,
+    HEADER_FILE,
+    Progress,
+    Snapshot,
+    SnapshotError,
+    SnapshotTimeoutError,
+    _silent,
+    asset_sha256,
+)
 from .write import begin_snapshot
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from .format import Snapshot, SnapshotError
 
 
 def snapshots_dir() -> Path:
-    from ..assets import cache_dir
+    from ..guest.assets import cache_dir
     path = cache_dir() / "snapshots"
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -13,11 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..devices.volumes import VolumeError
 from ..errors import EngineError
-from ..volumes import VolumeError
-from .format import (FORMAT_VERSION, HEADER_FILE, Progress, Snapshot, SnapshotError,
-                     SnapshotNotSupportedError, _silent, asset_sha256, content_digest,
-                     encode_header, file_sha256)
+from .format import (
+    FORMAT_VERSION,
+    HEADER_FILE,
+    Progress,
+    Snapshot,
+    SnapshotError,
+    SnapshotNotSupportedError,
+    _silent,
+    asset_sha256,
+    content_digest,
+    encode_header,
+    file_sha256,
+)
 
 if TYPE_CHECKING:
     from ..vm import Vm

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from ..balloon import BalloonNotEnabled
+from ..devices.balloon import BalloonNotEnabled
 from .chart import Series, line_chart
 from .format import ERROR_COLOUR, OK_COLOUR, clock, mib, mib_text, note_html
 from .sampler import Sampler, StopSampling, close_tree
@@ -32,7 +32,7 @@ class BalloonPanel(widgets.VBox):
     A daemon thread reads ``vm.balloon_stats()`` every ``interval`` seconds (fixed rate, 1 Hz
     by default) and appends a sample to ``panel.history``: the last ``history_samples``
     readings, each a dict with ``time`` (``time.time()``), every
-    :class:`~supermachine_jupyter.balloon.BalloonStats` field (Firecracker's names and units:
+    :class:`~supermachine_jupyter.devices.balloon.BalloonStats` field (Firecracker's names and units:
     pages, MiB, guest memory in bytes, None where unreported), and ``free_mib``,
     ``available_mib``, ``total_mib`` for convenience. The chart plots balloon actual
     (solid) and target (dashed) with the guest's free and available memory, 0 … the VM's

@@ -18,7 +18,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
 
-from supermachine_jupyter.agent import (
+from supermachine_jupyter.guest.agent import (
     INITIAL_WINDOW_BYTES,
     MAX_PAYLOAD_BYTES,
     AgentClient,

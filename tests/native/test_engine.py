@@ -18,7 +18,7 @@ from .conftest import find_guest_kernel
 
 def _spec(tmp_path, native_memory_mib=128, balloon=True):
     from supermachine_jupyter.config import VmConfig
-    from supermachine_jupyter.console import ConsoleBuffer
+    from supermachine_jupyter.guest.console import ConsoleBuffer
     from supermachine_jupyter.engines.base import LaunchSpec
     vmlinux = find_guest_kernel("vmlinux")
     initrds = sorted(vmlinux.parent.parent.glob("initramfs-*.cpio.gz"))

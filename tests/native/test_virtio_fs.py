@@ -138,7 +138,7 @@ def test_engine_mount_status_reads_fs_counters(native, tmp_path):
     """NativeInstance.mount_status() over a probe VM with a mount (bypassing __init__, whose
     refusal of mounts is still pinned by test_engine.py)."""
     from supermachine_jupyter.config import MountSpec, VmConfig
-    from supermachine_jupyter.mounts import MountStatus
+    from supermachine_jupyter.devices.mounts import MountStatus
     share, _ = _share(tmp_path)
     vm, out = _run(native, share, read_only=False)
     try:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from .errors import EngineError
+from ...errors import EngineError
 
 
 class QmpError(EngineError):

@@ -21,18 +21,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..console import ConsoleBuffer
-from ..errors import EngineError
+from ...devices.balloon import BalloonStats
+from ...devices.mounts import MountCounters, MountStatus
+from ...errors import EngineError
+from ...guest.console import ConsoleBuffer
+from ..base import (
+    AGENT_PORT_NAME,
+    GUEST_READY_LINE,
+    Engine,
+    EngineInstance,
+    LaunchSpec,
+    RestoreProblem,
+)
 from ..process import spawn_owned, terminate
-from ..qmp import QmpClient, QmpError, connect_when_ready
-from ..balloon import BalloonStats
-from ..mounts import MountCounters, MountStatus
-from .base import (AGENT_PORT_NAME, GUEST_READY_LINE, Engine, EngineInstance, LaunchSpec,
-                   RestoreProblem)
+from .qmp import QmpClient, QmpError, connect_when_ready
 from .virtiofsd import Virtiofsd
 
 if TYPE_CHECKING:
-    from ..assets import GuestAssets
+    from ...guest.assets import GuestAssets
 
 QEMU_PACKAGE = "qemu-system-x86"
 QEMU_NAMES = ("qemu-system-x86_64",)

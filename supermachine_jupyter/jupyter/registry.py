@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import VmError
+from ..errors import VmError
 
 if TYPE_CHECKING:
-    from .vm import Vm
+    from ..vm import Vm
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,8 @@ class _Published:
                 pass
 
     def _dispatch(self, request: dict) -> Any:
-        from .balloon import BalloonNotEnabled
-        from .errors import VmStoppedError
+        from ..devices.balloon import BalloonNotEnabled
+        from ..errors import VmStoppedError
         vm, op = self.vm, request.get("op")
         try:
             if op == "state":

@@ -34,11 +34,10 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Enum, Float, Int, TraitError
 
-from . import snapshots
-from .config import ENGINES, MountSpec, VmConfig, VolumeSpec
-from .errors import VmError
-from .vm import ExecResult, Vm
-
+from .. import snapshots
+from ..config import ENGINES, MountSpec, VmConfig, VolumeSpec
+from ..errors import VmError
+from ..vm import ExecResult, Vm
 
 _MISSING = object()
 
@@ -214,7 +213,7 @@ class VmMagics(Magics):
 
     def image(self, progress: Callable[[str], None]):
         if self._image is None:
-            from .image import Image
+            from ..image import Image
             self._image = Image.default(progress)
         return self._image
 
@@ -276,7 +275,7 @@ class VmMagics(Magics):
             note = f"VM {name} was lost ({why}); started again with its original config"
             sys.stderr.write(f"⚠ {note}\n")
             config = existing.config.replace(**self._restart_changes(config, existing.config))
-        from .image import Image
+        from ..image import Image
         if from_snapshot:
             image = Image.from_snapshot(snapshots.named_snapshot_path(from_snapshot))
             # Only what the user set: a restore keeps the snapshot's hardware.
@@ -348,7 +347,7 @@ class VmMagics(Magics):
             progress.done(f"{vm.name} {how} on {vm.engine}/{vm.accel} in {vm.boot_seconds:.2f} s")
         if args.panel:
             # Shown before the command runs, so the panels follow it live.
-            from .widgets import VmDashboard
+            from ..widgets import VmDashboard
             display(VmDashboard(vm))
         keep = bool(config.name)
         timeout = args.timeout if args.timeout is not None else self.default_timeout
@@ -417,7 +416,7 @@ class VmMagics(Magics):
         if command == "config":
             return self._lookup(self._one(rest, "config")).config
         if command == "panel":
-            from .widgets import VmDashboard
+            from ..widgets import VmDashboard
             return VmDashboard(self._lookup(self._one(rest, "panel")))
         if command == "snapshots":
             found = snapshots.list_snapshots()

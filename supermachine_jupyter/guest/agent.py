@@ -31,7 +31,7 @@ import time
 import zlib
 from typing import Callable, Iterator
 
-from .errors import AgentError, ProtocolVersionError
+from ..errors import AgentError, ProtocolVersionError
 
 PROTOCOL_VERSION = 1
 HOST_SOFTWARE = "supermachine_jupyter host 0.1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import MountSpec
+from ..config import MountSpec
 
 
 @dataclasses.dataclass

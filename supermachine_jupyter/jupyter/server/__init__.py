@@ -2,7 +2,7 @@
 
 Enabled on install by ``jupyter-config/jupyter_server_config.d/supermachine_jupyter.json``
 (installed into ``etc/jupyter/jupyter_server_config.d/``). The routes, under the server's
-base URL, are in :mod:`supermachine_jupyter.server.handlers`.
+base URL, are in :mod:`supermachine_jupyter.jupyter.server.handlers`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from .handlers import API_PREFIX, setup_handlers
 
 
 def _jupyter_server_extension_points() -> list[dict]:
-    return [{"module": "supermachine_jupyter.server"}]
+    return [{"module": "supermachine_jupyter.jupyter.server"}]
 
 
 def _load_jupyter_server_extension(serverapp) -> None:

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import DEFAULT_VOLUME_SIZE_MIB, VolumeSpec
-from .errors import VmError
+from ..config import DEFAULT_VOLUME_SIZE_MIB, VolumeSpec
+from ..errors import VmError
 
 EXT4_MAGIC_OFFSET = 1024 + 0x38
 EXT4_MAGIC = b"\x53\xef"

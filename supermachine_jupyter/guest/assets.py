@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import AssetError
+from ..errors import AssetError
 
 # Bump when the build recipe changes in a way the hashed inputs do not show.
 KERNEL_RECIPE_VERSION = "2"
@@ -48,12 +48,12 @@ def _quiet(_: str) -> None:
 
 def guest_source_dir() -> Path:
     """Where ``native/guest`` (kernel fragment, init, agent source) lives."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "native" / "guest", here / "guest_src"):
+    package = Path(__file__).resolve().parents[1]     # supermachine_jupyter/
+    for candidate in (package.parent / "native" / "guest", package / "guest_src"):
         if (candidate / "kernel.config").is_file():
             return candidate
     raise AssetError(
-        f"guest sources not found next to {here}: install the package from a source checkout "
+        f"guest sources not found next to {package}: install the package from a source checkout "
         "(pip install -e .)"
     )
 

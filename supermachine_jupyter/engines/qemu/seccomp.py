@@ -29,7 +29,7 @@ import stat
 import struct
 from typing import Callable
 
-from ..errors import EngineError
+from ...errors import EngineError
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000

@@ -73,7 +73,7 @@ def _boot_id() -> str:
 
 
 def _cache_path() -> Path:
-    from .assets import cache_dir
+    from ..guest.assets import cache_dir
     return cache_dir() / "kvm-calibration.json"
 
 
@@ -106,7 +106,7 @@ def _calibrate() -> KvmStatus:
     default guest under QEMU with ``-accel kvm`` and time it to init."""
     hints = _hints()
     try:
-        from .engines import native
+        from . import native
         result = native.calibrate()
     except ImportError:
         return _calibrate_with_qemu(hints)
@@ -120,8 +120,8 @@ def _calibrate() -> KvmStatus:
 
 
 def _calibrate_with_qemu(hints: tuple[str, ...]) -> KvmStatus:
-    from .assets import find_assets
-    from .engines import qemu
+    from ..guest.assets import find_assets
+    from . import qemu
 
     assets = find_assets()
     if assets is None or qemu.qemu_binary() is None:

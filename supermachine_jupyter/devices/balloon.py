@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .errors import VmError
+from ..errors import VmError
 
 PAGE_BYTES = 4096
 MIB = 1024 * 1024

@@ -28,9 +28,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..config import MountSpec
-from ..errors import EngineError
-from ..mounts import MountCounters
+from ...config import MountSpec
+from ...devices.mounts import MountCounters
+from ...errors import EngineError
 from ..process import spawn_owned, terminate
 from . import seccomp
 
