@@ -1,6 +1,7 @@
 """Configuration of one microVM: :class:`VmConfig` and the value objects it holds.
 
-This is the Python spelling of the supermachine Rust crate's ``VmConfig``: memory, vCPUs,
+It follows the configuration model of the supermachine microVM runtime (its Rust ``VmConfig``,
+which is not part of this repository): memory, vCPUs,
 virtio-balloon, virtio-blk data volumes (:class:`VolumeSpec`), virtio-fs host directory mounts
 (:class:`MountSpec`), the guest kernel and initramfs (:class:`AssetPaths`), the vsock-mux socket
 directory, the snapshot restore timeout, the engine and an optional VM name.
@@ -8,7 +9,7 @@ directory, the snapshot restore timeout, the engine and an optional VM name.
 
 Two spellings build the same configuration::
 
-    VmConfig().with_memory_mib(512).with_vcpus(2)     # the Rust builder; each with_* returns a
+    VmConfig().with_memory_mib(512).with_vcpus(2)     # the runtime's builder; each with_* returns a
     VmConfig(memory_mib=512, vcpus=2)                 # NEW config and leaves the old one alone
 
 ``VmConfig`` is a :class:`traitlets.HasTraits`, so widgets can observe and edit it; every
@@ -408,7 +409,7 @@ class _SpecList(_FieldTrait, List):
 
 # --- VmConfig ---------------------------------------------------------------------------------
 
-#: VmConfig's field names, in the order of the Rust ``VmConfig`` (and of repr/to_dict).
+#: VmConfig's field names, in the order of the runtime's ``VmConfig`` (and of repr/to_dict).
 FIELDS = (
     "memory_mib",
     "vcpus",
@@ -485,9 +486,10 @@ class VmConfig(HasTraits):
     )
     vsock_mux_dir = _Path(
         help=(
-            "Directory for the host-side unix socket of the vsock multiplexer. Defaults to "
-            f"$TMPDIR. Must exist, and be at most {MAX_VSOCK_MUX_DIR_BYTES} bytes long so the "
-            "socket path fits in sun_path."
+            "Directory for the host-side unix socket of the vsock multiplexer and each VM's "
+            "private run directory (its sockets and per-VM files). Defaults to $TMPDIR. Must "
+            f"exist, and be at most {MAX_VSOCK_MUX_DIR_BYTES} bytes long so the socket path "
+            "fits in sun_path."
         ),
     )
     restore_timeout = _Float(
@@ -547,7 +549,7 @@ class VmConfig(HasTraits):
 
     @default("vsock_mux_dir")
     def _default_vsock_mux_dir(self) -> str:
-        # $TMPDIR as in the Rust crate. A default must never be the reason a config is invalid,
+        # $TMPDIR as in the supermachine runtime. A default must never be the reason a config is invalid,
         # so when $TMPDIR is missing or too long for sun_path (a deep macOS per-user dir can be)
         # fall back to the system temp dir, then /tmp.
         system_tmp = tempfile.gettempdir()

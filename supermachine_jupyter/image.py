@@ -23,7 +23,7 @@ from .vm import Vm
 class Image:
     """A bootable guest: kernel, PVH ``vmlinux``, initramfs, and its default size."""
     kernel: Path
-    vmlinux: Path
+    vmlinux: Path       # the PVH entry: a vmlinux ELF, or the kernel itself when only that exists
     initrd: Path
     default_memory_mib: int = 256
     default_vcpus: int = 1

@@ -39,7 +39,7 @@ class LaunchSpec:
     memory_mib: int
     vcpus: int
     kernel: Path                 # bzImage
-    vmlinux: Path                # PVH ELF of the same kernel
+    vmlinux: Path                # PVH entry: the vmlinux ELF, or the kernel when only that exists
     initrd: Path
     cmdline: str                 # engine-neutral kernel command line
     config: "VmConfig"
