@@ -52,6 +52,7 @@ MAX_CMDLINE_BYTES = 1536
 def _silent(_: str) -> None:
     pass
 
+
 #: The failures of a launch that say something about the guest or the engine (anything else,
 #: KeyboardInterrupt included, is raised as it is).
 LAUNCH_FAILURES = (AgentError, EngineError, TimeoutError, OSError)
@@ -196,7 +197,11 @@ def _restored_volumes(snapshot: Snapshot, config: VmConfig, run_dir: Path) -> li
     out = []
     for i, (vol, saved) in enumerate(zip(config.volumes, snapshot.header["volumes"])):
         base = snapshot.path / saved["file"]
-        path = base if saved["read_only"] else engine.volume_layer(base, run_dir, i)
+        try:
+            path = base if saved["read_only"] else engine.volume_layer(base, run_dir, i)
+        except (EngineError, VmError, OSError) as exc:
+            raise SnapshotError(f"snapshot {snapshot.path}: volume {saved['file']} could not "
+                                f"be layered for the restored VM: {exc}") from exc
         out.append(PreparedVolume(vol, saved["serial"], path, formatted_now=False))
     return out
 
