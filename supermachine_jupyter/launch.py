@@ -112,13 +112,16 @@ def launch(name: str, config: "VmConfig", how: Launch) -> Vm:
             how.refresh(agent, left())
             mark("guest_refreshed")
     except BaseException as exc:
+        # The error is worded before the cleanup: an engine that is shut down no longer
+        # says why it ended on its own (the native core's exit record goes with it).
+        error = how.failed(exc, instance, spec) if isinstance(exc, LAUNCH_FAILURES) else None
         if agent is not None:
             agent.close()
         if instance is not None:
             instance.shutdown(None, timeout=3)
         shutil.rmtree(run_dir, ignore_errors=True)
-        if isinstance(exc, LAUNCH_FAILURES):
-            raise how.failed(exc, instance, spec) from exc
+        if error is not None:
+            raise error from exc
         raise
     vm = Vm(spec, instance, agent, time.monotonic() - started, registry.withdraw,
             restored_from=how.restored_from, restore_timings=marks,
@@ -166,7 +169,7 @@ def boot(image: "Image", config: VmConfig, *, name: str | None = None,
         return instance
 
     def failed(exc: BaseException, instance, spec) -> VmError:
-        why = (instance.exit_description() if instance is not None else None) or str(exc)
+        why = (instance.settled_exit_description(0.5) if instance is not None else None) or str(exc)
         tail = "\n".join(spec.console.text().splitlines()[-15:]) if spec else ""
         return VmError(f"VM {name!r} did not boot: {why}\n--- last console lines ---\n{tail}")
 
@@ -281,7 +284,7 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
     def failed(exc: BaseException, instance, spec) -> SnapshotError:
         if isinstance(exc, TimeoutError) or deadline.left() <= 0:
             return deadline.error("waiting for the guest agent")
-        why = (instance.exit_description() if instance is not None else None) or str(exc)
+        why = (instance.settled_exit_description(0.5) if instance is not None else None) or str(exc)
         return SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent did not "
                              f"answer: {why}")
 
