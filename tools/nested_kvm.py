@@ -18,6 +18,11 @@ unchanged:
   the host root, chroots into it and runs ``run.sh`` (written by the caller into the results
   folder), writes the exit status there and powers off. The serial console goes to
   ``console.log`` in the results folder, each line stamped with host seconds since the start.
+* **L1's own failures** are told apart from the command's: a panic or oops of L1 (its kernel
+  panics on an oops, a soft lockup or an RCU stall) ends QEMU and :attr:`L1Run.crash` quotes
+  the console; an L1 that wedges without a word (seen while kvm_amd ran a guest) stops the
+  init's heartbeat file, and after :data:`HEARTBEAT_LOST_S` it is killed, its vCPUs' RIPs read
+  on QEMU's monitor and named from L1's own kallsyms (saved by its first boot; nokaslr).
 
 The module imports nothing from ``supermachine_jupyter``: it only needs Python, QEMU,
 ``apt-get``/``dpkg-deb`` and ``/bin/busybox``.
@@ -54,7 +59,7 @@ from typing import Callable, Iterable
 
 #: Bump when the recipe changes in a way the hashed inputs (init script, module list, busybox
 #: version) do not show.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "3"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
@@ -68,9 +73,17 @@ WANTED_MODULES = ("irqbypass", "ccp", "kvm", "kvm_amd",
 
 L1_MEMORY_MIB = 4096
 L1_VCPUS = 2
-#: panic=-1 + QEMU's -no-reboot: a panic ends QEMU at once; oops=panic: an oops in L1 (e.g.
-#: kvm_amd under the emulated SVM) is a crash we see and retry, not a hang.
-L1_CMDLINE = "console=ttyS0 panic=-1 oops=panic loglevel=4"
+#: panic=-1 + QEMU's -no-reboot: a panic ends QEMU at once; oops=panic, softlockup_panic and
+#: panic_on_rcu_stall: an oops or a stuck CPU in L1 (e.g. kvm_amd under the emulated SVM) is a
+#: crash we see and retry, not a hang; nokaslr: L1's addresses read against System.map.
+L1_CMDLINE = ("console=ttyS0 panic=-1 oops=panic softlockup_panic=1 "
+              "sysctl.kernel.panic_on_rcu_stall=1 nokaslr loglevel=4")
+#: L1 writes results/heartbeat every HEARTBEAT_S; none for HEARTBEAT_LOST_S means L1 is wedged
+#: (seen: both vCPUs busy, no console line, no panic, while kvm_amd ran our guest).
+HEARTBEAT_S = 5
+HEARTBEAT_LOST_S = 90
+#: From QEMU's start to the init's first heartbeat (L1 boots in ~8 s here).
+BOOT_DEADLINE_S = 180
 #: Where the results share appears inside the chroot (the host root's /tmp is a tmpfs there).
 RESULTS_IN_L1 = "/tmp/nested-results"
 #: Lines of L1's console that mean L1 itself crashed (not a test, not the L2 guest).
@@ -119,17 +132,24 @@ mount --bind /results /host/tmp/nested-results || fail "bind the results share"
     echo "memory_kib=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
     echo "command_start_uptime=$(cut -d' ' -f1 /proc/uptime)"
 } > /results/l1-info.txt
+# Debian ships System.map as a stub: the host asks once for L1's own symbol table (nokaslr:
+# the addresses hold for every boot of this kernel) to name where a wedged vCPU is.
+[ -e /results/want-kallsyms ] && cat /proc/kallsyms > /results/kallsyms
 say "svm=$(grep -m1 -ow svm /proc/cpuinfo) npt=$(grep -m1 -ow npt /proc/cpuinfo) /dev/kvm=$(test -c /dev/kvm && echo yes || echo no)"
+( while :; do date +%s > /results/heartbeat.tmp && mv /results/heartbeat.tmp /results/heartbeat
+    sleep HEARTBEAT_S; done ) &
+heartbeat=$!
 say "command starts at $(cut -d' ' -f1 /proc/uptime) s"
 ( chroot /host /bin/sh /tmp/nested-results/run.sh < /dev/null; echo $? > /results/status.tmp ) 2>&1 \
     | tee /results/output.log
 mv /results/status.tmp /results/status
 say "command ended with status $(cat /results/status) at $(cut -d' ' -f1 /proc/uptime) s"
+kill $heartbeat 2>/dev/null
 sync
 umount /host/tmp/nested-results 2>/dev/null
 umount /results 2>/dev/null
 poweroff -f
-"""
+""".replace("HEARTBEAT_S", str(HEARTBEAT_S))
 
 
 def _quiet(_: str) -> None:
@@ -364,6 +384,9 @@ def ensure_l1(progress: Progress = _quiet) -> L1Assets:
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix="build-", dir=root) as work:
             _build(Path(work), pkg, directory, progress)
+        for old in root.glob("l1-*"):       # other kernel versions or recipes
+            if old != directory:
+                shutil.rmtree(old, ignore_errors=True)
         seconds = time.monotonic() - started
         info = json.loads((directory / "info.json").read_text())
         info["build_seconds"] = round(seconds, 1)
@@ -440,7 +463,8 @@ def qemu_argv(assets: L1Assets, results: Path, cmdline: str = L1_CMDLINE) -> lis
         return str(path).replace(",", ",,")
     return [QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(L1_VCPUS),
             "-m", str(L1_MEMORY_MIB), "-M", "q35", "-nodefaults", "-no-reboot",
-            "-display", "none", "-monitor", "none", "-serial", "stdio",
+            "-display", "none", "-serial", "stdio",
+            "-monitor", f"unix:{escape(results / 'monitor.sock')},server=on,wait=off",
             "-kernel", str(assets.kernel), "-initrd", str(assets.initrd), "-append", cmdline,
             "-fsdev", "local,id=h,path=/,security_model=none,readonly=on,multidevs=remap",
             "-device", "virtio-9p-pci,fsdev=h,mount_tag=host",
@@ -485,8 +509,12 @@ def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
         raise L1Error(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
     if not (results / "run.sh").is_file():
         raise L1Error(f"{results}/run.sh is missing: write it with write_run_script")
-    for stale in ("status", "status.tmp", "l1-info.txt", "output.log"):
+    for stale in ("status", "status.tmp", "l1-info.txt", "output.log", "heartbeat",
+                  "l1-cpus.txt", "l1-registers.txt"):
         (results / stale).unlink(missing_ok=True)
+    kallsyms = assets.directory / "kallsyms"
+    if not kallsyms.is_file():
+        (results / "want-kallsyms").touch()
     argv = qemu_argv(assets, results)
     (results / "qemu-argv.json").write_text(json.dumps(argv))
     started = time.monotonic()
@@ -511,10 +539,12 @@ def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
     reader = threading.Thread(target=pump, name="l1-console", daemon=True)
     reader.start()
     timed_out = False
+    wedged: str | None = None
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        wedged = _watch(proc, results, started, timeout)
+        timed_out = wedged is None and proc.poll() is None
+        if wedged or timed_out:
+            _snapshot_cpus(results, assets)
     except BaseException:
         _kill_group(proc)
         raise
@@ -523,6 +553,9 @@ def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
             _kill_group(proc)
         reader.join(timeout=10)
     wall = time.monotonic() - started
+    if (results / "kallsyms").is_file() and not kallsyms.is_file():
+        shutil.copyfile(results / "kallsyms", kallsyms.with_suffix(".tmp"))
+        os.replace(kallsyms.with_suffix(".tmp"), kallsyms)
     status = None
     try:
         status = int((results / "status").read_text().strip())
@@ -536,8 +569,12 @@ def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
         console = (results / "console.log").read_text(errors="replace") \
             if (results / "console.log").exists() else ""
         found = crash_lines(console)
-        if timed_out:
-            run.crash = f"L1 did not finish within {timeout:.0f} s (killed)"
+        cpus = _read_text(results / "l1-cpus.txt")
+        where = f" (L1's vCPUs then: {cpus})" if cpus else ""
+        if wedged:
+            run.crash = f"L1 hung: {wedged}; killed{where}"
+        elif timed_out:
+            run.crash = f"L1 did not finish within {timeout:.0f} s (killed){where}"
         elif found:
             telling = [line for line in found if "Call Trace:" not in line] or found
             run.crash = "L1 crashed: " + " | ".join(telling[:4])
@@ -545,6 +582,95 @@ def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
             run.crash = (f"L1 ended (QEMU status {proc.returncode}) without writing the "
                          "command's exit status")
     return run
+
+
+def _watch(proc: subprocess.Popen, results: Path, started: float, timeout: float) -> str | None:
+    """Wait for QEMU to end; None when it did (or ``timeout`` passed), else why L1 is wedged:
+    no heartbeat from its init for HEARTBEAT_LOST_S (or none at all within BOOT_DEADLINE_S)."""
+    beat = results / "heartbeat"
+    while True:
+        try:
+            proc.wait(timeout=HEARTBEAT_S)
+            return None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if now - started > timeout:
+            return None
+        if (results / "status").exists():
+            continue            # the command ended; L1 is powering off
+        try:
+            silent = time.time() - beat.stat().st_mtime
+        except FileNotFoundError:
+            if now - started > BOOT_DEADLINE_S:
+                return f"its init gave no heartbeat within {BOOT_DEADLINE_S} s of QEMU's start"
+            continue
+        if silent > HEARTBEAT_LOST_S:
+            return f"no heartbeat from its init for {silent:.0f} s"
+
+
+def _monitor(results: Path, command: str, wait_s: float = 3.0) -> str:
+    """One HMP command on L1's QEMU monitor; its output ('' when unreachable)."""
+    import socket
+    out = b""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(wait_s)
+            sock.connect(str(results / "monitor.sock"))
+            sock.sendall(command.encode() + b"\n")
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    except OSError as exc:
+        return f"(monitor unreachable: {exc})"
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode(errors="replace"))
+
+
+def _snapshot_cpus(results: Path, assets: "L1Assets") -> None:
+    """Where a wedged L1's vCPUs are: ``info registers -a`` into l1-registers.txt and each
+    RIP, named from L1's System.map (L1 boots with nokaslr), into l1-cpus.txt."""
+    text = _monitor(results, "info registers -a")
+    (results / "l1-registers.txt").write_text(text)
+    rips = re.findall(r"RIP=([0-9a-f]{16})", text)
+    kallsyms = results / "kallsyms"                 # this boot's, else the cached one
+    if not kallsyms.is_file():
+        kallsyms = assets.directory / "kallsyms"
+    names = [f"CPU#{i} RIP {rip} {symbolize(kallsyms, int(rip, 16))}"
+             for i, rip in enumerate(rips)]
+    (results / "l1-cpus.txt").write_text("; ".join(names))
+
+
+def symbolize(kallsyms: Path, address: int) -> str:
+    """``function+0xoffset [module]`` of an L1 kernel address, from L1's /proc/kallsyms
+    saved by its first boot ('' when unknown)."""
+    try:
+        lines = kallsyms.read_text().splitlines()
+    except OSError:
+        return ""
+    best = None
+    for line in lines:
+        parts = line.split(maxsplit=2)
+        if len(parts) == 3 and parts[1] in ("t", "T", "w", "W"):
+            start = int(parts[0], 16)
+            if start <= address and (best is None or start > best[0]):
+                best = (start, parts[2])
+    if best is None or address - best[0] > 1 << 20:
+        return ""
+    name, _, module = best[1].partition(" ")
+    return f"{name}+{address - best[0]:#x}" + (f" {module}" if module else "")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -1,0 +1,417 @@
+"""The nested-KVM tier: tests marked ``nested_kvm`` run inside an L1 Linux whose /dev/kvm works.
+
+This host's /dev/kvm cannot boot Linux; an L1 Linux under QEMU TCG with an emulated AMD SVM
+CPU can (``tools/nested_kvm.py``, DESIGN.md). So, in the host's pytest run:
+
+* every collected test marked ``nested_kvm`` (or ``nested_kvm_todo``) is replaced by a stand-in
+  item with the same node id, markers and keywords (``-k``/``-m`` select as usual);
+* the first stand-in to run boots L1 once for the whole session: it builds (or finds) the
+  cached L1, makes sure the guest assets and the native core are built on the host (the host
+  root is read-only in L1), and runs one inner ``pytest`` over all the selected node ids in
+  the host's own root and venv, chrooted inside L1;
+* each stand-in then passes, fails or skips as its inner test did, with the inner report and
+  output. If L1 cannot be built or booted, each stand-in fails saying why. If L1 itself
+  crashes (its kvm_amd under emulated SVM has been seen to panic), the tests it did not finish
+  run again in a second L1 boot; a second crash fails them naming L1.
+
+Inside L1 (``SUPERMACHINE_NESTED_L1=1``) the marked tests run for real and each report is
+appended to ``$SUPERMACHINE_NESTED_RESULTS/reports.jsonl`` as it happens (it survives an L1
+crash; the junit xml is written only at the end).
+
+Environment: ``SUPERMACHINE_NESTED=off`` skips the tier (each test says so);
+``SUPERMACHINE_NESTED=direct`` runs the marked tests on this host as they are (a machine whose
+KVM runs Linux); ``SUPERMACHINE_NESTED_TODO=1`` (or ``-m nested_kvm_todo``) adds the tests of
+``test_*_known_failing.py`` (marked ``nested_kvm_todo``: issue H's known failures);
+``SUPERMACHINE_NESTED_TIMEOUT`` bounds one L1 boot (seconds, default 1500). A test that hangs
+inside L1 is ended by pytest-timeout (thread method: it ends the inner pytest, after a stack
+dump of every thread); it fails with that dump and the tests it kept from running get the
+second boot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+IN_L1 = os.environ.get("SUPERMACHINE_NESTED_L1") == "1"
+MODE = os.environ.get("SUPERMACHINE_NESTED", "l1").strip().lower()
+MARKERS = ("nested_kvm", "nested_kvm_todo")
+L1_TIMEOUT_S = float(os.environ.get("SUPERMACHINE_NESTED_TIMEOUT", "1500"))
+#: Per inner test (pytest-timeout inside L1, where everything runs at TCG speed; a VM boots in
+#: 10-30 s there). Its thread method ends the inner pytest when a test hangs in C code, where a
+#: signal cannot reach Python; faulthandler dumps every thread's stack shortly before.
+INNER_TEST_TIMEOUT_S = 240
+ABOUT = ("runs inside the nested-KVM L1 Linux (tools/nested_kvm.py; this host's /dev/kvm "
+         "cannot boot Linux)")
+
+
+def _load_tool():
+    name = "nested_kvm"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "nested_kvm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _marked(item) -> str | None:
+    for name in MARKERS:
+        if item.get_closest_marker(name) is not None:
+            return name
+    return None
+
+
+def _todo_enabled(config) -> bool:
+    if os.environ.get("SUPERMACHINE_NESTED_TODO", "").strip().lower() in ("1", "yes", "true"):
+        return True
+    expr = config.getoption("markexpr", "") or ""
+    return re.search(r"(?<!not )\bnested_kvm_todo\b", expr) is not None
+
+
+# =============================================================================================
+# Inside L1: run for real, report each phase as it ends
+# =============================================================================================
+
+def _report_line(report) -> dict:
+    line = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+            "duration": round(report.duration, 3), "sections": report.sections[-6:]}
+    if report.skipped and isinstance(report.longrepr, tuple):
+        line["skip_reason"] = report.longrepr[2]
+    elif report.longrepr is not None:
+        line["longrepr"] = str(report.longrepr)[-20000:]
+    if hasattr(report, "wasxfail"):
+        line["wasxfail"] = report.wasxfail
+    return line
+
+
+def _append_result(record: dict) -> None:
+    results = os.environ.get("SUPERMACHINE_NESTED_RESULTS")
+    if not results:
+        return
+    with open(Path(results) / "reports.jsonl", "a") as out:
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+if IN_L1:
+    def pytest_runtest_logstart(nodeid, location):
+        _append_result({"nodeid": nodeid, "when": "start", "at": time.time()})
+
+    def pytest_runtest_logreport(report):
+        _append_result(_report_line(report))
+
+
+# =============================================================================================
+# On the host: one L1 boot runs every selected marked test; stand-ins report their outcomes
+# =============================================================================================
+
+class NestedOutcome(Exception):
+    """A stand-in's failure: the inner test's report, or why L1 could not run it."""
+
+
+class L1Tier:
+    """Runs the selected node ids in L1 (once per session, on first use)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.nodeids: list[str] = []
+        self.results: dict[str, list[dict]] | None = None
+        self.started: dict[str, int] = {}      # node id → attempt in which it started
+        self.error: str | None = None
+        self.final_errors: dict[str, str] = {}     # node id → why it has no result
+        self.timings: list[str] = []
+        self.runs: list = []
+        self.tier_seconds = 0.0
+
+    # -- the one L1 session ------------------------------------------------------------
+    def ensure_ran(self) -> None:
+        if self.results is not None:
+            return
+        self.results = {}
+        started = time.monotonic()
+        try:
+            self._run()
+        except NestedOutcome as exc:
+            self.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - every stand-in reports it
+            self.error = f"the nested tier failed on the host: {type(exc).__name__}: {exc}"
+        finally:
+            self.tier_seconds = time.monotonic() - started
+            self.timings.append(f"tier total: {self.tier_seconds:.1f} s")
+
+    def _say(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[nested] {line}")
+
+    def _run(self) -> None:
+        tool = _load_tool()
+        t0 = time.monotonic()
+        try:
+            assets = tool.ensure_l1(self._say)
+        except tool.L1Error as exc:
+            raise NestedOutcome(f"the L1 Linux cannot be built here: {exc}") from exc
+        self.timings.append(f"L1 {'build' if assets.built_now else 'cache look-up'}: "
+                            f"{time.monotonic() - t0:.1f} s ({assets.package} {assets.version}, "
+                            f"kernel {assets.kernel_release})")
+        t0 = time.monotonic()
+        guest = self._host_prerequisites()
+        self.timings.append(f"host prerequisites (guest assets, native core): "
+                            f"{time.monotonic() - t0:.1f} s")
+        base = _new_run_dir()
+        remaining = list(self.nodeids)
+        problems: list[str] = []
+        for attempt in (1, 2):
+            results = base / f"boot{attempt}"
+            results.mkdir()
+            self._write_run_script(tool, results, remaining, guest, attempt)
+            self._say(f"booting L1 (attempt {attempt}) for {len(remaining)} tests; console: "
+                      f"{results / 'console.log'}")
+            run = tool.run_l1(assets, results, timeout=L1_TIMEOUT_S)
+            self.runs.append(run)
+            boot = f"{run.boot_seconds:.1f} s" if run.boot_seconds is not None else "n/a"
+            inner = f"{run.command_seconds:.1f} s" if run.command_seconds is not None else "n/a"
+            self.timings.append(f"L1 boot {attempt}: QEMU start → command {boot}, inner pytest "
+                                f"{inner}, wall {run.wall_seconds:.1f} s, status {run.status}, "
+                                f"kvm ready {run.kvm_ready} ({results})")
+            self._collect(results / "reports.jsonl", attempt)
+            if run.boot_seconds is not None and not run.kvm_ready:
+                raise NestedOutcome(f"L1 booted but has no usable KVM: {run.info} "
+                                    f"(console: {run.console_log})")
+            remaining = [n for n in remaining if not self._finished(n)]
+            if not remaining:
+                return
+            if run.crash is not None:
+                # L1 itself crashed: what it did not finish runs again (once).
+                problems.append(f"boot {attempt}: {run.crash}")
+                self.timings.append(f"L1 boot {attempt} crashed: {run.crash}")
+                self._say(f"L1 crashed ({run.crash}); {len(remaining)} tests left"
+                          + ("; retrying once" if attempt == 1 else ""))
+                continue
+            died_in = [n for n in remaining if self.started.get(n) == attempt]
+            if not died_in:
+                self.error = (f"the inner pytest in L1 ended with status {run.status} before "
+                              f"running this test; its output:\n"
+                              f"{_tail(results / 'output.log', 60)}")
+                return
+            # The inner pytest died inside a test (pytest-timeout's thread method ends the
+            # process when a test hangs in C code, after dumping every thread's stack): that
+            # test fails with the dump; the tests it did not reach run in the next boot.
+            for nodeid in died_in:
+                self.final_errors[nodeid] = (
+                    f"the inner pytest died in this test (status {run.status}: a hang past "
+                    f"{INNER_TEST_TIMEOUT_S} s ends it with every thread's stack); output:\n"
+                    f"{_tail(results / 'output.log', 120)}")
+            remaining = [n for n in remaining if n not in died_in]
+            problems.append(f"boot {attempt}: the inner pytest died in {', '.join(died_in)}")
+            self.timings.append(problems[-1])
+            if not remaining:
+                return
+        self.error = ("no result, after two L1 boots: " + "; ".join(problems)
+                      + f"\n--- L1 console (last lines) ---\n{self.runs[-1].console_tail(40)}")
+
+    def _host_prerequisites(self) -> dict:
+        """Build on the host what L1 cannot (its view of the host root is read-only): the
+        native core when its sources are newer (as tests/native does), the guest assets."""
+        from supermachine_jupyter import Image
+        from tests.native.conftest import ensure_built
+        ensure_built()
+        image = Image.default(self._say)
+        return {"kernel_dir": str(Path(image.kernel).parent), "initrd": str(image.initrd)}
+
+    def _write_run_script(self, tool, results: Path, nodeids: list[str], guest: dict,
+                          attempt: int) -> None:
+        env = tool.default_env()
+        env.update(JUPYTER_RUNTIME_DIR="/tmp/l1-jupyter-runtime", IPYTHONDIR="/tmp/l1-ipython",
+                   JUPYTER_DATA_DIR="/tmp/l1-jupyter-data", PYTHONUNBUFFERED="1",
+                   SUPERMACHINE_NESTED_ATTEMPT=str(attempt),
+                   # Only the plugins the tier uses: autoloading every installed one
+                   # (hypothesis, anyio, ...) costs ~13 s of L1's TCG time per boot.
+                   PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        if _todo_enabled(self.config):
+            env["SUPERMACHINE_NESTED_TODO"] = "1"
+        cache = f"{env['XDG_CACHE_HOME']}/supermachine-jupyter"
+        # The guest kernel and initramfs built on the host, seen through the read-only share.
+        prelude = "\n".join([f"mkdir -p {shlex.quote(cache)}",
+                             f"ln -s {shlex.quote(guest['kernel_dir'])} {shlex.quote(cache)}/",
+                             f"ln -s {shlex.quote(guest['initrd'])} {shlex.quote(cache)}/"])
+        argv = [sys.executable, "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider",
+                "-v", "-rA",
+                f"--timeout={INNER_TEST_TIMEOUT_S}", "--timeout-method=thread",
+                "-o", f"faulthandler_timeout={INNER_TEST_TIMEOUT_S - 30}", "--durations=0",
+                f"--junitxml={tool.RESULTS_IN_L1}/junit.xml", "-o", "junit_logging=all",
+                *nodeids]
+        tool.write_run_script(results, argv, cwd=str(self.config.rootpath), env=env,
+                              prelude=prelude)
+
+    def _collect(self, jsonl: Path, attempt: int) -> None:
+        try:
+            lines = jsonl.read_text().splitlines()
+        except OSError:
+            return
+        for raw in lines:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue        # a line cut by a crash
+            if record["when"] == "start":
+                self.started[record["nodeid"]] = attempt
+                self.results[record["nodeid"]] = []      # a retry replaces a cut-short run
+            else:
+                self.results.setdefault(record["nodeid"], []).append(record)
+
+    def _finished(self, nodeid: str) -> bool:
+        return any(r["when"] == "teardown" for r in self.results.get(nodeid, []))
+
+    # -- one stand-in ------------------------------------------------------------------
+    def outcome(self, item) -> None:
+        self.ensure_ran()
+        nodeid = item.original_nodeid
+        records = self.results.get(nodeid, [])
+        for record in records:
+            for title, text in record.get("sections", []):
+                # "Captured stdout call" → "Captured stdout (inside L1) call"
+                words = title.split()
+                if len(words) == 3 and words[0] == "Captured":
+                    item.add_report_section(words[2], f"{words[1]} (inside L1)", text)
+                else:
+                    item.add_report_section("call", f"{title} (inside L1)", text)
+        if not self._finished(nodeid):
+            why = self.final_errors.get(nodeid) or self.error \
+                or "L1 ran but reported nothing for this test"
+            if nodeid in self.started:
+                why = f"it started in L1 boot {self.started[nodeid]} but did not finish: {why}"
+            raise NestedOutcome(f"[nested] {nodeid}: {why}")
+        item.inner_seconds = sum(r["duration"] for r in records)
+        for record in records:
+            if record["outcome"] == "failed":
+                raise NestedOutcome(f"[inside L1, {record['when']}] {record.get('longrepr', '')}")
+        for record in records:
+            if record["outcome"] == "skipped":
+                reason = record.get("skip_reason", "").removeprefix("Skipped: ")
+                # reported at the test's own location, as a skip in the test itself would be
+                raise pytest.skip.Exception(f"[inside L1] {reason}", _use_item_location=True)
+
+
+class NestedItem(pytest.Item):
+    """Stands in on the host for a marked test; its outcome is the inner test's."""
+
+    def __init__(self, *, original, tier: L1Tier, **kwargs):
+        super().__init__(**kwargs)
+        self.original_nodeid = original.nodeid
+        self._original = original
+        self.tier = tier
+        self.inner_seconds = None
+        self.own_markers = list(original.own_markers)
+        self.keywords.update(original.keywords)
+        # pytest-timeout: the first stand-in waits for the whole L1 session.
+        self.add_marker(pytest.mark.timeout(2 * L1_TIMEOUT_S + 600))
+
+    def runtest(self):
+        self.tier.outcome(self)
+
+    def reportinfo(self):
+        return self._original.reportinfo()
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, NestedOutcome):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+_TIER_KEY = pytest.StashKey[L1Tier]()
+
+
+@pytest.hookimpl(trylast=True)     # after -k/-m deselection
+def pytest_collection_modifyitems(session, config, items):
+    if IN_L1 or MODE == "direct":
+        return
+    tier = L1Tier(config)
+    config.stash[_TIER_KEY] = tier
+    todo = _todo_enabled(config)
+    for index, item in enumerate(items):
+        marker = _marked(item)
+        if marker is None or isinstance(item, NestedItem):
+            continue
+        if MODE == "off":
+            item.add_marker(pytest.mark.skip(
+                reason=f"{ABOUT}; SUPERMACHINE_NESTED=off turned the tier off"))
+            continue
+        if marker == "nested_kvm_todo" and not todo:
+            item.add_marker(pytest.mark.skip(
+                reason=f"known to fail today (issue H); {ABOUT}: run with "
+                       "SUPERMACHINE_NESTED_TODO=1 or -m nested_kvm_todo"))
+            continue
+        items[index] = NestedItem.from_parent(item.parent, name=item.name, original=item,
+                                              tier=tier)
+        tier.nodeids.append(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    tier = config.stash.get(_TIER_KEY, None)
+    if tier is None or tier.results is None:
+        return
+    terminalreporter.section("nested-KVM tier (L1) timings")
+    for line in tier.timings:
+        terminalreporter.write_line(line)
+    for nodeid in tier.nodeids:
+        records = tier.results.get(nodeid, [])
+        outcome = next((r["outcome"] for r in records if r["outcome"] != "passed"), "passed") \
+            if tier._finished(nodeid) else "no result"
+        seconds = sum(r["duration"] for r in records)
+        terminalreporter.write_line(f"{seconds:7.1f} s  {outcome:8s} {nodeid}")
+
+
+#: The last runs' results (console logs, junit xml) are kept here, older ones removed.
+RUNS_DIR = Path(tempfile.gettempdir()) / "supermachine-nested"
+RUNS_KEPT = 5
+
+
+def _new_run_dir() -> Path:
+    import shutil
+    RUNS_DIR.mkdir(exist_ok=True)
+    for old in sorted(RUNS_DIR.glob("run-*"), key=lambda p: p.stat().st_mtime)[:-RUNS_KEPT + 1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                 dir=RUNS_DIR))
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} is missing)"
+
+
+# =============================================================================================
+# Fixtures for the tests that run inside L1
+# =============================================================================================
+
+@pytest.fixture(scope="session")
+def l1_kvm():
+    """The KVM of L1 (or of a machine whose KVM runs Linux: SUPERMACHINE_NESTED=direct)."""
+    assert Path("/dev/kvm").exists(), "no /dev/kvm: this test needs a KVM that runs Linux"
+    if IN_L1:
+        flags = Path("/proc/cpuinfo").read_text()
+        assert re.search(r"\bsvm\b", flags) and re.search(r"\bnpt\b", flags), \
+            "L1 shows no svm/npt: kvm_amd cannot run guests with nested paging"
+    return Path("/dev/kvm")
+
+
+@pytest.fixture(scope="session")
+def image(l1_kvm):
+    from supermachine_jupyter import Image
+    return Image.default()
