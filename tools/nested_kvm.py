@@ -112,8 +112,22 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro host /h
     || fail "cannot mount the host root (9p tag 'host')"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /results \
     || fail "cannot mount the results share (9p tag 'results')"
+# Host directories the command needs under /tmp or /run (a clone of the project may live
+# there): bound aside before L1's tmpfs hides them, then put back at the same path.
+n=0
+while read -r keep; do
+    [ -n "$keep" ] || continue
+    mkdir -p "/keep/$n" && mount --bind "/host$keep" "/keep/$n" || fail "cannot keep $keep"
+    n=$((n + 1))
+done < /results/keep-paths
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp || fail "tmpfs on /tmp"
 mount -t tmpfs -o mode=755 tmpfs /host/run || fail "tmpfs on /run"
+n=0
+while read -r keep; do
+    [ -n "$keep" ] || continue
+    mkdir -p "/host$keep" && mount --bind "/keep/$n" "/host$keep" || fail "cannot restore $keep"
+    n=$((n + 1))
+done < /results/keep-paths
 mount -t proc proc /host/proc || fail "proc"
 mount -t sysfs sysfs /host/sys || fail "sysfs"
 mount -t devtmpfs devtmpfs /host/dev || fail "devtmpfs"
@@ -482,6 +496,9 @@ def write_run_script(results: Path, argv: list[str], *, cwd: str, env: dict[str,
         lines.append(prelude)
     lines += [f"cd {shlex.quote(cwd)} || exit 125", f"exec {shlex.join(argv)}"]
     (results / "run.sh").write_text("\n".join(lines) + "\n")
+    # The working directory survives L1's tmpfs on /tmp and /run (the init binds it back).
+    hidden = [cwd] if cwd.startswith(("/tmp/", "/run/")) and "\n" not in cwd else []
+    (results / "keep-paths").write_text("".join(f"{path}\n" for path in hidden))
 
 
 def default_env() -> dict[str, str]:
