@@ -52,3 +52,23 @@ def large_mappings(min_bytes: int) -> set[str]:
 def entries(directory: str) -> set[str]:
     """Names in ``directory`` (the VMs' socket folder, ``$TMPDIR``)."""
     return set(os.listdir(directory))
+
+
+#: Boots of the native core that ended in a guest triple fault and were retried (issue H: about
+#: one native Linux boot in 40 triple-faults in L1 right after the i8042 probe fails, cause not
+#: yet known: the core, or L1's emulated SVM). Printed by every test that needed a retry.
+BOOT_TRIPLE_FAULTS: list[str] = []
+
+
+def start_native(image, config, **kwargs):
+    """``image.start(config, **kwargs)``, booted again once if the guest triple-faulted while
+    booting (see BOOT_TRIPLE_FAULTS); a second triple fault fails the test as before."""
+    from supermachine_jupyter.errors import VmError
+    try:
+        return image.start(config, **kwargs)
+    except VmError as exc:
+        if "triple_fault" not in str(exc):
+            raise
+        BOOT_TRIPLE_FAULTS.append(str(exc).splitlines()[0])
+        print(f"RETRIED a native boot that triple-faulted (issue H): {BOOT_TRIPLE_FAULTS[-1]}")
+        return image.start(config, **kwargs)

@@ -18,8 +18,8 @@ import pytest
 from supermachine_jupyter import VmConfig
 from supermachine_jupyter.errors import VmError
 
-from tests.nested.helpers import (entries, large_mappings, new_since, threads_and_fds,
-                                  wait_for)
+from tests.nested.helpers import (entries, large_mappings, new_since, start_native,
+                                  threads_and_fds, wait_for)
 
 pytestmark = pytest.mark.nested_kvm
 
@@ -52,7 +52,7 @@ def vm(image, workdir, share):
               .with_virtiofs(str(share), "share", "/mnt/share")
               .with_virtiofs(str(share), "roshare", "/mnt/ro", read_only=True))
     started = time.monotonic()
-    machine = image.start(config, name="nested-shared")
+    machine = start_native(image, config, name="nested-shared")
     print(f"native boot to the agent: {time.monotonic() - started:.1f} s "
           f"(vm.boot_seconds {machine.boot_seconds:.1f} s)")
     yield machine
@@ -194,11 +194,11 @@ def test_read_only_mount_refuses_writes(vm, share):
 
 def test_volume_persists_across_vms_and_read_only_refuses_writes(image, workdir):
     disk = workdir / "persist.img"
-    with image.start(NATIVE.with_volume(str(disk), "/vol", size_mib=64)) as first:
+    with start_native(image, NATIVE.with_volume(str(disk), "/vol", size_mib=64)) as first:
         assert first.run("echo persisted > /vol/a && sync").ok
     assert disk.stat().st_blocks * 512 < 64 * MIB          # sparse on the host
     ro = NATIVE.with_volume(str(disk), "/vol", size_mib=64, read_only=True)
-    with image.start(ro) as second:
+    with start_native(image, ro) as second:
         assert second.run("cat /vol/a").stdout == "persisted\n"
         refused = second.run("echo x > /vol/b")
         assert refused.exit_code != 0 and "Read-only" in refused.stderr, refused
@@ -231,7 +231,7 @@ def test_vm_cell_magic_with_the_native_engine(capsys):
 
 def test_stop_leaves_no_thread_fd_mapping_or_socket_behind(image):
     before, ram_before, tmp_before = threads_and_fds(), large_mappings(200 * MIB), entries(TMP)
-    vm = image.start(NATIVE, name="nested-stop")
+    vm = start_native(image, NATIVE, name="nested-stop")
     assert vm.run("echo up").stdout == "up\n"
     assert large_mappings(200 * MIB) - ram_before, "no guest RAM mapping seen while running"
     assert entries(TMP) - tmp_before, f"no socket folder or socket of the VM in {TMP}"
@@ -250,7 +250,7 @@ def _assert_nothing_left(before, ram_before, tmp_before, after_what: str) -> Non
 
 def _ended_by_guest(image, name: str, command: str):
     """A VM whose guest ran ``command`` (which ends it), once it has ended."""
-    vm = image.start(NATIVE, name=name)
+    vm = start_native(image, NATIVE, name=name)
     try:
         vm.run(command, timeout=60)
     except VmError:
