@@ -38,9 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -56,6 +54,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
+
+from supermachine_jupyter.guest.assets import CpioEntry, pack_cpio
 
 #: Bump when the recipe changes in a way the hashed inputs (init script, module list, busybox
 #: version) do not show.
@@ -292,32 +292,8 @@ def module_closure(modules_dir: Path, wanted: Iterable[str]) -> list[tuple[str, 
 # The initramfs
 # ---------------------------------------------------------------------------------------------
 
-def pack_cpio(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
-    """A reproducible gzip'd ``newc`` cpio: (path, st_mode, data, (rdev major, minor))."""
-    raw = io.BytesIO()
-
-    def header(ino: int, mode: int, nlink: int, size: int, name: bytes,
-               rdev: tuple[int, int] = (0, 0)) -> bytes:
-        fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
-        return b"070701" + b"".join(b"%08X" % f for f in fields)
-
-    def pad(n: int) -> bytes:
-        return b"\0" * ((4 - n % 4) % 4)
-
-    for ino, (path, mode, data, rdev) in enumerate(sorted(entries), start=1):
-        name = path.encode()
-        hdr = header(ino, mode, 2 if stat.S_ISDIR(mode) else 1, len(data), name, rdev)
-        hdr += name + b"\0"
-        raw.write(hdr + pad(len(hdr)) + data + pad(len(data)))
-    trailer = header(0, 0, 1, 0, b"TRAILER!!!") + b"TRAILER!!!\0"
-    raw.write(trailer + pad(len(trailer)))
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
-        gz.write(raw.getvalue())
-    return out.getvalue()
-
-
-def initramfs_entries(modules: list[tuple[str, Path]]) -> list[tuple[str, int, bytes, tuple]]:
+def initramfs_entries(modules: list[tuple[str, Path]]) -> list[CpioEntry]:
+    """L1's initramfs (packed by the guest image's own reproducible cpio writer)."""
     d, f, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o644, stat.S_IFREG | 0o755
     entries = [(name, d, b"", (0, 0)) for name in
                ("bin", "dev", "proc", "sys", "tmp", "host", "results", "modules")]
@@ -328,7 +304,7 @@ def initramfs_entries(modules: list[tuple[str, Path]]) -> list[tuple[str, int, b
                 ("init", x, INIT_SCRIPT.encode(), (0, 0)),
                 ("modules.list", f, "".join(f"{n}\n" for n, _ in modules).encode(), (0, 0))]
     entries += [(f"modules/{name}.ko", f, path.read_bytes(), (0, 0)) for name, path in modules]
-    return entries
+    return [CpioEntry(path, mode, data, rdev) for path, mode, data, rdev in entries]
 
 
 # ---------------------------------------------------------------------------------------------
