@@ -24,8 +24,8 @@ unchanged:
   init's heartbeat file, and after :data:`HEARTBEAT_LOST_S` it is killed, its vCPUs' RIPs read
   on QEMU's monitor and named from L1's own kallsyms (saved by its first boot; nokaslr).
 
-The module imports nothing from ``supermachine_jupyter``: it only needs Python, QEMU,
-``apt-get``/``dpkg-deb`` and ``/bin/busybox``.
+Besides the guest image's reproducible cpio writer (``supermachine_jupyter.guest.assets``) it
+needs only Python, QEMU, ``apt-get``/``dpkg-deb`` and ``/bin/busybox``.
 
 Command line::
 
