@@ -115,9 +115,12 @@ def violation_noticed(victim, attacker, timeout: float = 30) -> VmError:
         said = []
         while True:
             try:
-                said.append(attacker.next_event(timeout=0.5))
+                event = attacker.next_event(timeout=0.5)
             except (TimeoutError, VmError) as exc:
                 said.append(exc)
+                break
+            said.append(event)
+            if attacker.exit is not None:
                 break
         pytest.fail(f"no protocol violation noticed in {timeout} s; the attacker: {said}")
     pytest.fail(f"the victim ended ({victim.exit}) and the channel is still up")
@@ -183,7 +186,22 @@ def test_output_beyond_the_credit_window_closes_the_channel(start_vm, hostile_bi
     with RssWatch() as rss:
         attacker = vm.exec(f"{hostile} flood {victim.stream_id} {flood}")
         started = time.monotonic()
-        error = violation_noticed(victim, attacker)
+        try:
+            victim.wait(timeout=15)
+            error = None
+        except VmError as exc:
+            error = exc
+        except TimeoutError:
+            # Seen once in ~25 runs: the attacker's writes to the port failed in the guest
+            # before its flood got out (it exits 0 saying "channel write: …"), so nothing
+            # reached the host to refuse. The property is about what the host does with the
+            # flood, so the attack is made once more; a second miss fails below with what the
+            # attacker said.
+            started = time.monotonic()
+            attacker = vm.exec(f"{hostile} flood {victim.stream_id} {flood}")
+            error = violation_noticed(victim, attacker)
+        if error is None:
+            pytest.fail(f"the victim ended ({victim.exit}) and the channel is still up")
         elapsed = time.monotonic() - started
     assert elapsed < 10, f"the violation was noticed after {elapsed:.1f} s"
     assert "broke the protocol" in str(error) and "beyond the credit" in str(error), error
