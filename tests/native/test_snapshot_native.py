@@ -575,7 +575,11 @@ def test_vsock_restore_resets_the_transport(native, short_tmp):
         s.connect(uds)
         s.sendall(b"CONNECT 1234\n")
         reader = s.makefile("rb")
-        assert reader.readline().startswith(b"OK ")
+        try:
+            answer = reader.readline()
+        except TimeoutError:
+            pytest.fail(f"no answer to CONNECT; guest console: {restored.console_output()!r}")
+        assert answer.startswith(b"OK "), restored.console_output()
         s.sendall(b"after the restore\n")
         assert reader.readline() == b"AFTER THE RESTORE\n"
         reader.close()

@@ -3,15 +3,22 @@
  *    byte upper-cased until the host closes it (the stack answers its SHUTDOWN with RST);
  * 2. connects to host port connect= (default 5000): waits for the RESPONSE, sends one line,
  *    shuts down, waits for the host's RST;
- * then reports. It waits for the host by polling, giving up after PROBE_SPIN_LIMIT idle polls
- * (sending waits for the host's credit in vsock_send_all()). */
+ * then reports. It waits for the host by polling, giving up after IDLE_LIMIT_NS of guest time
+ * without progress (sending waits for the host's credit in vsock_send_all()). Guest time, not a
+ * spin count: kvmclock stands still while the VM is paused, snapshotted or not yet restored, so
+ * a slow host (a sanitizer build, a loaded machine) never eats the guest's patience. */
 #include "probe.h"
+#include "probe_clock.h"
 #include "probe_vsock.h"
 
+#define IDLE_LIMIT_NS (120 * NS_PER_SECOND)
+
 static uint64_t idle_polls;
+static uint64_t idle_since_ns;
 static uint8_t data[4096];
 
-/* One round of polling; -1 once PROBE_SPIN_LIMIT rounds in a row brought nothing. */
+/* One round of polling; -1 once nothing arrived for IDLE_LIMIT_NS (PROBE_SPIN_LIMIT rounds
+ * under a hypervisor without kvmclock). */
 static int poll_once(void)
 {
     if (vsock_poll()) {
@@ -19,7 +26,12 @@ static int poll_once(void)
         return 0;
     }
     __asm__ volatile("pause");
-    return ++idle_polls > PROBE_SPIN_LIMIT ? -1 : 0;
+    if (idle_polls++ == 0)
+        idle_since_ns = clock_ns();
+    uint64_t now_ns = clock_ns();
+    if (now_ns)
+        return now_ns - idle_since_ns > IDLE_LIMIT_NS ? -1 : 0;
+    return idle_polls > PROBE_SPIN_LIMIT ? -1 : 0;
 }
 
 int probe_main(void)
