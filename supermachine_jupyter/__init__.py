@@ -15,12 +15,16 @@ From Python::
 
 __version__ = "0.1.0"
 
-from .config import AssetPaths, MountSpec, VmConfig, VolumeSpec  # noqa: E402
-from .errors import (  # noqa: E402
+from .config import AssetPaths, MountSpec, VmConfig, VolumeSpec
+from .errors import (
     AgentError,
     AssetError,
     EngineError,
     ProtocolVersionError,
+    SnapshotError,
+    SnapshotNotSupportedError,
+    SnapshotTimeoutError,
+    SnapshotVersionError,
     VmError,
     VmStoppedError,
 )
@@ -58,6 +62,23 @@ def _jupyter_labextension_paths() -> list[dict]:
     return [{"src": "labextension", "dest": "supermachine-jupyter"}]
 
 
-__all__ = ["VmConfig", "VolumeSpec", "MountSpec", "AssetPaths", "Image", "Vm", "ExecResult",
-           "VmError", "AgentError", "AssetError", "EngineError", "ProtocolVersionError",
-           "VmStoppedError", "load_ipython_extension"]
+__all__ = [
+    "AgentError",
+    "AssetError",
+    "AssetPaths",
+    "EngineError",
+    "ExecResult",
+    "Image",
+    "MountSpec",
+    "ProtocolVersionError",
+    "SnapshotError",
+    "SnapshotNotSupportedError",
+    "SnapshotTimeoutError",
+    "SnapshotVersionError",
+    "Vm",
+    "VmConfig",
+    "VmError",
+    "VmStoppedError",
+    "VolumeSpec",
+    "load_ipython_extension",
+]

@@ -27,3 +27,19 @@ class ProtocolVersionError(AgentError):
 
 class VmStoppedError(VmError):
     """An operation was attempted on a VM that is no longer running."""
+
+
+class SnapshotError(VmError):
+    """A snapshot could not be written, read or restored; the message says why."""
+
+
+class SnapshotVersionError(SnapshotError):
+    """The snapshot comes from another format version or another QEMU version."""
+
+
+class SnapshotTimeoutError(SnapshotError):
+    """A restore took longer than ``VmConfig.restore_timeout``."""
+
+
+class SnapshotNotSupportedError(SnapshotError, NotImplementedError):
+    """The engine cannot snapshot or restore."""

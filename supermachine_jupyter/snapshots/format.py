@@ -24,7 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import VmError
+from ..errors import (  # noqa: F401  (re-exported: the snapshot errors are this package's too)
+    SnapshotError,
+    SnapshotNotSupportedError,
+    SnapshotTimeoutError,
+    SnapshotVersionError,
+    VmError,
+)
 
 if TYPE_CHECKING:
     from ..config import VmConfig
@@ -48,22 +54,6 @@ Progress = Callable[[str], None]
 
 def _silent(_: str) -> None:
     pass
-
-
-class SnapshotError(VmError):
-    """A snapshot could not be written, read or restored; the message says why."""
-
-
-class SnapshotVersionError(SnapshotError):
-    """The snapshot comes from another format version or another QEMU version."""
-
-
-class SnapshotTimeoutError(SnapshotError):
-    """A restore took longer than ``VmConfig.restore_timeout``."""
-
-
-class SnapshotNotSupportedError(SnapshotError, NotImplementedError):
-    """The engine cannot snapshot or restore."""
 
 
 # --- digests --------------------------------------------------------------------------------
