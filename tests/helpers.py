@@ -1,6 +1,7 @@
-"""Helpers shared by tests: finding engine processes on this host."""
+"""Helpers shared by tests: waiting for a condition, finding engine processes on this host."""
 
 import os
+import time
 
 
 def engine_pids(marker: str = "qemu-system", parent: int | None = None) -> list[int]:
@@ -49,3 +50,15 @@ def accept_one_connection(path: str, timeout: float):
     thread = threading.Thread(target=accept, name=f"accept-{path}", daemon=True)
     thread.start()
     return thread, received
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds
+    pass; then its last value, so ``assert wait_for(...)`` shows what it saw."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+

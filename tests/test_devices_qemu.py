@@ -2,12 +2,12 @@
 
 import os
 import signal
-import time
 
 import pytest
 
 from supermachine_jupyter import Image, VmConfig
 from supermachine_jupyter.devices.balloon import BalloonNotEnabled
+from tests.helpers import wait_for
 
 QEMU = VmConfig(engine="qemu")
 
@@ -18,16 +18,6 @@ def image():
 
 
 # -- balloon -----------------------------------------------------------------------------
-
-def wait_for(predicate, timeout, interval=0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
 
 def test_balloon_inflate_moves_pages_and_lowers_rss_then_deflates(image):
     with image.start(QEMU.with_memory_mib(256).with_balloon()) as vm:

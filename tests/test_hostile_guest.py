@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE_SOURCE = REPO / "native" / "guest" / "hostile" / "hostile.c"
+AGENT_SOURCES = REPO / "native" / "guest" / "agent"   # hostile.c frames with the agent's protocol.c
 GUEST_HOSTILE = "/tmp/hostile"
 MIB = 1024 * 1024
 
@@ -87,8 +88,9 @@ def hostile_binary(tmp_path_factory) -> bytes:
     if compiler is None:
         pytest.fail("musl-gcc not found (apt-get install musl-tools; the guest agent needs it too)")
     out = tmp_path_factory.mktemp("hostile") / "hostile"
-    subprocess.run([compiler, "-static", "-O2", "-Wall", "-Werror", "-o", str(out),
-                    str(HOSTILE_SOURCE)], check=True)
+    subprocess.run([compiler, "-static", "-O2", "-Wall", "-Werror", "-I", str(AGENT_SOURCES),
+                    "-o", str(out), str(HOSTILE_SOURCE), str(AGENT_SOURCES / "protocol.c")],
+                   check=True)
     return out.read_bytes()
 
 

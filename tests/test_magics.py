@@ -31,6 +31,15 @@ def run_cell(ip, capsys, line, cell):
     return capsys.readouterr()
 
 
+@pytest.fixture
+def m1(ip):
+    """The named VM ``m1`` the tests of this module share (one boot for all of them): started
+    by whichever test asks first, so each test also passes alone, in any order."""
+    ip.run_cell_magic("vm", "--name m1 --quiet", "true")
+    assert ip._supermachine_magics.vms["m1"].state == "running"
+    return "m1"
+
+
 def test_output_streams_in_order_with_status(ip, capsys):
     out = run_cell(ip, capsys, "--name m1", "for i in 1 2 3 4 5; do echo line$i; done; echo oops >&2")
     lines = [l for l in out.out.splitlines() if l.startswith("line")]
@@ -92,7 +101,7 @@ def test_timeout_kills_command_and_vm_survives(ip, capsys):
     assert "ok" in run_cell(ip, capsys, "--name m1 --quiet", "echo ok").out
 
 
-def test_list_console_config(ip, capsys):
+def test_list_console_config(ip, capsys, m1):
     table = ip.run_line_magic("vm", "list")
     assert "m1" in repr(table) and "running" in repr(table)
     ip.run_line_magic("vm", "console m1")

@@ -33,6 +33,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "protocol.h" /* the agent's own framing (native/guest/agent/protocol.c) */
+
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
@@ -40,30 +42,6 @@
 #define SYS_pidfd_getfd 438
 #endif
 
-#define T_HELLO 0x01
-#define T_STDOUT 0x13
-#define T_ERROR 0x7F
-#define CHUNK 65536
-
-static uint32_t crc_table[256];
-
-static void crc_init(void)
-{
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++)
-            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[i] = c;
-    }
-}
-
-static uint32_t crc32(const uint8_t *p, size_t n)
-{
-    uint32_t c = 0xFFFFFFFFu;
-    while (n--)
-        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
-    return c ^ 0xFFFFFFFFu;
-}
 
 static void put_u32(uint8_t *p, uint32_t v)
 {
@@ -164,10 +142,8 @@ static void send_raw(const uint8_t *p, size_t n)
 
 static void send_frame(uint8_t type, uint32_t stream, const uint8_t *payload, uint32_t len)
 {
-    uint8_t h[16] = { 'S', 'M', type, 0 };
-    put_u32(h + 4, stream);
-    put_u32(h + 8, len);
-    put_u32(h + 12, crc32(h, 12));
+    uint8_t h[SM_HEADER_BYTES];
+    sm_encode_header(h, type, stream, len);
     send_raw(h, sizeof h);
     if (len)
         send_raw(payload, len);
@@ -214,7 +190,7 @@ static int hex_value(char c)
 
 int main(int argc, char **argv)
 {
-    static uint8_t payload[CHUNK];
+    static uint8_t payload[SM_MAX_CHUNK_BYTES];
     if (argc < 2) {
         fprintf(stderr, "usage: hostile hello|error|flood|frame|garbage|oom-panic ...\n");
         return 2;
@@ -222,7 +198,6 @@ int main(int argc, char **argv)
     const char *mode = argv[1];
     if (strcmp(mode, "oom-panic") == 0)
         oom_panic();
-    crc_init();
     channel = take_channel();
     /* Let the agent finish what it is sending (our STARTED) before we speak. */
     usleep(300 * 1000);
@@ -231,22 +206,22 @@ int main(int argc, char **argv)
         unsigned long count = strtoul(argv[2], NULL, 0);
         uint32_t n = u32_str(payload, 1, "forged agent");
         for (unsigned long i = 0; i < count; i++)
-            send_frame(T_HELLO, 0, payload, n);
+            send_frame(SM_HELLO, 0, payload, n);
     } else if (strcmp(mode, "error") == 0 && argc == 3) {
         unsigned long count = strtoul(argv[2], NULL, 0);
         for (unsigned long i = 0; i < count; i++) {
             char text[64];
             snprintf(text, sizeof text, "forged error %lu", i);
             uint32_t n = u32_str(payload, 4, text);
-            send_frame(T_ERROR, (i & 1) ? 0x70000000u + (uint32_t)i : 0, payload, n);
+            send_frame(SM_ERROR, (i & 1) ? 0x70000000u + (uint32_t)i : 0, payload, n);
         }
     } else if (strcmp(mode, "flood") == 0 && argc == 4) {
         uint32_t stream = (uint32_t)strtoul(argv[2], NULL, 0);
         unsigned long long left = strtoull(argv[3], NULL, 0);
         memset(payload, 'F', sizeof payload);
         while (left) {
-            uint32_t n = left < CHUNK ? (uint32_t)left : CHUNK;
-            send_frame(T_STDOUT, stream, payload, n);
+            uint32_t n = left < SM_MAX_CHUNK_BYTES ? (uint32_t)left : SM_MAX_CHUNK_BYTES;
+            send_frame(SM_STDOUT, stream, payload, n);
             left -= n;
         }
     } else if (strcmp(mode, "frame") == 0 && argc == 5) {
