@@ -162,8 +162,9 @@ def boot(image: "Image", config: VmConfig, *, name: str | None = None,
                           run_dir=run_dir, console=ConsoleBuffer(), volumes=prepared)
 
     def start(spec: LaunchSpec, mark) -> "EngineInstance":
-        progress(f"starting {name} on {choice.name}/{choice.accel} "
-                 f"({memory} MiB, {vcpus} vCPU): {choice.reason}")
+        # One short line: why this engine was chosen is in %vm info and doctor.
+        progress(f"starting {name} ({memory} MiB, {vcpus} vCPU) on "
+                 f"{choice.name}/{choice.accel}")
         instance = start_engine(choice, spec)
         progress(f"booting {name}…")
         return instance
@@ -224,6 +225,13 @@ def _load(snapshot: Snapshot, spec, deadline: _Deadline, mark: Callable[[str], N
     return instance
 
 
+def snapshot_label(path: Path) -> str:
+    """How progress lines name a snapshot: the pre-booted cache's by what it is (its
+    ``default-<key>`` directory name means nothing to a reader), others by name."""
+    return ("the pre-booted snapshot" if path.name.startswith("default-")
+            else f"snapshot {path.name!r}")
+
+
 def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | None = None,
             progress: Progress = _silent) -> Vm:
     """Start a new VM from ``snapshot`` (what ``Image.from_snapshot(p).start()`` does) within
@@ -260,8 +268,8 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
     def start(spec: LaunchSpec, mark: Callable[[str], None]):
         mark("header_checked")
         checker.start()
-        progress(f"restoring {name} from {snapshot.path} ({snapshot.memory_mib} MiB, "
-                 f"{snapshot.vcpus} vCPU, {snapshot.engine})")
+        progress(f"restoring {name} ({snapshot.memory_mib} MiB, {snapshot.vcpus} vCPU) from "
+                 f"{snapshot_label(snapshot.path)}")
         instance = _load(snapshot, spec, deadline, mark)
         try:
             checker.join(max(deadline.left(), 0))

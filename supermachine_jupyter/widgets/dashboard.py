@@ -12,7 +12,14 @@ from ..config import VmConfig
 from .balloon_panel import BalloonPanel
 from .config_form import VmConfigForm
 from .console_view import ConsoleView
-from .format import ERROR_COLOUR, MUTED_COLOUR, OK_COLOUR, error_html, note_html
+from .format import (
+    ERROR_COLOUR,
+    MUTED_COLOUR,
+    OK_COLOUR,
+    PROGRESS_MARK,
+    error_html,
+    note_html,
+)
 from .mount_panel import MountPanel
 from .sampler import Sampler, close_tree
 
@@ -34,8 +41,8 @@ class VmDashboard(widgets.VBox):
     the next start); ``VmDashboard(config=cfg)`` or ``VmDashboard()`` starts with no VM.
     **start** boots a VM from the form's config (``Image.default().start``) on a background
     thread, showing the boot progress, so the kernel stays free; **stop** stops it, also in
-    the background. The state line names the engine and why it was chosen
-    (``vm.engine_reason``). ``dashboard.vm`` is the current VM (or None); ``wait()`` waits
+    the background. The state line names the engine (why it was chosen,
+    ``vm.engine_reason``, is its tooltip). ``dashboard.vm`` is the current VM (or None); ``wait()`` waits
     for a start or stop in progress; ``threads()`` lists the dashboard's live threads.
     ``close()`` closes the widgets and ends their threads but leaves the VM running.
     """
@@ -165,7 +172,7 @@ class VmDashboard(widgets.VBox):
     # -- behaviour ---------------------------------------------------------------------
     def _start_worker(self, config: VmConfig) -> None:
         def progress(message: str) -> None:
-            self.progress.value = note_html(f"⏳ {message}")
+            self.progress.value = note_html(f"{PROGRESS_MARK} {message}")
 
         try:
             if self._image is None:
@@ -204,11 +211,13 @@ class VmDashboard(widgets.VBox):
         colour = _STATE_COLOURS.get(state, MUTED_COLOUR)
         failure = (f"<br><span style='color:{ERROR_COLOUR}'>{escape(vm.failure)}</span>"
                    if vm.failure else "")
+        how = "restored" if vm.restored_from else "booted"
+        # Why this engine runs it is a detail: a tooltip (and %vm info), not a line of text.
         self.state_line.value = (
             f"<b>{escape(vm.name)}</b> <span style='color:{colour}'>{state}</span> · "
-            f"{escape(vm.engine)}/{escape(vm.accel)} · {vm.memory_mib} MiB · {vm.vcpus} vCPU"
-            f" · boot {vm.boot_seconds:.1f} s<br><small>engine: "
-            f"{escape(vm.engine_reason)}</small>{failure}")
+            f"<span title='engine: {escape(vm.engine_reason)}'>{escape(vm.engine)}/"
+            f"{escape(vm.accel)}</span> · {vm.memory_mib} MiB · {vm.vcpus} vCPU"
+            f" · {how} in {vm.boot_seconds:.1f} s{failure}")
         self.stop_button.disabled = state != "running" or self._busy
         self.start_button.disabled = state in ("running", "stopping") or self._busy
 

@@ -12,6 +12,13 @@ ERROR_COLOUR = "#c62828"
 OK_COLOUR = "#2e7d32"
 MUTED_COLOUR = "#616161"
 
+#: Marks on progress and status lines. Each is in DejaVu Sans and DejaVu Sans Mono (the fonts
+#: Debian's Chromium falls back to), so none renders as an empty box: no emoji such as ⏳.
+PROGRESS_MARK = "◷"
+OK_MARK = "✓"
+FAILED_MARK = "✗"
+WARNING_MARK = "⚠"
+
 
 def human_bytes(value: int | None) -> str:
     """``1536`` → ``'1.5 KiB'``; None (not reported) → ``'—'``."""

@@ -117,16 +117,13 @@ class MountPanel(widgets.VBox):
                                 "%%vm --volume / --mount)</i>")
             return
         cell_style = "padding:2px 8px;vertical-align:top"
-        head = "".join(f"<th style='{cell_style};text-align:left;white-space:nowrap'>{label}"
-                       "</th>" for _, label in COLUMNS)
+        head = "".join(f"<th style='{cell_style};text-align:left;white-space:nowrap'"
+                       f"{_header_title(key)}>{label}</th>" for key, label in COLUMNS)
         body = "".join("<tr>" + "".join(
             f"<td style='{cell_style}{';white-space:nowrap' if nowrap else ''}'>{cell}</td>"
             for (cell, nowrap) in zip(_cells(row), _NOWRAP)) + "</tr>" for row in rows)
-        notes = "".join(
-            f"<br><small>* DAX off for {escape(row['kind'])} <code>{escape(row['tag'])}</code>: "
-            f"{escape(row['dax_note'])}</small>" for row in rows if row["dax"] is False)
         self.table.value = ("<div style='line-height:1.4'><table style='border-collapse:"
-                            f"collapse;font-size:90%'><tr>{head}</tr>{body}</table>{notes}</div>")
+                            f"collapse;font-size:90%'><tr>{head}</tr>{body}</table></div>")
 
     def _on_error(self, exc: BaseException) -> None:
         self.status.value = note_html(f"refresh failed: {exc}", ERROR_COLOUR)
@@ -135,6 +132,17 @@ class MountPanel(widgets.VBox):
         if reason != "closed":
             at = f" (last rows from {clock(self._sampled_at)})" if self._sampled_at else ""
             self.status.value = note_html(f"{reason}: no longer refreshed{at}")
+
+
+#: Header tooltips for the columns whose label is a term of art.
+_HEADER_TITLES = {"dax": "DAX: the guest maps host file pages directly instead of copying "
+                         "them (virtio-fs only)",
+                  "tag": "a mount's virtio-fs tag, or a volume's disk serial"}
+
+
+def _header_title(key: str) -> str:
+    title = _HEADER_TITLES.get(key)
+    return f" title='{escape(title)}'" if title else ""
 
 
 #: Columns kept on one line (numbers and short words); paths may wrap.
@@ -147,8 +155,8 @@ def _cells(row: dict) -> list[str]:
         dax = "n/a"
     elif row["dax"]:
         dax = "on"
-    else:   # the note goes under the table (a narrow column would wrap it word by word)
-        dax = f"<span title='{escape(row['dax_note'])}'>off*</span>"
+    else:   # why it is off is a detail: the cell's tooltip
+        dax = f"<span title='{escape(row['dax_note'])}' style='cursor:help'>off</span>"
     return [escape(row["kind"]), f"<code>{escape(row['host_path'])}</code>",
             f"<code>{escape(row['guest_path'])}</code>", escape(row["tag"]),
             human_bytes(row["size_bytes"]), human_bytes(row["used_bytes"]),
