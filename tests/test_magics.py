@@ -8,13 +8,13 @@ import threading
 import time
 
 import pytest
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.testing.globalipapp import start_ipython
-from IPython.core.error import UsageError
 
 from supermachine_jupyter import snapshots
-from supermachine_jupyter.snapshots import cache
 from supermachine_jupyter.jupyter.magics import VmCommandError
+from supermachine_jupyter.snapshots import cache
 from tests.helpers import engine_pids
 
 
@@ -338,6 +338,7 @@ def test_marks_are_in_dejavu():
     """The progress and status marks render in Chromium's default fonts on Debian (DejaVu):
     an emoji such as ⏳ shows as an empty box there."""
     import subprocess
+
     from supermachine_jupyter.widgets import format as fmt
     fonts = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
              "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf"]
