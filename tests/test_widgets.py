@@ -241,6 +241,9 @@ def test_mount_panel_lists_real_mounts_with_moving_counters(device_vm):
         assert (mount["tag"], mount["guest_path"]) == ("share", "/mnt/share")
         assert mount["dax"] is False and "DAX" in mount["dax_note"]
         assert html.escape(mount["dax_note"]) in panel.table.value    # said where DAX is off
+        # ... as the cell's tooltip, not a footnote under the table
+        assert f"title='{html.escape(mount['dax_note'])}'" in panel.table.value
+        assert "off*" not in panel.table.value and "DAX off for" not in panel.table.value
         assert "smvol0" in panel.table.value and "/mnt/share" in panel.table.value
 
         result = vm.run("cat /mnt/share/hello.txt > /dev/null && "
@@ -311,6 +314,9 @@ def test_dashboard_starts_and_stops_a_vm_with_its_buttons(guest_image):
         assert "ready in" in dashboard.progress.value
         state = dashboard.state_line.value
         assert "running" in state and "qemu/" in state and vm.engine_reason.split(";")[0] in state
+        # one line: why this engine is a tooltip, not a second line of jargon
+        assert f"title='engine: {html.escape(vm.engine_reason)}'" in state and "<br>" not in state
+        assert "booted in" in state
         assert [type(box.children[0]) for box in dashboard.tabs.children[1:]] == [
             ConsoleView, BalloonPanel, MountPanel]
         # no balloon on this VM: the panel says how to get one instead of failing
