@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .binding import NativeVm, calibrate, kvm_check, probe_path
@@ -75,23 +77,35 @@ def _doctor_probe(name: str) -> str:
             vm.close()
 
 
-def doctor(linux_early_boot: bool = True) -> dict:
+def _no_step(what: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def doctor(linux_early_boot: bool = True,
+           step: Callable[[str], contextlib.AbstractContextManager] = _no_step) -> dict:
     """The ``native`` section of ``python -m supermachine_jupyter doctor --json``, from real
-    runs: KVM check, calibrated speed, every probe, and (optionally) the Linux early boot."""
+    runs: KVM check, calibrated speed, every probe, and (optionally) the Linux early boot.
+    ``step(what)`` wraps each check (the CLI announces them as they run)."""
     report: dict = {}
-    ok, msg = kvm_check()
+    with step("native core: KVM check"):
+        ok, msg = kvm_check()
     report["kvm"] = "ok" if ok else msg
     if not ok:
         return report
     try:
-        cal = calibrate()
+        with step("native core: calibration (an integer loop in a guest vs the host)"):
+            cal = calibrate()
         report["speed"] = cal["speed"]
         report["calibration_ratio"] = round(cal["ratio"], 1)
     except Exception as exc:  # noqa: BLE001
         report["speed"] = f"unknown ({exc})"
-    report["probes"] = {name: _doctor_probe(name) for name in DOCTOR_PROBES}
+    report["probes"] = {}
+    for name in DOCTOR_PROBES:
+        with step(f"native core: probe guest {name}"):
+            report["probes"][name] = _doctor_probe(name)
     if linux_early_boot:
-        report["linux_early_boot"] = _doctor_linux_early_boot(report.get("speed"))
+        with step("native core: Linux early boot (minutes where KVM is emulated)"):
+            report["linux_early_boot"] = _doctor_linux_early_boot(report.get("speed"))
     return report
 
 
