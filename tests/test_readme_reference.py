@@ -7,6 +7,9 @@
   the argparse parser on the decorated method as ``VmMagics.vm.parser``), with its argument
   spelled as the parser spells it; every ``%vm`` sub-command and every ``%config VmMagics``
   setting is named.
+* Every example: each fenced block says its language, and every ``python`` and ``ipython``
+  block runs verbatim, in README order, as notebook cells of one real IPython shell (real VMs),
+  so a reader can paste each block into a cell of its own.
 """
 
 from __future__ import annotations
@@ -250,3 +253,69 @@ def test_every_magic_setting_is_documented():
     assert settings <= named, f"%config VmMagics settings missing from README: {settings - named}"
     for referenced in re.findall(r"VmMagics\.(\w+)", section):
         assert referenced in settings, f"README names VmMagics.{referenced}, which does not exist"
+
+
+# -- the examples --------------------------------------------------------------------------------
+
+#: Languages a README block may have: the runnable ones, and a file tree.
+RUNNABLE = ("python", "ipython")
+LANGUAGES = (*RUNNABLE, "text")
+
+
+def _blocks() -> list[tuple[str, str, int]]:
+    """(language, code, line number) of every fenced block of README.md."""
+    blocks, language, code, start = [], None, [], 0
+    for number, line in enumerate(README.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            if language is None:
+                language, code, start = line[3:].strip(), [], number
+            else:
+                blocks.append((language, "\n".join(code) + "\n", start))
+                language = None
+        elif language is not None:
+            code.append(line)
+    assert language is None, f"README.md: the block opened at line {start} is never closed"
+    return blocks
+
+
+def test_every_block_says_its_language():
+    for language, code, line in _blocks():
+        assert language in LANGUAGES, (
+            f"README.md line {line}: a block marked {language!r}; mark it one of {LANGUAGES} "
+            "(python and ipython blocks are run by the tests)")
+
+
+def test_each_ipython_block_is_one_cell():
+    """A cell magic must open its block: ``%load_ext`` and ``%%vm`` in one block is a
+    SyntaxError when pasted into one cell."""
+    for language, code, line in _blocks():
+        if language != "ipython":
+            continue
+        assert "\n%%" not in code, f"README.md line {line}: a cell magic in mid-block"
+
+
+def test_readme_examples_run_verbatim():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+
+    from supermachine_jupyter.snapshots import cache
+
+    shell = start_ipython() or InteractiveShell.instance()
+    examples = [(language, code, line) for language, code, line in _blocks()
+                if language in RUNNABLE]
+    assert len(examples) >= 8, "README lost its examples"
+    try:
+        for _, code, line in examples:
+            result = shell.run_cell(code)
+            assert result.success, (f"README.md line {line} failed: "
+                                    f"{result.error_before_exec or result.error_in_exec}\n{code}")
+        magics = shell._supermachine_magics
+        # What the examples claim, checked on what they left behind.
+        assert magics.vms["lab1"].memory_mib == 512 and magics.vms["lab1"].vcpus == 2
+        assert "bin" in shell.user_ns["listing"].split() and "nowhere" in shell.user_ns["problems"]
+        job = magics.jobs[-1]
+        assert job.wait(60).exit_code == 0
+        assert shell.user_ns["log"] == "step 1\nstep 2\nstep 3\n"
+    finally:
+        shell.run_line_magic("vm", "stop --all")
+        cache.wait_for_background(timeout=60)
