@@ -254,7 +254,7 @@ def test_vm_magic_saves_and_starts_named_native_snapshots(probe_image, tmp_path,
         shell.run_cell_magic("vm", "--from nsaved --name nmagic2", "count\nhostname")
         out = capsys.readouterr().out
         assert "2\nnmagic2\n" in out
-        assert "[nmagic2 · native/kvm] exit 0" in out and " restore " in out
+        assert "✓ nmagic2: exit 0 after" in out and "VM restored in" in out
         shell.run_line_magic("vm", "snapshots")
         assert "nsaved" in capsys.readouterr().out
     finally:
