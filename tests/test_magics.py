@@ -1,6 +1,7 @@
 """%%vm and %vm through a real IPython shell and real VMs (QEMU here)."""
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -169,7 +170,10 @@ def test_second_unnamed_cell_restores_from_the_prebooted_snapshot(ip, capsys):
     cache.wait_for_background(timeout=60)
     out = run_cell(ip, capsys, "", "echo restored")
     assert ip._supermachine_magics.last_result.stdout == "restored\n"
-    assert " · VM restored in 0." in out.out      # the status line: well under a second
+    # The status line says it restored (a boot says "booted"); how fast depends on the
+    # machine's load (0.15 s idle here, over 1 s with other VMs on the 2 cores).
+    restored = re.search(r" · VM restored in (\d+\.\d+) s", out.out)
+    assert restored and float(restored[1]) < 5, out.out
     assert "/" not in out.out.replace("1 vCPU", "")   # no cache path on the progress line
 
 
