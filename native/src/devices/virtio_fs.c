@@ -843,9 +843,10 @@ static void do_setattr(sm_fs *f, fs_req *r, sm_fs_node *node)
 {
     struct fuse_setattr_in in;
     if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) ||
-        ((in.valid & FATTR_ATIME) && in.atimensec >= FS_NSEC_PER_SEC) ||
-        ((in.valid & FATTR_MTIME) && in.mtimensec >= FS_NSEC_PER_SEC) ||
-        in.atime > INT64_MAX || in.mtime > INT64_MAX) {
+        ((in.valid & FATTR_ATIME) && !(in.valid & FATTR_ATIME_NOW) &&
+         (in.atimensec >= FS_NSEC_PER_SEC || in.atime > INT64_MAX)) ||
+        ((in.valid & FATTR_MTIME) && !(in.valid & FATTR_MTIME_NOW) &&
+         (in.mtimensec >= FS_NSEC_PER_SEC || in.mtime > INT64_MAX))) {
         reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
         return;
     }
