@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
+import subprocess
 import threading
 import time
 
@@ -188,6 +190,160 @@ def test_read_only_mount_refuses_writes(vm, share):
     vm.run("mount -o remount,rw /mnt/ro")        # the host refuses even then
     assert vm.run("echo x > /mnt/ro/new2.txt").exit_code != 0
     assert not (share / "new.txt").exists() and not (share / "new2.txt").exists()
+
+
+# -- virtio-fs with Linux's own driver: what a user does in a shared folder ----------------
+
+SPARSE_HOLE = 1024 * 1024
+#: lseek(SEEK_DATA / SEEK_HOLE) has no busybox applet: a static helper the guest runs from the
+#: share itself. Without FUSE_LSEEK Linux falls back to "all data" (SEEK_DATA answers 0).
+SEEK_HELPER_C = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_RDONLY);
+    if (fd < 0) { perror("open"); return 1; }
+    off_t data = lseek(fd, 0, SEEK_DATA);
+    printf("data %lld hole %lld\n", (long long)data, (long long)lseek(fd, data, SEEK_HOLE));
+    return 0;
+}
+"""
+
+
+def _fs_counters(vm, index):
+    """The core's own counters of virtio-fs<index>: what the host-side server did."""
+    return vm.instance.vm.device(f"virtio-fs{index}")["counters"]
+
+
+@pytest.fixture(scope="module")
+def fs_vm(image, tmp_path_factory):
+    """A VM with one host folder mounted read-write (/mnt/s, virtio-fs0) and read-only
+    (/mnt/ro, virtio-fs1; the core takes two mounts)."""
+    base = tmp_path_factory.mktemp("fs")
+    host = base / "share"
+    host.mkdir()
+    (host / "file.txt").write_text("original content\n")
+    (host / "rmme").write_text("x\n")
+    (host / "dir-to-remove").mkdir()
+    (host / "ro-file.txt").write_text("keep me\n")
+    os.symlink("file.txt", host / "link-inside")
+    os.symlink("/proc/sys/kernel/hostname", host / "link-outside")
+    with open(host / "sparse.bin", "wb") as sparse:     # a hole, then data
+        sparse.seek(SPARSE_HOLE)
+        sparse.write(b"d" * 4096)
+    source = base / "seek.c"
+    source.write_text(SEEK_HELPER_C)
+    subprocess.run(["gcc", "-static", "-Os", "-o", str(host / "seek-data-hole"), str(source)],
+                   check=True)
+    config = (NATIVE.with_virtiofs(str(host), "share", "/mnt/s")
+              .with_virtiofs(str(host), "shro", "/mnt/ro", read_only=True))
+    machine = start_native(image, config, name="nested-fs")
+    yield machine, host
+    machine.stop()
+
+
+@pytest.mark.parametrize("command, check", [
+    ("echo new > /mnt/s/file.txt", lambda h: (h / "file.txt").read_text() == "new\n"),
+    ("truncate -s 3 /mnt/s/file.txt", lambda h: (h / "file.txt").stat().st_size == 3),
+    ("touch -d '2001-01-01 00:00' /mnt/s/file.txt",
+     lambda h: time.gmtime((h / "file.txt").stat().st_mtime).tm_year == 2001),
+    ("chmod 600 /mnt/s/file.txt", lambda h: (h / "file.txt").stat().st_mode & 0o777 == 0o600),
+    ("mkdir /mnt/s/newdir", lambda h: (h / "newdir").is_dir()),
+    ("rm /mnt/s/rmme", lambda h: not (h / "rmme").exists()),
+    ("rmdir /mnt/s/dir-to-remove", lambda h: not (h / "dir-to-remove").exists()),
+    ("echo m > /mnt/s/a && mv /mnt/s/a /mnt/s/b", lambda h: (h / "b").read_text() == "m\n"),
+    ("ln -s file.txt /mnt/s/sym", lambda h: os.readlink(h / "sym") == "file.txt"),
+    ("echo l > /mnt/s/orig && ln /mnt/s/orig /mnt/s/hard",
+     lambda h: (h / "hard").stat().st_ino == (h / "orig").stat().st_ino),
+    ("df /mnt/s", None),
+], ids=["overwrite", "truncate", "utimes", "chmod", "mkdir", "rm", "rmdir", "mv", "symlink",
+        "link", "statfs"])
+def test_virtio_fs_operations(fs_vm, command, check):
+    vm, host = fs_vm
+    result = vm.run(command)
+    assert result.ok, result
+    if check is not None:
+        assert check(host), f"{command!r} ran but the host folder shows otherwise"
+
+
+def test_virtio_fs_symlinks_are_links_and_outside_targets_do_not_break_ls(fs_vm):
+    vm, host = fs_vm
+    assert vm.run("readlink /mnt/s/link-inside").stdout == "file.txt\n"
+    assert vm.run("test -L /mnt/s/link-inside").ok
+    assert vm.run("readlink /mnt/s/link-outside").stdout == "/proc/sys/kernel/hostname\n"
+    listing = vm.run("ls -la /mnt/s")
+    assert listing.ok, listing
+    assert "link-outside -> /proc/sys/kernel/hostname" in listing.stdout, listing.stdout
+    # The guest resolves the text in its own namespace: the VM's hostname, not the host's.
+    assert vm.run("cat /mnt/s/link-outside").stdout == "nested-fs\n"
+    assert os.uname().nodename != "nested-fs"
+    assert os.readlink(host / "link-outside") == "/proc/sys/kernel/hostname"
+
+
+def test_virtio_fs_setuid_chmod_is_stripped_and_chown_refused(fs_vm):
+    vm, host = fs_vm
+    assert vm.run("echo s > /mnt/s/suid && chmod 4755 /mnt/s/suid").ok
+    assert stat.S_IMODE((host / "suid").stat().st_mode) == 0o755
+    chown = vm.run("chown 1234:1234 /mnt/s/suid")
+    assert chown.exit_code != 0 and "not permitted" in chown.stderr, chown
+    assert (host / "suid").stat().st_uid == os.getuid()
+
+
+def test_virtio_fs_fsync_fallocate_and_lseek_reach_the_host(fs_vm):
+    vm, host = fs_vm
+    before = _fs_counters(vm, 0)
+    assert vm.run("echo durable > /mnt/s/synced && sync /mnt/s/synced "
+                  "&& sync -d /mnt/s/synced").ok
+    assert vm.run("fallocate -l 1048576 /mnt/s/falloc.bin").ok
+    st = (host / "falloc.bin").stat()
+    assert st.st_size == 1048576 and st.st_blocks * 512 >= 1048576, st
+    seek = vm.run("/mnt/s/seek-data-hole /mnt/s/sparse.bin")
+    assert seek.ok, seek
+    assert seek.stdout == f"data {SPARSE_HOLE} hole {SPARSE_HOLE + 4096}\n", seek.stdout
+    after = _fs_counters(vm, 0)
+    assert after["syncs"] - before["syncs"] >= 2, (before, after)
+    assert after["fallocates"] - before["fallocates"] == 1, (before, after)
+    assert after["seeks"] - before["seeks"] == 2, (before, after)
+    assert after["unsupported_opcodes"] == before["unsupported_opcodes"], (before, after)
+
+
+def test_virtio_fs_read_only_mount_refuses_every_write_host_side(fs_vm):
+    """Even with the guest's mount remounted rw, the host answers EROFS to each write op."""
+    vm, host = fs_vm
+    before_files = {p.name: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in host.iterdir()}
+    refusals = _fs_counters(vm, 1)["read_only_refusals"]
+    assert vm.run("mount -o remount,rw /mnt/ro").ok
+    writes = ["echo x > /mnt/ro/ro-file.txt", "echo x >> /mnt/ro/ro-file.txt",
+              "truncate -s 0 /mnt/ro/ro-file.txt", "touch /mnt/ro/ro-file.txt",
+              "chmod 600 /mnt/ro/ro-file.txt", "mkdir /mnt/ro/d", "rm /mnt/ro/ro-file.txt",
+              "mv /mnt/ro/ro-file.txt /mnt/ro/moved", "ln -s x /mnt/ro/l",
+              "ln /mnt/ro/ro-file.txt /mnt/ro/h", "echo new > /mnt/ro/new.txt"]
+    for command in writes:
+        result = vm.run(command)
+        assert result.exit_code != 0, (command, result)
+        assert "Read-only file system" in result.stderr, (command, result)
+    after_files = {p.name: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in host.iterdir()}
+    assert after_files == before_files
+    assert _fs_counters(vm, 1)["read_only_refusals"] - refusals >= len(writes)
+
+
+def test_virtio_fs_dax_is_refused_and_the_mount_works_without(fs_vm):
+    """The native core has no DAX window (README, "virtio-fs and DAX"): the device offers no
+    shared-memory region, so Linux refuses `-o dax` and the same tag mounts without it. (A
+    tag already mounted would only be bound again, options unread: so /mnt/ro goes first.)"""
+    vm, _ = fs_vm
+    assert vm.run("umount /mnt/ro").ok
+    dax = vm.run("mount -t virtiofs -o ro,dax shro /mnt/ro")
+    assert dax.exit_code != 0, dax
+    dmesg = vm.run("dmesg").stdout
+    assert "dax can't be enabled" in dmesg and "No cache capability" in dmesg, dmesg[-2000:]
+    plain = vm.run("mount -t virtiofs -o ro shro /mnt/ro && cat /mnt/ro/ro-file.txt")
+    assert plain.ok and plain.stdout == "keep me\n", plain
+    assert " /mnt/ro virtiofs ro" in vm.run("cat /proc/mounts").stdout
+    assert [(m.dax, m.dax_note.startswith("no DAX window")) for m in vm.mounts()] == [
+        (False, True), (False, True)]
 
 
 # -- volumes across VMs ------------------------------------------------------------------

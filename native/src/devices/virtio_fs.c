@@ -1,7 +1,8 @@
 /* virtio_fs.c — FUSE request parsing and a confined passthrough of one host directory.
  * Descriptor-level garbage (from sm_vq_pop) breaks the device like every other device;
- * request-level garbage (short headers, bad arguments, unknown opcodes, unknown node ids)
- * is answered with a FUSE error and counted. */
+ * request-level garbage (short headers, bad arguments, bad names, unknown opcodes, unknown
+ * node ids) is answered with a FUSE error and counted. How names are confined: virtio_fs.h.
+ * Wire structures follow include/uapi/linux/fuse.h (checked against Linux 6.1's). */
 #define _GNU_SOURCE
 #include "virtio_fs.h"
 #include "error_table.h"
@@ -13,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -41,11 +43,34 @@ struct open_how {
 #define FS_MAX_BACKGROUND 16
 #define FS_PROC_FD_PATH_BYTES 64
 #define FS_OPEN_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_TRUNC)
+#define FS_LOOKUP_FLAGS (O_PATH | O_NOFOLLOW | O_CLOEXEC) /* a symlink is a node of its own */
 #define FS_CREATE_FLAGS_KEPT (O_ACCMODE | O_APPEND | O_EXCL) /* O_TRUNC: after the check */
 /* Permission bits a guest may give a file it creates: never S_ISUID or S_ISGID, so guest root
  * cannot leave a set-user-ID (or set-group-ID) executable in the host directory. */
 #define FS_CREATE_MODE_BITS (S_ISVTX | S_IRWXU | S_IRWXG | S_IRWXO)
 #define FS_PRIVILEGE_BITS (S_ISUID | S_ISGID)
+#define FS_NSEC_PER_SEC 1000000000u
+/* fallocate modes Linux's FUSE client sends (fs/fuse/file.c refuses any other bit). */
+#define FS_FALLOCATE_MODES (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
+#ifndef RENAME_NOREPLACE
+#define RENAME_NOREPLACE (1u << 0)
+#endif
+#ifndef SYS_renameat2
+#define SYS_renameat2 316
+#endif
+
+/* FUSE attribute bits of SETATTR (fuse_setattr_in.valid) and INIT flags we use. */
+#define FATTR_MODE (1u << 0)
+#define FATTR_UID (1u << 1)
+#define FATTR_GID (1u << 2)
+#define FATTR_SIZE (1u << 3)
+#define FATTR_ATIME (1u << 4)
+#define FATTR_MTIME (1u << 5)
+#define FATTR_FH (1u << 6)
+#define FATTR_ATIME_NOW (1u << 7)
+#define FATTR_MTIME_NOW (1u << 8)
+#define FUSE_ATOMIC_O_TRUNC (1u << 3)
+#define FUSE_FSYNC_FDATASYNC (1u << 0)
 
 /* ---- FUSE wire structures (little endian, as the guest lays them out) ---- */
 struct fuse_in_header { uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid; uint16_t total_extlen, padding; };
@@ -77,6 +102,27 @@ struct fuse_init_out {
     uint32_t flags2, unused[7];
 };
 struct fuse_dirent { uint64_t ino, off; uint32_t namelen, type; };
+struct fuse_setattr_in {
+    uint32_t valid, padding;
+    uint64_t fh, size, lock_owner, atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, unused4, uid, gid, unused5;
+};
+struct fuse_mkdir_in { uint32_t mode, umask; };
+struct fuse_mknod_in { uint32_t mode, rdev, umask, padding; };
+struct fuse_rename_in { uint64_t newdir; };
+struct fuse_rename2_in { uint64_t newdir; uint32_t flags, padding; };
+struct fuse_link_in { uint64_t oldnodeid; };
+struct fuse_kstatfs {
+    uint64_t blocks, bfree, bavail, files, ffree;
+    uint32_t bsize, namelen, frsize, padding, spare[6];
+};
+struct fuse_fsync_in { uint64_t fh; uint32_t fsync_flags, padding; };
+struct fuse_flush_in { uint64_t fh; uint32_t unused, padding; uint64_t lock_owner; };
+struct fuse_fallocate_in { uint64_t fh, offset, length; uint32_t mode, padding; };
+struct fuse_lseek_in { uint64_t fh, offset; uint32_t whence, padding; };
+struct fuse_lseek_out { uint64_t offset; };
+struct fuse_batch_forget_in { uint32_t count, dummy; };
+struct fuse_forget_one { uint64_t nodeid, nlookup; };
 #define FUSE_COMPAT_22_INIT_OUT_BYTES 24
 #define FUSE_DIRENT_ALIGN(x) (((x) + 7u) & ~7u)
 
@@ -89,6 +135,14 @@ _Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
 _Static_assert(sizeof(struct fuse_init_out) == 64, "fuse_init_out");
 _Static_assert(sizeof(struct fuse_read_in) == 40, "fuse_read_in");
 _Static_assert(sizeof(struct fuse_write_in) == 40, "fuse_write_in");
+_Static_assert(sizeof(struct fuse_setattr_in) == 88, "fuse_setattr_in");
+_Static_assert(sizeof(struct fuse_mknod_in) == 16, "fuse_mknod_in");
+_Static_assert(sizeof(struct fuse_rename2_in) == 16, "fuse_rename2_in");
+_Static_assert(sizeof(struct fuse_kstatfs) == 80, "fuse_kstatfs");
+_Static_assert(sizeof(struct fuse_flush_in) == 24, "fuse_flush_in");
+_Static_assert(sizeof(struct fuse_fallocate_in) == 32, "fuse_fallocate_in");
+_Static_assert(sizeof(struct fuse_lseek_in) == 24, "fuse_lseek_in");
+_Static_assert(sizeof(struct fuse_forget_one) == 16, "fuse_forget_one");
 
 static const char *const FS_ERROR_MESSAGES[SM_FS_ERR_COUNT] = {
     [SM_FS_ERR_NONE] = "ok",
@@ -104,7 +158,8 @@ static const char *const FS_ERROR_MESSAGES[SM_FS_ERR_COUNT] = {
     [SM_FS_ERR_ESCAPE] = "Guest tried to resolve a path leaving the shared directory",
     [SM_FS_ERR_TABLE_FULL] = "Guest holds more nodes or open files than we allow",
     [SM_FS_ERR_HOST_IO] = "Host file operation failed",
-    [SM_FS_ERR_PRIVILEGED] = "Guest tried to create a device node or to write a set-user-ID or set-group-ID host file",
+    [SM_FS_ERR_PRIVILEGED] = "Guest tried to create a device node, to write a set-user-ID or set-group-ID host file, or to change a host file's owner",
+    [SM_FS_ERR_BAD_NAME] = "Guest named a directory entry with '/' in it, or '.' or '..'",
 };
 
 const char *sm_fs_error_message(int err)
@@ -126,12 +181,19 @@ static int fs_openat2(int dirfd, const char *name, uint64_t flags, uint64_t mode
     return (int)rc;
 }
 
+/* The /proc path of one of our own fds: how an O_PATH node (already confined) is chmod'ed,
+ * truncated, timestamped, reopened or linked — calls that take no O_PATH fd directly. */
+static const char *proc_path(char out[FS_PROC_FD_PATH_BYTES], int fd)
+{
+    snprintf(out, FS_PROC_FD_PATH_BYTES, "/proc/self/fd/%d", fd);
+    return out;
+}
+
 /* Reopens an O_PATH fd with real access flags (the inode is already confined). */
 static int reopen_fd(int path_fd, int flags)
 {
     char proc[FS_PROC_FD_PATH_BYTES];
-    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", path_fd);
-    return open(proc, flags | O_CLOEXEC);
+    return open(proc_path(proc, path_fd), flags | O_CLOEXEC);
 }
 
 sm_fs *sm_fs_create(const char *host_path, const char *tag, int read_only, uint32_t index,
@@ -293,21 +355,23 @@ static uint32_t read_arg(const fs_req *r, uint32_t offset, void *dst, uint32_t l
     return sm_vq_chain_read(r->chain, SM_FUSE_IN_HEADER_BYTES + offset, dst, len);
 }
 
-/* Reads a NUL-terminated name at offset into out (SM_FS_MAX_NAME_BYTES + 1). 0 on success. */
-static int read_name(const fs_req *r, uint32_t offset, char *out)
+/* Reads the NUL-terminated string at offset into out (max + 1 bytes). Returns its length,
+ * -EINVAL if it is empty or has no NUL within the frame, -ENAMETOOLONG past max bytes. */
+static int read_string(const fs_req *r, uint32_t offset, char *out, uint32_t max)
 {
     if (offset >= r->arg_bytes)
-        return -1;
+        return -EINVAL;
     uint32_t n = r->arg_bytes - offset;
-    if (n > SM_FS_MAX_NAME_BYTES + 1)
-        n = SM_FS_MAX_NAME_BYTES + 1;
+    if (n > max + 1)
+        n = max + 1;
     if (read_arg(r, offset, out, n) != n)
-        return -1;
-    if (!memchr(out, 0, n))
-        return -1;
-    if (!out[0])
-        return -1;
-    return 0;
+        return -EINVAL;
+    const char *nul = memchr(out, 0, n);
+    if (!nul)
+        return n == max + 1 ? -ENAMETOOLONG : -EINVAL;
+    if (nul == out)
+        return -EINVAL;
+    return (int)(nul - out);
 }
 
 static void reply(fs_req *r, int32_t error, const void *payload, uint32_t len)
@@ -338,7 +402,8 @@ static void reply_error(sm_fs *f, fs_req *r, int err_code, int errno_value)
     case SM_FS_ERR_UNKNOWN_HANDLE: f->counters.malformed_requests++; break;
     case SM_FS_ERR_UNSUPPORTED_OPCODE: f->counters.unsupported_opcodes++; break;
     case SM_FS_ERR_READ_ONLY: f->counters.read_only_refusals++; break;
-    case SM_FS_ERR_ESCAPE: f->counters.escape_refusals++; break;
+    case SM_FS_ERR_ESCAPE:
+    case SM_FS_ERR_BAD_NAME: f->counters.escape_refusals++; break;
     case SM_FS_ERR_TABLE_FULL: f->counters.table_full++; break;
     case SM_FS_ERR_PRIVILEGED: f->counters.privilege_refusals++; break;
     default: f->counters.host_errors++; break;
@@ -355,6 +420,24 @@ static void reply_errno(sm_fs *f, fs_req *r, int e)
         reply_error(f, r, SM_FS_ERR_READ_ONLY, e);
     else
         reply_error(f, r, SM_FS_ERR_HOST_IO, e ? e : EIO);
+}
+
+/* Reads the directory-entry name at *offset and moves *offset past it. A name is one entry of
+ * one directory: '/', "." and ".." are refused here, so no *at() call below can walk out of
+ * the directory it is given. On failure answers the request and returns -1. */
+static int take_name(sm_fs *f, fs_req *r, uint32_t *offset, char out[SM_FS_MAX_NAME_BYTES + 1])
+{
+    int n = read_string(r, *offset, out, SM_FS_MAX_NAME_BYTES);
+    if (n < 0) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, -n);
+        return -1;
+    }
+    if (strchr(out, '/') || strcmp(out, ".") == 0 || strcmp(out, "..") == 0) {
+        reply_error(f, r, SM_FS_ERR_BAD_NAME, EINVAL);
+        return -1;
+    }
+    *offset += (uint32_t)n + 1;
+    return 0;
 }
 
 static void fill_attr(struct fuse_attr *a, const struct stat *st)
@@ -402,7 +485,8 @@ static void do_init(sm_fs *f, fs_req *r)
     out.major = SM_FUSE_KERNEL_VERSION;
     out.minor = in.minor < SM_FUSE_KERNEL_MINOR_VERSION ? in.minor : SM_FUSE_KERNEL_MINOR_VERSION;
     out.max_readahead = in.max_readahead;
-    out.flags = 0; /* no optional capabilities: plain, synchronous passthrough */
+    /* Plain, synchronous passthrough; O_TRUNC comes in OPEN (one op, not SETATTR + OPEN). */
+    out.flags = in.flags & FUSE_ATOMIC_O_TRUNC;
     out.max_background = FS_MAX_BACKGROUND;
     out.congestion_threshold = FS_MAX_BACKGROUND * 3 / 4;
     out.max_write = SM_FS_MAX_IO_BYTES;
@@ -413,14 +497,11 @@ static void do_init(sm_fs *f, fs_req *r)
     reply(r, 0, &out, out.minor < 23 ? FUSE_COMPAT_22_INIT_OUT_BYTES : sizeof(out));
 }
 
-static void do_lookup(sm_fs *f, fs_req *r, sm_fs_node *parent)
+/* Answers with the entry `name` of parent (LOOKUP, and MKDIR/MKNOD/SYMLINK/LINK once made):
+ * a node of its own, a symlink included, never what a symlink points to. */
+static void reply_entry(sm_fs *f, fs_req *r, sm_fs_node *parent, const char *name)
 {
-    char name[SM_FS_MAX_NAME_BYTES + 1];
-    if (read_name(r, 0, name)) {
-        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
-        return;
-    }
-    int fd = fs_openat2(parent->fd, name, O_PATH | O_CLOEXEC, 0);
+    int fd = fs_openat2(parent->fd, name, FS_LOOKUP_FLAGS, 0);
     if (fd < 0) {
         reply_errno(f, r, errno);
         return;
@@ -440,6 +521,15 @@ static void do_lookup(sm_fs *f, fs_req *r, sm_fs_node *parent)
     struct fuse_entry_out e;
     fill_entry(&e, id, &st);
     reply(r, 0, &e, sizeof(e));
+}
+
+static void do_lookup(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    uint32_t at = 0;
+    if (take_name(f, r, &at, name))
+        return;
+    reply_entry(f, r, parent, name);
 }
 
 static void do_getattr(sm_fs *f, fs_req *r, sm_fs_node *node)
@@ -482,7 +572,8 @@ static void do_open(sm_fs *f, fs_req *r, sm_fs_node *node, int is_dir)
         flags = O_RDONLY | O_DIRECTORY;
     } else {
         if (!S_ISREG(st.st_mode)) { /* no FIFOs or device nodes: they could block or reach the host */
-            reply_error(f, r, SM_FS_ERR_HOST_IO, S_ISDIR(st.st_mode) ? EISDIR : EACCES);
+            int e = S_ISDIR(st.st_mode) ? EISDIR : S_ISLNK(st.st_mode) ? ELOOP : EACCES;
+            reply_error(f, r, SM_FS_ERR_HOST_IO, e);
             return;
         }
         if (f->read_only && wants_write(in.flags)) {
@@ -517,14 +608,13 @@ static void do_create(sm_fs *f, fs_req *r, sm_fs_node *parent)
 {
     struct fuse_create_in in;
     char name[SM_FS_MAX_NAME_BYTES + 1];
-    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || read_name(r, sizeof(in), name)) {
+    uint32_t at = sizeof(in);
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
         reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
         return;
     }
-    if (f->read_only) {
-        reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
+    if (take_name(f, r, &at, name))
         return;
-    }
     if (r->reply_room < sizeof(struct fuse_entry_out) + sizeof(struct fuse_open_out)) {
         reply_error(f, r, SM_FS_ERR_NO_REPLY_SPACE, EINVAL);
         return;
@@ -544,8 +634,7 @@ static void do_create(sm_fs *f, fs_req *r, sm_fs_node *parent)
     }
     struct stat st;
     char proc[FS_PROC_FD_PATH_BYTES];
-    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
-    int path_fd = open(proc, O_PATH | O_CLOEXEC);
+    int path_fd = open(proc_path(proc, fd), O_PATH | O_CLOEXEC);
     if (path_fd < 0 || fstat(path_fd, &st) < 0) {
         int e = errno;
         if (path_fd >= 0)
@@ -643,10 +732,6 @@ static void do_write(sm_fs *f, fs_req *r)
     if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || in.size > SM_FS_MAX_IO_BYTES ||
         in.size > r->arg_bytes - sizeof(in) || in.offset > INT64_MAX) {
         reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
-        return;
-    }
-    if (f->read_only) {
-        reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
         return;
     }
     sm_fs_handle *h = handle_get(f, in.fh, 0);
@@ -752,16 +837,426 @@ static void do_readdir(sm_fs *f, fs_req *r)
     reply(r, 0, outb, used);
 }
 
+/* ---- namespace and attribute operations ---- */
+
+static void do_setattr(sm_fs *f, fs_req *r, sm_fs_node *node)
+{
+    struct fuse_setattr_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) ||
+        ((in.valid & FATTR_ATIME) && !(in.valid & FATTR_ATIME_NOW) &&
+         (in.atimensec >= FS_NSEC_PER_SEC || in.atime > INT64_MAX)) ||
+        ((in.valid & FATTR_MTIME) && !(in.valid & FATTR_MTIME_NOW) &&
+         (in.mtimensec >= FS_NSEC_PER_SEC || in.mtime > INT64_MAX))) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    struct stat st;
+    if (fstat(node->fd, &st) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    /* A symlink's own mode and times mean nothing to Linux, and no call changes them
+     * through an O_PATH fd without following the link: refused, never followed. */
+    if (S_ISLNK(st.st_mode)) {
+        reply_error(f, r, SM_FS_ERR_HOST_IO, EPERM);
+        return;
+    }
+    /* Owner and group stay the host's: a chown that changes them is refused; one that names
+     * the current owner (cp -p, tar as root) is a no-op and succeeds. */
+    if (((in.valid & FATTR_UID) && in.uid != st.st_uid) ||
+        ((in.valid & FATTR_GID) && in.gid != st.st_gid)) {
+        reply_error(f, r, SM_FS_ERR_PRIVILEGED, EPERM);
+        return;
+    }
+    sm_fs_handle *h = NULL;
+    if (in.valid & FATTR_SIZE) {
+        if (!S_ISREG(st.st_mode) || in.size > INT64_MAX) {
+            reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, S_ISDIR(st.st_mode) ? EISDIR : EINVAL);
+            return;
+        }
+        /* Running as root we may hold CAP_FSETID: truncating would keep the set-id bits. */
+        if (st.st_mode & FS_PRIVILEGE_BITS) {
+            reply_error(f, r, SM_FS_ERR_PRIVILEGED, EPERM);
+            return;
+        }
+        if ((in.valid & FATTR_FH) && !(h = handle_get(f, in.fh, 0))) {
+            reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+            return;
+        }
+    }
+    char proc[FS_PROC_FD_PATH_BYTES];
+    proc_path(proc, node->fd);
+    /* The set-id bits stay stripped, as CREATE strips them: chmod 4755 leaves 0755. */
+    if ((in.valid & FATTR_MODE) && chmod(proc, in.mode & FS_CREATE_MODE_BITS) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    if (in.valid & FATTR_SIZE) {
+        int rc = h ? ftruncate(h->fd, (off_t)in.size) : truncate(proc, (off_t)in.size);
+        if (rc < 0) {
+            reply_errno(f, r, errno);
+            return;
+        }
+    }
+    if (in.valid & (FATTR_ATIME | FATTR_MTIME)) {
+        struct timespec ts[2] = {{0, UTIME_OMIT}, {0, UTIME_OMIT}};
+        if (in.valid & FATTR_ATIME)
+            ts[0] = (in.valid & FATTR_ATIME_NOW) ? (struct timespec){0, UTIME_NOW}
+                                                 : (struct timespec){(time_t)in.atime, in.atimensec};
+        if (in.valid & FATTR_MTIME)
+            ts[1] = (in.valid & FATTR_MTIME_NOW) ? (struct timespec){0, UTIME_NOW}
+                                                 : (struct timespec){(time_t)in.mtime, in.mtimensec};
+        if (utimensat(AT_FDCWD, proc, ts, 0) < 0) {
+            reply_errno(f, r, errno);
+            return;
+        }
+    }
+    do_getattr(f, r, node);
+}
+
+static void do_readlink(sm_fs *f, fs_req *r, sm_fs_node *node)
+{
+    char target[SM_FS_MAX_SYMLINK_BYTES + 1];
+    ssize_t n = readlinkat(node->fd, "", target, sizeof(target)); /* the O_PATH link itself */
+    if (n < 0) {
+        reply_errno(f, r, errno == ENOENT ? EINVAL : errno); /* not a symlink */
+        return;
+    }
+    if ((size_t)n > SM_FS_MAX_SYMLINK_BYTES || (uint32_t)n > r->reply_room) {
+        reply_error(f, r, SM_FS_ERR_NO_REPLY_SPACE, ENAMETOOLONG);
+        return;
+    }
+    reply(r, 0, target, (uint32_t)n);
+}
+
+static void do_mkdir(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    struct fuse_mkdir_in in;
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    uint32_t at = sizeof(in);
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (take_name(f, r, &at, name))
+        return;
+    if (mkdirat(parent->fd, name, in.mode & FS_CREATE_MODE_BITS & ~in.umask) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    reply_entry(f, r, parent, name);
+}
+
+/* Regular files, FIFOs and sockets (the guest's kernel serves the last two itself); device
+ * nodes would be host devices to anyone on the host who opens them. */
+static void do_mknod(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    struct fuse_mknod_in in;
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    uint32_t at = sizeof(in);
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (take_name(f, r, &at, name))
+        return;
+    uint32_t type = in.mode & S_IFMT;
+    if (type == 0)
+        type = S_IFREG;
+    if (type != S_IFREG && type != S_IFIFO && type != S_IFSOCK) {
+        reply_error(f, r, SM_FS_ERR_PRIVILEGED, EPERM);
+        return;
+    }
+    if (mknodat(parent->fd, name, type | (in.mode & FS_CREATE_MODE_BITS & ~in.umask), 0) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    reply_entry(f, r, parent, name);
+}
+
+static void do_symlink(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    char name[SM_FS_MAX_NAME_BYTES + 1], target[SM_FS_MAX_SYMLINK_BYTES + 1];
+    uint32_t at = 0;
+    if (take_name(f, r, &at, name))
+        return;
+    int n = read_string(r, at, target, SM_FS_MAX_SYMLINK_BYTES);
+    if (n < 0) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, -n);
+        return;
+    }
+    /* The text is stored, never resolved host-side: any target is only words. */
+    if (symlinkat(target, parent->fd, name) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    reply_entry(f, r, parent, name);
+}
+
+static void do_unlink(sm_fs *f, fs_req *r, sm_fs_node *parent, int flags)
+{
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    uint32_t at = 0;
+    if (take_name(f, r, &at, name))
+        return;
+    if (unlinkat(parent->fd, name, flags) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    reply(r, 0, NULL, 0);
+}
+
+/* RENAME (fuse_rename_in) and RENAME2 (fuse_rename2_in: flags 0 or RENAME_NOREPLACE). Both
+ * directories are nodes we gave out, both names single entries: nothing leaves the share. */
+static void do_rename(sm_fs *f, fs_req *r, sm_fs_node *parent, int with_flags)
+{
+    struct fuse_rename2_in in;
+    memset(&in, 0, sizeof(in));
+    uint32_t at = with_flags ? sizeof(struct fuse_rename2_in) : sizeof(struct fuse_rename_in);
+    if (read_arg(r, 0, &in, at) != at) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (in.flags & ~RENAME_NOREPLACE) { /* EXCHANGE, WHITEOUT: not served */
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    char old_name[SM_FS_MAX_NAME_BYTES + 1], new_name[SM_FS_MAX_NAME_BYTES + 1];
+    if (take_name(f, r, &at, old_name) || take_name(f, r, &at, new_name))
+        return;
+    sm_fs_node *newdir = node_get(f, in.newdir);
+    if (!newdir) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+        return;
+    }
+    if (syscall(SYS_renameat2, parent->fd, old_name, newdir->fd, new_name, in.flags) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    reply(r, 0, NULL, 0);
+}
+
+static void do_link(sm_fs *f, fs_req *r, sm_fs_node *parent)
+{
+    struct fuse_link_in in;
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    uint32_t at = sizeof(in);
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (take_name(f, r, &at, name))
+        return;
+    sm_fs_node *old = node_get(f, in.oldnodeid);
+    if (!old) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+        return;
+    }
+    struct stat st;
+    if (fstat(old->fd, &st) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    int rc;
+    if (S_ISLNK(st.st_mode)) {
+        /* The /proc route could follow the link: AT_EMPTY_PATH links the link itself (it needs
+         * CAP_DAC_READ_SEARCH; without it, refused rather than followed). */
+        rc = linkat(old->fd, "", parent->fd, name, AT_EMPTY_PATH);
+        if (rc < 0 && (errno == ENOENT || errno == EINVAL))
+            errno = EPERM;
+    } else {
+        char proc[FS_PROC_FD_PATH_BYTES];
+        rc = linkat(AT_FDCWD, proc_path(proc, old->fd), parent->fd, name, AT_SYMLINK_FOLLOW);
+    }
+    if (rc < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    reply_entry(f, r, parent, name);
+}
+
+static void do_statfs(sm_fs *f, fs_req *r, sm_fs_node *node)
+{
+    struct statfs sf;
+    if (fstatfs(node->fd, &sf) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    struct fuse_kstatfs out;
+    memset(&out, 0, sizeof(out));
+    out.blocks = sf.f_blocks;
+    out.bfree = sf.f_bfree;
+    out.bavail = sf.f_bavail;
+    out.files = sf.f_files;
+    out.ffree = sf.f_ffree;
+    out.bsize = (uint32_t)sf.f_bsize;
+    out.namelen = (uint32_t)sf.f_namelen;
+    out.frsize = (uint32_t)sf.f_frsize;
+    reply(r, 0, &out, sizeof(out));
+}
+
+/* ---- operations on open handles ---- */
+
+static void do_fsync(sm_fs *f, fs_req *r, int is_dir)
+{
+    struct fuse_fsync_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, is_dir);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    int rc = (in.fsync_flags & FUSE_FSYNC_FDATASYNC) ? fdatasync(h->fd) : fsync(h->fd);
+    if (rc < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    f->counters.syncs++;
+    reply(r, 0, NULL, 0);
+}
+
+static void do_flush(sm_fs *f, fs_req *r)
+{
+    struct fuse_flush_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in)) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (!handle_get(f, in.fh, 0)) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    reply(r, 0, NULL, 0); /* WRITE goes straight to pwrite: nothing is buffered here */
+}
+
+static void do_fallocate(sm_fs *f, fs_req *r)
+{
+    struct fuse_fallocate_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || in.offset > INT64_MAX ||
+        in.length == 0 || in.length > INT64_MAX - in.offset) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    if (in.mode & ~(uint32_t)FS_FALLOCATE_MODES) {
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EOPNOTSUPP);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, 0);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    /* A set-id file never has a writable handle (do_open), so fallocate cannot keep its bits
+     * on changed contents: the host's write-access check on h->fd refuses it (EBADF). */
+    if (fallocate(h->fd, (int)in.mode, (off_t)in.offset, (off_t)in.length) < 0) {
+        reply_errno(f, r, errno);
+        return;
+    }
+    f->counters.fallocates++;
+    reply(r, 0, NULL, 0);
+}
+
+static void do_lseek(sm_fs *f, fs_req *r)
+{
+    struct fuse_lseek_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || in.offset > INT64_MAX ||
+        (in.whence != SEEK_DATA && in.whence != SEEK_HOLE)) { /* Linux seeks the rest itself */
+        reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
+        return;
+    }
+    sm_fs_handle *h = handle_get(f, in.fh, 0);
+    if (!h) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        return;
+    }
+    off_t pos = lseek(h->fd, (off_t)in.offset, (int)in.whence);
+    if (pos < 0) {
+        reply_errno(f, r, errno); /* ENXIO: no data (or hole) past offset */
+        return;
+    }
+    f->counters.seeks++;
+    struct fuse_lseek_out out = {.offset = (uint64_t)pos};
+    reply(r, 0, &out, sizeof(out));
+}
+
+/* FORGET and BATCH_FORGET: no reply. Returns 0 if the arguments parsed. */
+static int do_forget(sm_fs *f, fs_req *r)
+{
+    if (r->in.opcode == SM_FUSE_FORGET) {
+        struct fuse_forget_in in;
+        if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in))
+            return -1;
+        node_forget(f, r->in.nodeid, in.nlookup);
+        return 0;
+    }
+    struct fuse_batch_forget_in in;
+    if (read_arg(r, 0, &in, sizeof(in)) != sizeof(in) || in.count > SM_FS_MAX_BATCH_FORGET ||
+        in.count * sizeof(struct fuse_forget_one) > r->arg_bytes - sizeof(in))
+        return -1;
+    for (uint32_t i = 0; i < in.count; i++) {
+        struct fuse_forget_one one;
+        read_arg(r, (uint32_t)(sizeof(in) + i * sizeof(one)), &one, sizeof(one));
+        node_forget(f, one.nodeid, one.nlookup);
+    }
+    return 0;
+}
+
+/* Ops that change the share: a read-only mount answers them all EROFS, before any parsing. */
+static int modifies_share(uint32_t opcode)
+{
+    switch (opcode) {
+    case SM_FUSE_SETATTR:
+    case SM_FUSE_SYMLINK:
+    case SM_FUSE_MKNOD:
+    case SM_FUSE_MKDIR:
+    case SM_FUSE_UNLINK:
+    case SM_FUSE_RMDIR:
+    case SM_FUSE_RENAME:
+    case SM_FUSE_LINK:
+    case SM_FUSE_WRITE:
+    case SM_FUSE_SETXATTR:
+    case SM_FUSE_REMOVEXATTR:
+    case SM_FUSE_CREATE:
+    case SM_FUSE_FALLOCATE:
+    case SM_FUSE_RENAME2: return 1;
+    default: return 0;
+    }
+}
+
+/* Ops whose in-header nodeid must name a node we gave out. */
+static int needs_node(uint32_t opcode)
+{
+    switch (opcode) {
+    case SM_FUSE_LOOKUP:
+    case SM_FUSE_GETATTR:
+    case SM_FUSE_SETATTR:
+    case SM_FUSE_READLINK:
+    case SM_FUSE_SYMLINK:
+    case SM_FUSE_MKNOD:
+    case SM_FUSE_MKDIR:
+    case SM_FUSE_UNLINK:
+    case SM_FUSE_RMDIR:
+    case SM_FUSE_RENAME:
+    case SM_FUSE_LINK:
+    case SM_FUSE_OPEN:
+    case SM_FUSE_STATFS:
+    case SM_FUSE_OPENDIR:
+    case SM_FUSE_CREATE:
+    case SM_FUSE_RENAME2: return 1;
+    default: return 0;
+    }
+}
+
 /* Handles one well-formed chain; returns 1 if a reply was written, 0 for FORGET. */
 static int handle_request(sm_fs *f, fs_req *r)
 {
     f->counters.ops++;
     struct fuse_in_header *in = &r->in;
-    if (in->opcode == SM_FUSE_FORGET) {
-        struct fuse_forget_in fin;
-        if (read_arg(r, 0, &fin, sizeof(fin)) == sizeof(fin))
-            node_forget(f, in->nodeid, fin.nlookup);
-        else
+    if (in->opcode == SM_FUSE_FORGET || in->opcode == SM_FUSE_BATCH_FORGET) {
+        if (do_forget(f, r))
             f->counters.malformed_requests++;
         return 0;
     }
@@ -774,25 +1269,34 @@ static int handle_request(sm_fs *f, fs_req *r)
         reply_error(f, r, SM_FS_ERR_NOT_INITIALIZED, EIO);
         return 1;
     }
+    if (f->read_only && modifies_share(in->opcode)) {
+        reply_error(f, r, SM_FS_ERR_READ_ONLY, EROFS);
+        return 1;
+    }
     sm_fs_node *node = NULL;
-    switch (in->opcode) {
-    case SM_FUSE_LOOKUP:
-    case SM_FUSE_GETATTR:
-    case SM_FUSE_OPEN:
-    case SM_FUSE_OPENDIR:
-    case SM_FUSE_CREATE:
-        node = node_get(f, in->nodeid);
-        if (!node) {
-            reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
-            return 1;
-        }
-        break;
-    default: break;
+    if (needs_node(in->opcode) && !(node = node_get(f, in->nodeid))) {
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+        return 1;
     }
     switch (in->opcode) {
     case SM_FUSE_INIT: do_init(f, r); break;
     case SM_FUSE_LOOKUP: do_lookup(f, r, node); break;
     case SM_FUSE_GETATTR: do_getattr(f, r, node); break;
+    case SM_FUSE_SETATTR: do_setattr(f, r, node); break;
+    case SM_FUSE_READLINK: do_readlink(f, r, node); break;
+    case SM_FUSE_SYMLINK: do_symlink(f, r, node); break;
+    case SM_FUSE_MKNOD: do_mknod(f, r, node); break;
+    case SM_FUSE_MKDIR: do_mkdir(f, r, node); break;
+    case SM_FUSE_UNLINK: do_unlink(f, r, node, 0); break;
+    case SM_FUSE_RMDIR: do_unlink(f, r, node, AT_REMOVEDIR); break;
+    case SM_FUSE_RENAME: do_rename(f, r, node, 0); break;
+    case SM_FUSE_RENAME2: do_rename(f, r, node, 1); break;
+    case SM_FUSE_LINK: do_link(f, r, node); break;
+    case SM_FUSE_STATFS: do_statfs(f, r, node); break;
+    case SM_FUSE_FSYNC: do_fsync(f, r, 0); break;
+    case SM_FUSE_FSYNCDIR: do_fsync(f, r, 1); break;
+    case SM_FUSE_FALLOCATE: do_fallocate(f, r); break;
+    case SM_FUSE_LSEEK: do_lseek(f, r); break;
     case SM_FUSE_OPEN: do_open(f, r, node, 0); break;
     case SM_FUSE_OPENDIR: do_open(f, r, node, 1); break;
     case SM_FUSE_CREATE: do_create(f, r, node); break;
@@ -801,7 +1305,7 @@ static int handle_request(sm_fs *f, fs_req *r)
     case SM_FUSE_READDIR: do_readdir(f, r); break;
     case SM_FUSE_RELEASE: do_release(f, r, 0); break;
     case SM_FUSE_RELEASEDIR: do_release(f, r, 1); break;
-    case SM_FUSE_FLUSH: reply(r, 0, NULL, 0); break;
+    case SM_FUSE_FLUSH: do_flush(f, r); break;
     case SM_FUSE_DESTROY:
         close_all(f, 1);
         f->initialized = 0;
@@ -918,6 +1422,9 @@ static void fs_counters(void *dev, sm_device_info *info, uint32_t *n)
     ADD(table_full);
     ADD(host_errors);
     ADD(privilege_refusals);
+    ADD(syncs);
+    ADD(fallocates);
+    ADD(seeks);
 #undef ADD
 }
 

@@ -1,13 +1,19 @@
 /* virtio_fs.h — virtio-fs (device id 26): an in-process FUSE passthrough server for one host
- * directory. Queues: hiprio (FORGET) and one request queue. Every path resolution is
- * openat2(parent O_PATH fd, name, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS), so `..`,
- * absolute symlinks and symlinks leaving the share fail (EXDEV / ELOOP) host-side.
- * Symlinks inside the share are followed host-side (the guest sees their targets).
- * read_only is enforced host-side: WRITE, CREATE and write-opens answer EROFS.
- * No host privilege comes out of the share: CREATE strips S_ISUID/S_ISGID from the mode and
- * refuses any type but a regular file; a write-open (or truncating CREATE) of an existing
- * set-user-ID/set-group-ID file answers EPERM. MKNOD, MKDIR, SETATTR and SETXATTR are not
- * served (ENOSYS), so there is no other way to create a device node or set those bits. */
+ * directory. Queues: hiprio (FORGET, BATCH_FORGET) and one request queue.
+ * Confinement, one way: every name the guest sends is a single directory entry (no '/', not
+ * '.' or '..', NUL-terminated within the frame, at most 255 bytes) and is resolved relative to
+ * the O_PATH fd of a node the guest was given: opens go through openat2(RESOLVE_BENEATH |
+ * RESOLVE_NO_MAGICLINKS, O_NOFOLLOW), everything else through the *at() call that never
+ * follows its last component (mkdirat, unlinkat, renameat2, symlinkat, linkat, readlinkat).
+ * Symlinks are never followed host-side: LOOKUP/GETATTR/READDIR report them as symlinks and
+ * READLINK hands their text to the guest, whose kernel resolves it in the guest's namespace.
+ * read_only is enforced host-side: every modifying op answers EROFS.
+ * No host privilege comes out of the share: CREATE, MKDIR and SETATTR strip S_ISUID/S_ISGID
+ * from the mode; MKNOD makes regular files, FIFOs and sockets only (device nodes: EPERM); a
+ * write-open, truncate or truncating CREATE of an existing set-user-ID/set-group-ID file
+ * answers EPERM; SETATTR refuses to change a file's owner or group (EPERM): guest root is not
+ * host root, and ownership is where host privilege lives. SETXATTR is not served (ENOSYS).
+ * No DAX window: see README ("virtio-fs and DAX"). */
 #ifndef SM_VIRTIO_FS_H
 #define SM_VIRTIO_FS_H
 
@@ -27,6 +33,8 @@
 #define SM_FS_MAX_HANDLES 256           /* open files and directories */
 #define SM_FS_MAX_IO_BYTES (1024u * 1024u) /* max_write we announce; READ size is clamped to it */
 #define SM_FS_MAX_NAME_BYTES 255
+#define SM_FS_MAX_SYMLINK_BYTES 4095    /* a symlink's text, as PATH_MAX - 1 */
+#define SM_FS_MAX_BATCH_FORGET 1024     /* node ids one BATCH_FORGET may name */
 
 /* FUSE protocol we speak (include/uapi/linux/fuse.h). */
 #define SM_FUSE_KERNEL_VERSION 7
@@ -39,17 +47,35 @@
 #define SM_FUSE_LOOKUP 1
 #define SM_FUSE_FORGET 2
 #define SM_FUSE_GETATTR 3
+#define SM_FUSE_SETATTR 4
+#define SM_FUSE_READLINK 5
+#define SM_FUSE_SYMLINK 6
+#define SM_FUSE_MKNOD 8
+#define SM_FUSE_MKDIR 9
+#define SM_FUSE_UNLINK 10
+#define SM_FUSE_RMDIR 11
+#define SM_FUSE_RENAME 12
+#define SM_FUSE_LINK 13
 #define SM_FUSE_OPEN 14
 #define SM_FUSE_READ 15
 #define SM_FUSE_WRITE 16
+#define SM_FUSE_STATFS 17
 #define SM_FUSE_RELEASE 18
+#define SM_FUSE_FSYNC 20
+#define SM_FUSE_SETXATTR 21
+#define SM_FUSE_REMOVEXATTR 24
 #define SM_FUSE_FLUSH 25
 #define SM_FUSE_INIT 26
 #define SM_FUSE_OPENDIR 27
 #define SM_FUSE_READDIR 28
 #define SM_FUSE_RELEASEDIR 29
+#define SM_FUSE_FSYNCDIR 30
 #define SM_FUSE_CREATE 35
 #define SM_FUSE_DESTROY 38
+#define SM_FUSE_BATCH_FORGET 42
+#define SM_FUSE_FALLOCATE 43
+#define SM_FUSE_RENAME2 45
+#define SM_FUSE_LSEEK 46
 
 typedef enum sm_fs_error {
     SM_FS_ERR_NONE = 0,
@@ -66,6 +92,7 @@ typedef enum sm_fs_error {
     SM_FS_ERR_TABLE_FULL,
     SM_FS_ERR_HOST_IO,
     SM_FS_ERR_PRIVILEGED,
+    SM_FS_ERR_BAD_NAME,
     SM_FS_ERR_COUNT
 } sm_fs_error;
 
@@ -79,10 +106,13 @@ typedef struct sm_fs_counters {
     uint64_t malformed_requests;  /* headers or arguments that do not parse */
     uint64_t unsupported_opcodes; /* answered ENOSYS */
     uint64_t read_only_refusals;  /* answered EROFS */
-    uint64_t escape_refusals;     /* openat2 said EXDEV or ELOOP: the path tried to leave */
+    uint64_t escape_refusals;     /* a name with '/', '.' or '..'; openat2 said EXDEV/ELOOP */
     uint64_t table_full;          /* node or handle table exhausted (ENFILE) */
     uint64_t host_errors;         /* other host errno answered to the guest */
-    uint64_t privilege_refusals;  /* device-node CREATE, write to a setuid/setgid file: EPERM */
+    uint64_t privilege_refusals;  /* device nodes, writes to setuid/setgid files, chown: EPERM */
+    uint64_t syncs;               /* FSYNC / FSYNCDIR done on host files */
+    uint64_t fallocates;          /* FALLOCATE done on host files */
+    uint64_t seeks;               /* LSEEK (SEEK_DATA / SEEK_HOLE) answered */
 } sm_fs_counters;
 
 typedef struct sm_fs_node {
