@@ -195,7 +195,12 @@ export class VmCard {
     }
     this._barLabel.textContent = parts.join(' · ');
     this._bar.title = `of ${formatMiB(total)}: balloon (hatched), guest in use (solid)`;
-    if (document.activeElement !== this._balloonInput) {
+    // Never overwrite what the user is typing, nor an entry marked invalid (its message
+    // would then describe a value no longer shown).
+    if (
+      document.activeElement !== this._balloonInput &&
+      !this._balloonInput.classList.contains('sm-mod-invalid')
+    ) {
       this._balloonInput.value = String(stats.target_mib);
     }
   }
