@@ -102,15 +102,26 @@ def _pixel(page, png: bytes, x: int, y: int, size: int = 8) -> tuple[int, int, i
     return tuple(int(v) for v in rgb.split(","))
 
 
+def _on_chart(action):
+    """``action()`` on the balloon chart, again if the chart was replaced under it (the panel
+    redraws its SVG at every sample, detaching the old one)."""
+    from playwright.sync_api import Error as PlaywrightError
+    for attempt in range(5):
+        try:
+            return action()
+        except PlaywrightError as exc:
+            if "not attached" not in str(exc) or attempt == 4:
+                raise
+
+
 def _plot_background(page, chart) -> tuple[int, int, int]:
     """The rendered colour inside the balloon chart's plot, near its top-left corner (clear
-    of the lines, grid and markers)."""
-    plot = chart.locator("rect.sm-chart-plot")
-    box, chart_box = plot.bounding_box(), chart.bounding_box()
-    png = chart.screenshot()
-    scale = 1.0  # device scale factor 1: CSS pixels are screenshot pixels
-    return _pixel(page, png, int((box["x"] - chart_box["x"] + 3) * scale),
-                  int((box["y"] - chart_box["y"] + 3) * scale))
+    of the lines, grid and markers). The chart's SVG is replaced at every sample, so the
+    page is shot at where the plot is, not the element itself."""
+    box = _on_chart(lambda: chart.locator("rect.sm-chart-plot").bounding_box())
+    png = page.screenshot(clip={"x": box["x"] + 2, "y": box["y"] + 2, "width": 12,
+                                "height": 12})
+    return _pixel(page, png, 1, 1)
 
 
 def _element_shot(locator, tmp_path: Path, name: str) -> None:
@@ -205,11 +216,11 @@ def test_a_class_with_two_notebooks(lab, browser, tmp_path):
         assert len(requests) == 1
         output.get_by_text("target set to 96 MiB elsewhere").wait_for(timeout=20_000)
         chart.locator(".sm-chart-marker").first.wait_for(state="attached", timeout=10_000)
-        assert "→96" in chart.inner_html()
+        assert "→96" in _on_chart(chart.inner_html)
         page.wait_for_timeout(4_000)          # a few samples after the change, for the picture
 
         # -- the chart follows the theme: a light plot in light, a dark one in dark -------
-        chart.scroll_into_view_if_needed()
+        output.locator(".widget-tab").scroll_into_view_if_needed()
         light = _plot_background(page, chart)
         assert _luminance(light) > 230, f"light theme: plot background {light}"
         _screenshot(page, tmp_path, "lab-balloon-class.png")
@@ -218,7 +229,7 @@ def test_a_class_with_two_notebooks(lab, browser, tmp_path):
         dark = _plot_background(page, chart)
         assert _luminance(dark) < 40, f"dark theme: plot background {dark}"
         legend = chart.locator(".sm-chart-legend").first
-        legend_fill = legend.evaluate("el => getComputedStyle(el).fill")
+        legend_fill = _on_chart(lambda: legend.evaluate("el => getComputedStyle(el).fill"))
         fill = tuple(int(v) for v in re.findall(r"[\d.]+", legend_fill)[:3])
         assert _luminance(fill) > 180, f"legend text {legend_fill} is not readable on dark"
         _screenshot(page, tmp_path, "lab-balloon-class-dark.png")
