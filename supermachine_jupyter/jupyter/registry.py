@@ -164,7 +164,7 @@ def _kernel_identity() -> tuple[str | None, str | None]:
 class Booting:
     """What is known of a VM that is still booting (its entry until the ``Vm`` exists)."""
     name: str
-    config: "VmConfig"
+    config: VmConfig
     memory_mib: int
     vcpus: int
     started_at: float
@@ -173,7 +173,7 @@ class Booting:
 class _Published:
     """One published VM (or one still booting): its entry file and its control socket."""
 
-    def __init__(self, vm: "Vm | Booting", vm_id: str, directory: Path):
+    def __init__(self, vm: Vm | Booting, vm_id: str, directory: Path):
         self.vm = vm
         self.id = vm_id
         self.json_path = directory / f"{vm_id}.json"
@@ -345,7 +345,7 @@ _lock = threading.Lock()
 _published: dict[int, _Published] = {}     # id(vm) → entry
 
 
-def _new_entry(vm: "Vm | Booting") -> _Published | None:
+def _new_entry(vm: Vm | Booting) -> _Published | None:
     """A listed entry with its socket served, or None (logged) when the registry cannot be
     written."""
     try:
@@ -388,7 +388,7 @@ class Announcement:
         return f"<Announcement {self.id or 'withdrawn'}>"
 
 
-def announce(name: str, config: "VmConfig", memory_mib: int, vcpus: int) -> Announcement:
+def announce(name: str, config: VmConfig, memory_mib: int, vcpus: int) -> Announcement:
     """List a VM that starts booting now (state ``booting``), so the sidebar shows it before
     its guest answers. Never raises (see :func:`publish`)."""
     return Announcement(_new_entry(Booting(name, config, memory_mib, vcpus, time.time())))
