@@ -101,9 +101,11 @@ def launch(name: str, config: "VmConfig", how: Launch) -> Vm:
         return remaining
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"sm-{name[:16]}-", dir=config.vsock_mux_dir))
-    spec = instance = agent = None
+    spec = instance = agent = announcement = None
     try:
         spec = how.spec(run_dir)
+        # Listed as "booting" from here on: the sidebar shows the VM while it boots.
+        announcement = registry.announce(name, config, spec.memory_mib, spec.vcpus)
         instance = how.start(spec, mark)
         agent = AgentClient(instance.connect_agent(timeout=left()), name=name)
         agent.handshake(timeout=left())
@@ -115,6 +117,8 @@ def launch(name: str, config: "VmConfig", how: Launch) -> Vm:
         # The error is worded before the cleanup: an engine that is shut down no longer
         # says why it ended on its own (the native core's exit record goes with it).
         error = how.failed(exc, instance, spec) if isinstance(exc, LAUNCH_FAILURES) else None
+        if announcement is not None:
+            announcement.close()
         if agent is not None:
             agent.close()
         if instance is not None:
@@ -126,7 +130,7 @@ def launch(name: str, config: "VmConfig", how: Launch) -> Vm:
     vm = Vm(spec, instance, agent, time.monotonic() - started, registry.withdraw,
             restored_from=how.restored_from, restore_timings=marks,
             balloon_target_mib=how.balloon_target_mib)
-    registry.publish(vm)      # list it for the Jupyter server's sidebar (never raises)
+    registry.publish(vm, announcement)   # the booting entry becomes the VM's (never raises)
     return vm
 
 

@@ -540,6 +540,13 @@ class Vm:
         """Balloon size (target/actual) and the guest's memory statistics."""
         return self._balloon_instance().balloon_stats(self._balloon_target_mib)
 
+    def host_memory_bytes(self) -> int | None:
+        """Host memory this VM holds resident now, in bytes (None once it has ended): the
+        host's side of ballooning, whichever engine runs it."""
+        if self.state not in ("running", "stopping"):
+            return None
+        return self._instance.host_rss_bytes()
+
     def mounts(self) -> list[MountStatus]:
         """The VM's virtio-fs mounts with their counters."""
         return self._instance.mount_status()

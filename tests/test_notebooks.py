@@ -107,6 +107,23 @@ EXPECTATIONS: dict[str, Callable[[], list[Expect]]] = {
                "the panel kept sampling while the cell ran"),
         Expect("vm.stop()", r"^stopped$"),
     ],
+    "07-balloon-in-class": lambda: [
+        Expect("panel = BalloonPanel(vm)", r"^BalloonPanel\(vm='\S+', interval=1, samples=\d+, "
+               r"sampling\)$"),
+        Expect("count=120", r"host resident: \d+ MiB → \d+ MiB \(\+(\d+) MiB\)",
+               _at_least(1, 60), "the host pays for memory the guest touched"),
+        Expect("def settle(", r"^balloon 128 MiB · "),
+        Expect("def settle(", r"guest available fell by (\d+) MiB",
+               _at_least(1, 96), "the guest loses what the balloon takes"),
+        Expect("def settle(", r"host resident fell by (\d+) MiB",
+               _at_least(1, 64), "the host gets the ballooned memory back: the two move together"),
+        Expect("settle(0)", r"^balloon   0 MiB · "),
+        Expect("display(HTML(panel.chart.value))", r"^target changes marked: \[64, 128, 0\]$",
+               why="a marker at each change of the target"),
+        Expect("display(HTML(panel.chart.value))", r"^samples charted: (\d+)$",
+               _at_least(1, 10), "the panel sampled through the whole lesson"),
+        Expect("vm.stop()", r"^stopped$"),
+    ],
     "02-volumes": lambda: [
         Expect("exists before the first VM", r"^exists before the first VM: False$"),
         Expect("with image.start(config) as vm", r"on /data type ext4 \(rw"),

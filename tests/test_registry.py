@@ -84,6 +84,61 @@ def test_a_vm_publishes_itself_and_answers_requests(start_vm, registry_dir):
         registry.request(vm_id, "state")
 
 
+def test_a_vm_is_listed_as_booting_from_its_launch_and_keeps_its_id(guest_image):
+    """The sidebar shows a VM while it boots: the launcher lists it before the guest
+    answers, and the running VM takes the same entry over."""
+    import threading
+
+    from supermachine_jupyter.config import VmConfig
+    started: dict = {}
+    booting_seen: list[dict] = []
+    thread = threading.Thread(target=lambda: started.setdefault(
+        "vm", guest_image.start(VmConfig(engine="qemu", name="reg-boot", memory_mib=192),
+                                snapshot_cache=False)), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not booting_seen and "vm" not in started and time.monotonic() < deadline:
+            for entry in registry.list_vms():
+                if entry["name"] == "reg-boot" and entry["booting"]:
+                    booting_seen.append({**entry, **registry.describe(entry["id"])})
+            time.sleep(0.02)
+        assert booting_seen, "the VM was never listed while it booted"
+        booting = booting_seen[0]
+        assert booting["state"] == "booting" and booting["engine"] == ""
+        assert (booting["memory_mib"], booting["vcpus"]) == (192, 1)
+        assert booting["host_memory_bytes"] is None and booting["balloon_stats"] is None
+        with pytest.raises(RegistryError) as err:
+            registry.request(booting["id"], "stop")
+        assert err.value.kind == "not_running" and "still booting" in str(err.value)
+
+        thread.join(60)
+        vm = started["vm"]
+        assert registry.vm_id(vm) == booting["id"]        # the same card, now running
+        running = registry.describe(booting["id"])
+        assert running["state"] == "running" and not running["booting"]
+        assert running["engine"] == vm.engine and running["boot_seconds"] > 0
+        assert running["host_memory_bytes"] == pytest.approx(vm.host_memory_bytes(), rel=0.5)
+        assert [e["id"] for e in registry.list_vms()] == [booting["id"]]
+    finally:
+        thread.join(60)
+        if "vm" in started:
+            started["vm"].stop()
+    assert registry.list_vms() == []
+
+
+def test_a_failed_boot_withdraws_its_booting_entry(guest_image, tmp_path):
+    from supermachine_jupyter.config import AssetPaths, VmConfig
+    from supermachine_jupyter.errors import VmError
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"\0" * 4096)
+    config = VmConfig(engine="qemu", name="reg-fail",
+                      assets=AssetPaths(str(kernel), str(guest_image.initrd)))
+    with pytest.raises(VmError):
+        guest_image.start(config, boot_timeout=20, snapshot_cache=False)
+    assert registry.list_vms() == []
+
+
 def test_requests_that_cannot_be_served_say_why(start_vm):
     vm = start_vm(name="reg-b")           # no balloon
     vm_id = registry.vm_id(vm)

@@ -38,6 +38,9 @@ class StandInVm:
     def mounts(self) -> list:
         return []
 
+    def host_memory_bytes(self) -> int:
+        return 96 * 1024 * 1024
+
     def volumes(self) -> list:
         return []
 
@@ -73,6 +76,7 @@ def test_a_published_vm_is_listed_and_answers_each_operation(published):
     assert registry.request(vm_id, "balloon_stats")["target_mib"] == 1
     assert registry.request(vm_id, "balloon", target_mib=64) == {"target_mib": 64}
     assert registry.request(vm_id, "describe")["balloon_stats"]["actual_pages"] == 256
+    assert registry.request(vm_id, "describe")["host_memory_bytes"] == 96 * 1024 * 1024
     assert registry.request(vm_id, "stop") == {"state": "stopped"}
     assert vm.calls == [("balloon", 64), ("stop",)]
 

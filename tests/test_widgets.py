@@ -16,7 +16,13 @@ import time
 import pytest
 from traitlets import TraitError
 
-from supermachine_jupyter.config import MountSpec, VmConfig, VolumeSpec, host_cpu_count
+from supermachine_jupyter.config import (
+    MountSpec,
+    VmConfig,
+    VolumeSpec,
+    host_cpu_count,
+    host_memory_mib,
+)
 from supermachine_jupyter.widgets import (
     BalloonPanel,
     ConsoleView,
@@ -24,6 +30,18 @@ from supermachine_jupyter.widgets import (
     VmConfigForm,
     VmDashboard,
 )
+from supermachine_jupyter.widgets.balloon_panel import (
+    DEFAULT_HISTORY_SAMPLES,
+    HOST_COLOUR,
+)
+from supermachine_jupyter.widgets.chart import (
+    PLOT_BACKGROUND,
+    Marker,
+    Series,
+    line_chart,
+)
+from supermachine_jupyter.widgets.config_form import memory_stops_mib
+from supermachine_jupyter.widgets.dashboard import TAB_TITLES
 from supermachine_jupyter.widgets.format import ERROR_COLOUR
 from tests.helpers import wait_for
 
@@ -170,6 +188,65 @@ def test_form_invalid_entries_show_inline_error_and_leave_config(tmp_path):
     assert form.memory_default.value
 
 
+def test_form_memory_slider_has_stops_people_pick_and_a_typed_size_is_never_clamped():
+    host = host_memory_mib()
+    stops = memory_stops_mib(host)
+    assert stops[:8] == [64, 128, 192, 256, 384, 512, 768, 1024][:len(stops[:8])]
+    assert stops[-1] == host and stops == sorted(set(stops))
+    # 256 MiB (the default size) is near the start, not lost in the first pixel of 24 GiB
+    assert stops.index(256) <= len(stops) // 4 + 1, stops
+
+    config = VmConfig(engine="qemu")
+    form = VmConfigForm(config)
+    assert [value for _, value in form.memory.options] == stops
+    assert dict(form.memory.options)["1 GiB"] == 1024
+    form.memory.value = 512                              # the slider, as a drag does
+    assert config.memory_mib == 512 and form.memory_text.value == 512
+
+    # 10 typed in the box: the config keeps 512, the box keeps 10, the message names the range
+    form.memory_text.value = 10
+    assert config.memory_mib == 512 and form.memory_text.value == 10
+    message = form.errors["memory_mib"]
+    assert f"from 64 to {host} MiB" in message and "got 10" in message, message
+    assert ERROR_COLOUR in form.messages["memory_mib"].value
+    assert form.memory.value == 512                      # the slider did not move
+    form.memory_text.value = host + 1
+    assert f"got {host + 1}" in form.errors["memory_mib"] and config.memory_mib == 512
+
+    # a size between two stops is taken as typed and gets a stop of its own
+    form.memory_text.value = 300
+    assert config.memory_mib == 300 and "memory_mib" not in form.errors
+    assert form.memory.value == 300 and ("300 MiB", 300) in form.memory.options
+    config.memory_mib = 200                              # config → both widgets
+    assert (form.memory.value, form.memory_text.value) == (200, 200)
+    form.memory_default.value = True
+    assert config.memory_mib is None and form.memory.disabled and form.memory_text.disabled
+
+
+def test_chart_follows_the_theme_and_keeps_its_labels_apart():
+    times = [1000.0 + i for i in range(30)]
+    chart = line_chart(times, [Series("guest free", "var(--jp-success-color1, #2e7d32)",
+                                      [100.0] * 30),
+                               Series("host resident (RSS)", HOST_COLOUR, [50.0] * 30)],
+                       256, markers=[Marker(1010.0, "→64"), Marker(5.0, "too old")])
+    # theme variables for the plot and text, no hard-coded light background
+    assert f"fill:{PLOT_BACKGROUND}" in chart and "var(--jp-layout-color0" in chart
+    assert "#fafafa" not in chart and "fill='#" not in chart
+    assert "var(--jp-ui-font-color1" in chart            # the legend's text
+    # one marker in the window (the other is older than the window: left out)
+    assert chart.count("class='sm-chart-marker'") == 1 and "→64" in chart
+    assert "too old" not in chart
+    # the unit label sits above the top tick label, not on it
+    unit_y = float(chart.split(">MiB<")[0].rsplit("y='", 1)[1].split("'")[0])
+    top_tick_y = float(chart.split(">256<")[0].rsplit("y='", 1)[1].split("'")[0])
+    assert top_tick_y - unit_y >= 11, (unit_y, top_tick_y)
+    # a long legend wraps instead of running off the right edge
+    many = [Series(f"a rather long series label {i}", "#000", [1.0] * 30) for i in range(6)]
+    wide = line_chart(times, many, 10, width=400)
+    xs = [float(part.split("'")[0]) for part in wide.split("class='sm-chart-legend' x='")[1:]]
+    assert max(xs) + 6.2 * len("a rather long series label 0") <= 400 + 12, xs
+
+
 # -- live panels on one real VM: balloon, volume, virtio-fs mount ----------------------------
 
 @pytest.fixture(scope="module")
@@ -197,14 +274,27 @@ def test_balloon_panel_follows_a_real_vm(device_vm):
         first = panel.history[0]
         assert first["target_mib"] == 0 and first["total_memory"], first
         assert {"time", "actual_pages", "free_mib", "available_mib"} <= first.keys()
+        # the host's side: QEMU's resident memory, from the engine interface
+        assert first["host_rss_mib"] and 16 < first["host_rss_mib"] < 4 * vm.memory_mib, first
+        assert panel.markers == []
+        assert panel._history.maxlen == DEFAULT_HISTORY_SAMPLES >= 600   # ten minutes at 1 Hz
 
         panel.buttons[64].click()
         assert "target 64 MiB" in panel.status.value
         inflated = wait_for(lambda: [s for s in panel.history if s["actual_mib"] >= 64], 60)
         assert inflated, f"balloon never reached 64 MiB: {panel.history[-3:]}"
         assert inflated[-1]["actual_pages"] >= 16384 and inflated[-1]["target_mib"] == 64
-        assert "balloon <b>64 MiB</b>" in panel.numbers.value
-        assert panel.chart.value.count("<polyline") >= 3        # actual, target, free, avail
+        assert "balloon <b>64 MiB</b>" in panel.numbers.value and "host resident" in \
+            panel.numbers.value
+        assert panel.chart.value.count("<polyline") >= 5   # actual, target, free, avail, host
+        assert f"stroke:{HOST_COLOUR}" in panel.chart.value
+        # a marker where the target changed, at the first sample that saw it
+        ((marked_at, marked_target),) = panel.markers
+        assert marked_target == 64 and marked_at >= first["time"]
+        assert panel.chart.value.count("class='sm-chart-marker'") == 1
+        assert "→64" in panel.chart.value
+        rss_inflated = inflated[-1]["host_rss_mib"]
+        assert rss_inflated is not None
 
         # a cell runs on the main thread while the panel keeps sampling
         count = len(panel.history)
@@ -214,6 +304,18 @@ def test_balloon_panel_follows_a_real_vm(device_vm):
         panel.buttons[-64].click()
         assert "target 0 MiB" in panel.status.value
         assert wait_for(lambda: panel.history[-1]["actual_mib"] == 0, 60), panel.history[-3:]
+        assert [target for _, target in panel.markers] == [64, 0]
+
+        # changed elsewhere (the sidebar, another cell): the status names the new target,
+        # not this panel's last step, and the chart marks it
+        vm.set_balloon_target(32)
+        assert wait_for(lambda: "target set to 32 MiB elsewhere" in panel.status.value, 10), \
+            panel.status.value
+        assert "target 32 MiB ·" in panel.status.value and "target 0 MiB" not in \
+            panel.status.value
+        assert [target for _, target in panel.markers] == [64, 0, 32]
+        vm.set_balloon_target(0)
+        assert wait_for(lambda: panel.history[-1]["target_mib"] == 0, 10)
 
         history = panel.history
         times = [s["time"] for s in history]
@@ -310,6 +412,10 @@ def test_dashboard_starts_and_stops_a_vm_with_its_buttons(guest_image):
         assert dashboard.wait(60), "the VM did not boot within 60 s"
         vm = dashboard.vm
         assert vm is not None and vm.state == "running", dashboard.progress.value
+        # no balloon: it opens on the console; the Config tab says when edits apply
+        assert dashboard.tabs.selected_index == TAB_TITLES.index("Console")
+        assert wait_for(lambda: "apply at the next start" in dashboard.config_note.value, 2)
+        assert "keeps 192 MiB and 1 vCPU" in dashboard.config_note.value
         assert vm.memory_mib == 192 and vm.engine == "qemu"
         assert "ready in" in dashboard.progress.value
         state = dashboard.state_line.value
@@ -334,6 +440,7 @@ def test_dashboard_starts_and_stops_a_vm_with_its_buttons(guest_image):
         assert_threads_end(threads)
         assert dashboard.threads() == []
         assert wait_for(lambda: "stopped" in dashboard.state_line.value, 2)
+        assert "start boots a new VM" in dashboard.config_note.value
         assert not dashboard.start_button.disabled and dashboard.stop_button.disabled
     finally:
         if dashboard.vm is not None:
@@ -375,7 +482,14 @@ def test_vm_magics_show_the_dashboard(ip_displays, capsys):
         assert dashboard.vm is vm and dashboard.balloon is not None
         # displayed before the command ran, so its console followed the command's output
         assert wait_for(lambda: "via-panel" in dashboard.console.text, 5)
-        assert dashboard.form.config == vm.config and dashboard.form.config is not vm.config
+        assert dashboard.form.config is not vm.config
+        # the form shows the numbers the VM has, not "default" (the cell gave no --memory)
+        assert dashboard.form.config == vm.config.replace(memory_mib=vm.memory_mib,
+                                                          vcpus=vm.vcpus)
+        assert not dashboard.form.memory_default.value
+        assert dashboard.form.memory.value == vm.memory_mib == 256
+        # --balloon --panel opens on the balloon chart, not the console
+        assert dashboard.tabs.selected_index == TAB_TITLES.index("Balloon")
 
         shown.clear()
         result = shell.run_cell("%vm panel wpanel")

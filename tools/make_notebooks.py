@@ -1068,10 +1068,100 @@ def snapshots():
     ]
 
 
+def balloon_in_class():
+    md, code = new_markdown_cell, new_code_cell
+    return [
+        md("# 07 · Balloon in class: guest memory and host memory, side by side\n\n"
+           "**What you will learn**\n"
+           "- to run a live ballooning demonstration a room can follow: one chart with the "
+           "guest's free and available memory **and** the host's resident memory;\n"
+           "- why the two move together when the balloon inflates (the guest gives pages "
+           "away, the host drops them), and why they do not when it deflates;\n"
+           "- to read the chart's markers: one dashed line at each change of the target.\n\n"
+           "**For the teacher.** Run the notebook before class once, so the guest image is "
+           "built. In class, switch JupyterLab to the dark theme if the projector washes out "
+           "white (Settings → Theme): the chart follows it. Every step below waits until the "
+           "balloon has really moved, so you can talk over it. Notebook 01 explains the "
+           "balloon's statistics field by field; here we only watch."),
+        md("## One VM, one chart\n"
+           "A 256 MiB guest with a balloon, and its `BalloonPanel`: it samples once a second "
+           "on its own thread (ten minutes of history), so the chart keeps moving while the "
+           "next cells run. The purple line is the **host's** side: the memory the engine "
+           "holds resident for this VM (`vm.host_memory_bytes()`; the QEMU process's RSS, or "
+           "the resident part of the guest RAM mapping with the native core)."),
+        code("import time\n"
+             "from supermachine_jupyter import Image, VmConfig\n"
+             "from supermachine_jupyter.widgets import BalloonPanel\n\n"
+             "vm = Image.default().start(VmConfig(memory_mib=256, balloon=True, engine=\"qemu\"))\n"
+             "panel = BalloonPanel(vm)\n"
+             "panel"),
+        md("## Step 1 · The guest uses memory, the host pays for it\n"
+           "A fresh guest has touched little of its RAM, and the host backs only touched "
+           "pages. The guest writes 120 MiB into its tmpfs and deletes it: free again *inside* "
+           "the guest, still resident *on the host*. Ask the room: which line moves?"),
+        code("MiB = 1024 * 1024\n\n\n"
+             "def host_mib():\n"
+             "    return vm.host_memory_bytes() / MiB\n\n\n"
+             "def guest_available_mib():\n"
+             "    return vm.balloon_stats().available_memory / MiB\n\n\n"
+             "before = host_mib()\n"
+             "vm.run(\"dd if=/dev/zero of=/tmp/fill bs=1M count=120 2>/dev/null; rm /tmp/fill\")\n"
+             "time.sleep(2)                      # the guest reports its statistics once a second\n"
+             "touched = host_mib()\n"
+             "print(f\"host resident: {before:.0f} MiB → {touched:.0f} MiB \"\n"
+             "      f\"(+{touched - before:.0f} MiB); guest available: {guest_available_mib():.0f} MiB\")"),
+        md("## Step 2 · Inflate: both sides fall together\n"
+           "The balloon takes 64 MiB, then 128 MiB, from the guest. `settle` waits until the "
+           "guest's driver has handed the pages over and prints both sides: the guest's "
+           "available memory and the host's resident memory fall by about the same amount."),
+        code("def settle(target_mib, seconds=60):\n"
+             "    \"\"\"Set the balloon to `target_mib` and wait until the guest has followed.\"\"\"\n"
+             "    vm.set_balloon_target(target_mib)\n"
+             "    deadline = time.monotonic() + seconds\n"
+             "    while vm.balloon_stats().actual_mib != target_mib and time.monotonic() < deadline:\n"
+             "        time.sleep(0.5)\n"
+             "    time.sleep(2.5)                 # two more samples on the chart\n"
+             "    print(f\"balloon {vm.balloon_stats().actual_mib:3} MiB · guest available \"\n"
+             "          f\"{guest_available_mib():4.0f} MiB · host resident {host_mib():4.0f} MiB\")\n\n\n"
+             "available_before, host_before = guest_available_mib(), host_mib()\n"
+             "settle(64)\n"
+             "settle(128)\n"
+             "guest_fell = available_before - guest_available_mib()\n"
+             "host_fell = host_before - host_mib()\n"
+             "print(f\"the balloon took 128 MiB: guest available fell by {guest_fell:.0f} MiB, \"\n"
+             "      f\"host resident fell by {host_fell:.0f} MiB\")"),
+        md("## Step 3 · Deflate: the guest gets it back, the host does not pay yet\n"
+           "Giving the pages back is instant for the guest, but the host backs a page again "
+           "only when the guest writes to it: the purple line stays down."),
+        code("settle(0)\n"
+             "print(f\"after deflating: host resident {host_mib():.0f} MiB \"\n"
+             "      f\"(it was {touched:.0f} MiB before the balloon)\")"),
+        md("## The whole lesson in one picture\n"
+           "The live panel above keeps moving; this is a still copy of its chart, stored "
+           "with the notebook (it renders anywhere, GitHub included). Each dashed line is a "
+           "change of the target."),
+        code("from IPython.display import HTML, display\n\n"
+             "display(HTML(panel.chart.value))\n"
+             "print(\"target changes marked:\", [target for _, target in panel.markers])\n"
+             "print(\"samples charted:\", len(panel.history))"),
+        code("vm.stop()\nprint(vm.state)"),
+        md("## Exercises\n"
+           "1. Inflate to 200 MiB. What happens to the guest's available memory, and to "
+           "the balloon's `actual_mib`? Try `vm.run(\"free -m\")`.\n"
+           "2. After deflating, make the guest write 120 MiB again. Which line moves now, "
+           "and by how much?\n"
+           "3. Open the **MicroVMs** sidebar and the status bar while this runs: where do you "
+           "see the host memory there? Set the balloon from the sidebar's card and watch "
+           "the panel's status line and its markers.\n"
+           "4. Why is the host's resident memory larger than what the guest uses, even with "
+           "a full balloon? (Hint: what else lives in the engine process?)"),
+    ]
+
+
 BUILDERS = {"00-hello-vm": hello_vm, "01-memory-and-balloon": memory_and_balloon,
             "02-volumes": volumes, "03-host-mounts": host_mounts,
             "04-widgets-dashboard": widgets_dashboard, "05-engines": engines,
-            "06-snapshots": snapshots}
+            "06-snapshots": snapshots, "07-balloon-in-class": balloon_in_class}
 
 
 def _same_cells(path: Path, cells) -> bool:

@@ -66,6 +66,11 @@ export interface IVm {
   uptime_s: number;
   kernel_id: string | null;
   notebook: string | null;
+  /** True while the VM boots (listed from its launch on; no engine, devices or stats yet). */
+  booting?: boolean;
+  /** Host memory the VM holds resident (its engine's RSS), bytes; null when unknown. */
+  host_memory_bytes?: number | null;
+  /** "booting", "running", "stopping", "stopped", "failed" or "unknown". */
   state: string;
   failure: string | null;
   balloon_stats: IBalloonStats | null;
@@ -76,7 +81,7 @@ export interface IVm {
 
 export namespace VmListModel {
   export interface IOptions {
-    /** Milliseconds between refreshes (default 2000). */
+    /** Milliseconds between refreshes (default 1000). */
     refreshRate?: number;
     serverSettings?: ServerConnection.ISettings;
     /** Pause polling while this returns true (e.g. the panel is hidden). */
@@ -101,7 +106,7 @@ export class VmListModel implements IDisposable {
     this._poll = new Poll({
       factory: () => this._fetch(),
       frequency: {
-        interval: options.refreshRate ?? 2000,
+        interval: options.refreshRate ?? 1000,
         backoff: true,
         max: 10 * 1000
       },

@@ -1,9 +1,10 @@
 /**
- * The views of the MicroVMs sidebar: `VmSidebar` (header, list, empty and error states)
- * and one `VmCard` per VM. Cards are keyed by VM id and updated in place at every poll,
- * so buttons and inputs under the user's pointer are never replaced.
+ * The views of the MicroVMs sidebar: `VmSidebar` (header with the notebook/all filter, list,
+ * empty and error states) and one `VmCard` per VM. Cards are keyed by VM id and updated in
+ * place at every poll, so buttons and inputs under the user's pointer are never replaced.
  */
 
+import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import {
@@ -15,13 +16,15 @@ import {
   percent
 } from './format';
 import { IMount, IVm, IVolume, VmListModel } from './model';
+import { NotebookScope } from './scope';
 
-function basename(path: string): string {
+export function basename(path: string): string {
   const parts = path.split('/');
   return parts[parts.length - 1] || path;
 }
 
 const STATE_CLASS: Record<string, string> = {
+  booting: 'sm-mod-booting',
   running: 'sm-mod-running',
   stopping: 'sm-mod-stopping',
   stopped: 'sm-mod-stopped',
@@ -49,6 +52,7 @@ export class VmCard {
 
   constructor(
     private _model: VmListModel,
+    private _scope: NotebookScope,
     vm: IVm
   ) {
     this.id = vm.id;
@@ -88,8 +92,10 @@ export class VmCard {
         void this._onBalloon();
       }
     });
+    this._balloonInput.addEventListener('input', () => this._validateBalloon());
     this._balloonForm.append(el('span', '', 'balloon'), this._balloonInput, el('span', '', 'MiB'), set);
-    this._balloon.append(this._bar, this._barLabel, this._balloonForm);
+    this._balloonError = el('div', 'sm-Balloon-error');
+    this._balloon.append(this._bar, this._barLabel, this._balloonForm, this._balloonError);
 
     this._devices = el('ul', 'sm-VmCard-devices');
     this._message = el('div', 'sm-VmCard-message');
@@ -114,13 +120,26 @@ export class VmCard {
     const state = this._stopping && vm.state === 'running' ? 'stopping' : vm.state;
     this._state.textContent = state;
     this._state.className = `sm-VmCard-state ${STATE_CLASS[state] ?? ''}`;
+    this.node.dataset.state = state;
     this._stop.disabled = this._stopping || vm.state !== 'running';
-    this._meta.textContent = [
-      `${vm.engine}/${vm.accel}`,
-      formatMiB(vm.memory_mib),
-      formatVcpus(vm.vcpus),
-      `up ${formatDuration(vm.uptime_s)}`
-    ].join(' · ');
+    this._stop.title =
+      vm.state === 'booting' ? 'The VM is booting: it can be stopped once it runs' : 'Power the VM off';
+    const host =
+      typeof vm.host_memory_bytes === 'number' ? `host ${formatMiB(bytesToMiB(vm.host_memory_bytes))}` : '';
+    this._meta.textContent = (
+      vm.state === 'booting'
+        ? ['booting', formatMiB(vm.memory_mib), formatVcpus(vm.vcpus), formatDuration(vm.uptime_s)]
+        : [
+            `${vm.engine}/${vm.accel}`,
+            formatMiB(vm.memory_mib),
+            formatVcpus(vm.vcpus),
+            host,
+            `up ${formatDuration(vm.uptime_s)}`
+          ]
+    )
+      .filter(Boolean)
+      .join(' · ');
+    this._meta.title = host ? 'host: the memory this VM holds resident on the host (its engine\'s RSS)' : '';
     const owner = vm.notebook
       ? `from ${basename(vm.notebook)}`
       : vm.kernel_id
@@ -142,14 +161,17 @@ export class VmCard {
   private _updateBalloon(vm: IVm): void {
     const stats = vm.balloon_stats;
     const total = vm.memory_mib;
-    this._balloonForm.style.display = vm.balloon ? '' : 'none';
+    this._balloonForm.style.display = vm.balloon && vm.state === 'running' ? '' : 'none';
     this._balloonInput.max = String(Math.max(0, total - 1));
     if (!vm.balloon || !stats) {
       this._barBalloon.style.width = '0%';
       this._barUsed.style.width = '0%';
-      this._barLabel.textContent = vm.balloon
-        ? 'balloon: waiting for statistics'
-        : 'no balloon device (start with %%vm --balloon)';
+      this._barLabel.textContent =
+        vm.state === 'booting'
+          ? 'waiting for the guest to boot'
+          : vm.balloon
+            ? 'balloon: waiting for statistics'
+            : 'no balloon device (start with %%vm --balloon)';
       this._bar.classList.add('sm-mod-empty');
       return;
     }
@@ -173,7 +195,12 @@ export class VmCard {
     }
     this._barLabel.textContent = parts.join(' · ');
     this._bar.title = `of ${formatMiB(total)}: balloon (hatched), guest in use (solid)`;
-    if (document.activeElement !== this._balloonInput) {
+    // Never overwrite what the user is typing, nor an entry marked invalid (its message
+    // would then describe a value no longer shown).
+    if (
+      document.activeElement !== this._balloonInput &&
+      !this._balloonInput.classList.contains('sm-mod-invalid')
+    ) {
       this._balloonInput.value = String(stats.target_mib);
     }
   }
@@ -211,6 +238,23 @@ export class VmCard {
   }
 
   private async _onStop(): Promise<void> {
+    const vm = this._vm;
+    if (!this._scope.owns(vm.kernel_id)) {
+      // Not this notebook's VM: another person's work may depend on it.
+      const owner = vm.notebook
+        ? `the notebook ${basename(vm.notebook)}`
+        : vm.kernel_id
+          ? `kernel ${vm.kernel_id.slice(0, 8)}`
+          : `process ${vm.pid}, outside any notebook`;
+      const result = await showDialog({
+        title: `Stop ${vm.name}?`,
+        body: `${vm.name} belongs to ${owner}, not to the notebook you are in. Stopping it powers it off there too, and whatever runs in it is lost.`,
+        buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop it' })]
+      });
+      if (!result.button.accept) {
+        return;
+      }
+    }
     this._stopping = true;
     this._message.textContent = '';
     this.update(this._vm);
@@ -223,9 +267,27 @@ export class VmCard {
     }
   }
 
+  /** The balloon size typed, or null with an inline message saying what is allowed. */
+  private _validateBalloon(): number | null {
+    const max = Math.max(0, this._vm.memory_mib - 1);
+    const text = this._balloonInput.value.trim();
+    const value = Number(text);
+    const ok = text !== '' && Number.isInteger(value) && value >= 0 && value <= max;
+    this._balloonError.textContent = ok
+      ? ''
+      : `Enter a whole number of MiB from 0 to ${max}: the balloon takes that much memory ` +
+        `from the guest's ${formatMiB(this._vm.memory_mib)} (0 gives it all back).`;
+    this._balloonInput.classList.toggle('sm-mod-invalid', !ok);
+    this._balloonInput.setAttribute('aria-invalid', String(!ok));
+    return ok ? value : null;
+  }
+
   private async _onBalloon(): Promise<void> {
-    const value = Number(this._balloonInput.value);
+    const value = this._validateBalloon();
     this._message.textContent = '';
+    if (value === null) {
+      return;
+    }
     try {
       await this._model.setBalloon(this.id, value);
       this._balloonInput.blur();
@@ -249,15 +311,20 @@ export class VmCard {
   private _barLabel: HTMLElement;
   private _balloonForm: HTMLElement;
   private _balloonInput: HTMLInputElement;
+  private _balloonError: HTMLElement;
   private _devices: HTMLElement;
   private _message: HTMLElement;
 }
 
+/** Which VMs the sidebar lists: the current notebook's, or every one on the machine. */
+export type SidebarScope = 'notebook' | 'all';
+
 /** The left-sidebar panel: a header, then one card per VM (or the empty/error state). */
 export class VmSidebar extends Widget {
-  constructor(options: { model: VmListModel }) {
+  constructor(options: { model: VmListModel; scope: NotebookScope }) {
     super();
     this._model = options.model;
+    this._scope = options.scope;
     this.addClass('sm-VmSidebar');
 
     const header = el('div', 'sm-VmSidebar-header');
@@ -268,6 +335,21 @@ export class VmSidebar extends Widget {
     refresh.addEventListener('click', () => void this._model.refresh());
     header.append(title, this._count, refresh);
 
+    // The filter: this notebook's VMs (the default) or all of the machine's.
+    this._filter = el('div', 'sm-VmSidebar-filter');
+    this._filter.setAttribute('role', 'group');
+    this._filter.setAttribute('aria-label', 'Which VMs to list');
+    for (const [scope, label, tip] of [
+      ['notebook', 'This notebook', "VMs started by the current notebook's kernel"],
+      ['all', 'All on this machine', 'Every VM on this machine, from any notebook or script']
+    ] as [SidebarScope, string, string][]) {
+      const button = el('button', 'sm-Button sm-VmSidebar-scope', label);
+      button.dataset.scope = scope;
+      button.title = tip;
+      button.addEventListener('click', () => this.setScopeFilter(scope));
+      this._filter.append(button);
+    }
+
     this._error = el('div', 'sm-VmSidebar-error');
     this._list = el('div', 'sm-VmSidebar-list');
     this._empty = el('div', 'sm-VmSidebar-empty');
@@ -277,8 +359,20 @@ export class VmSidebar extends Widget {
       el('pre', 'sm-VmSidebar-code', '%load_ext supermachine_jupyter\n%%vm --name demo\nuname -a'),
       el('p', 'sm-VmSidebar-hint', 'A VM started with --name stays up for later cells and is listed here until it stops.')
     );
-    this.node.append(header, this._error, this._list, this._empty);
+    this._filtered = el('div', 'sm-VmSidebar-filtered');
+    this.node.append(header, this._filter, this._error, this._list, this._filtered, this._empty);
     this._model.changed.connect(this._render, this);
+    this._scope.changed.connect(this._render, this);
+    this._render();
+  }
+
+  /** Which VMs are listed: 'notebook' (the current notebook's kernel) or 'all'. */
+  get scopeFilter(): SidebarScope {
+    return this._scopeFilter;
+  }
+
+  setScopeFilter(scope: SidebarScope): void {
+    this._scopeFilter = scope;
     this._render();
   }
 
@@ -291,15 +385,27 @@ export class VmSidebar extends Widget {
       return;
     }
     this._model.changed.disconnect(this._render, this);
+    this._scope.changed.disconnect(this._render, this);
     super.dispose();
   }
 
   private _render(): void {
-    const vms = this._model.vms;
+    const everyVm = this._model.vms;
+    const vms =
+      this._scopeFilter === 'all' ? everyVm : everyVm.filter(vm => this._scope.owns(vm.kernel_id));
     const error = this._model.error;
     this._error.textContent = error ? `Cannot list VMs: ${error}` : '';
     this._error.style.display = error ? '' : 'none';
-    this._count.textContent = this._model.loaded ? String(vms.length) : '…';
+    this._count.textContent = !this._model.loaded
+      ? '…'
+      : vms.length === everyVm.length
+        ? String(vms.length)
+        : `${vms.length} of ${everyVm.length}`;
+    for (const button of Array.from(this._filter.querySelectorAll<HTMLElement>('button'))) {
+      const pressed = button.dataset.scope === this._scopeFilter;
+      button.classList.toggle('sm-mod-selected', pressed);
+      button.setAttribute('aria-pressed', String(pressed));
+    }
 
     const seen = new Set<string>();
     let previous: HTMLElement | null = null;
@@ -309,7 +415,7 @@ export class VmSidebar extends Widget {
       if (card) {
         card.update(vm);
       } else {
-        card = new VmCard(this._model, vm);
+        card = new VmCard(this._model, this._scope, vm);
         this._cards.set(vm.id, card);
       }
       // keep the server's order (oldest first)
@@ -325,10 +431,27 @@ export class VmSidebar extends Widget {
         this._cards.delete(id);
       }
     }
-    this._empty.style.display = this._model.loaded && !vms.length && !error ? '' : 'none';
+    const hidden = everyVm.length - vms.length;
+    this._filtered.replaceChildren();
+    if (this._model.loaded && !vms.length && hidden && !error) {
+      const where = this._scope.path ? basename(this._scope.path) : 'this notebook';
+      const showAll = el('button', 'sm-Button sm-VmSidebar-showAll', 'Show all');
+      showAll.addEventListener('click', () => this.setScopeFilter('all'));
+      this._filtered.append(
+        el('p', '', `No VMs from ${where}.`),
+        el('p', '', `${hidden} VM${hidden === 1 ? '' : 's'} of other notebooks or scripts run on this machine.`),
+        showAll
+      );
+    }
+    this._filtered.style.display = this._filtered.childElementCount ? '' : 'none';
+    this._empty.style.display = this._model.loaded && !everyVm.length && !error ? '' : 'none';
   }
 
   private _model: VmListModel;
+  private _scope: NotebookScope;
+  private _scopeFilter: SidebarScope = 'notebook';
+  private _filter: HTMLElement;
+  private _filtered: HTMLElement;
   private _cards = new Map<string, VmCard>();
   private _count: HTMLElement;
   private _error: HTMLElement;

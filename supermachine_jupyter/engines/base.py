@@ -254,15 +254,10 @@ class EngineInstance(abc.ABC):
         """One entry per virtio-fs mount, with counters."""
         return []
 
+    @abc.abstractmethod
     def host_rss_bytes(self) -> int | None:
-        """Resident memory the VM costs the host, where the engine can tell."""
-        total = 0
-        for pid in self.process_ids():
-            try:
-                with open(f"/proc/{pid}/status") as status:
-                    for line in status:
-                        if line.startswith("VmRSS:"):
-                            total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total or None
+        """Host memory this VM holds resident right now, in bytes (None when the engine
+        cannot tell, e.g. once it has ended): what ballooning gives back to the host.
+
+        Each engine counts its own way (QEMU: its processes' RSS; the native core: the
+        resident pages of the guest RAM mapping); callers only ever see bytes."""

@@ -85,3 +85,20 @@ def terminate(proc: subprocess.Popen, grace: float = 2.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+def resident_bytes(pids: list[int]) -> int | None:
+    """The summed resident set (VmRSS) of ``pids``, in bytes; None when none could be read
+    (all ended)."""
+    total, seen = 0, False
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        seen = True
+                        break
+        except (OSError, ValueError):
+            pass          # ended between listing and reading
+    return total if seen else None

@@ -13,18 +13,22 @@ A control request is one line of JSON (``{"op": "state"}``) and gets one line ba
 ``state``           ``{"state", "failure"}``
 ``balloon_stats``   ``BalloonStats.to_dict()``; kind ``no_balloon`` when the VM has none
 ``mounts``          ``{"mounts": [MountStatus.to_dict()…], "volumes": vm.volumes()}``
-``describe``        all three at once (what the REST API and the sidebar poll)
+``describe``        all three at once, and ``host_memory_bytes`` (what the REST API and the
+                    sidebar poll)
 ``stop``            stops the VM, answers ``{"state"}`` once it has stopped
 ``balloon``         ``{"target_mib": n}`` → ``vm.set_balloon_target(n)``
 ==================  ==========================================================================
 
 Entries whose owner process is gone (pid dead or reused) or whose socket refuses connections
-are removed whenever the registry is read. ``Vm`` publishes itself when it starts and
-withdraws when it ends; nothing else needs calling.
+are removed whenever the registry is read. The launcher lists a VM from the moment it
+starts booting (:func:`announce`: state ``booting``, no engine yet; ``stop`` and
+``balloon`` answer ``not_running``), the running ``Vm`` takes that entry over, keeping its
+id (:func:`publish`), and withdraws it when it ends; nothing else needs calling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import VmError
 
 if TYPE_CHECKING:
+    from ..config import VmConfig
     from ..vm import Vm
 
 log = logging.getLogger(__name__)
@@ -155,10 +160,20 @@ def _kernel_identity() -> tuple[str | None, str | None]:
 
 
 # -- the owning side: publish, serve, withdraw ----------------------------------------------
-class _Published:
-    """One published VM: its entry file and its control socket server."""
+@dataclasses.dataclass(frozen=True)
+class Booting:
+    """What is known of a VM that is still booting (its entry until the ``Vm`` exists)."""
+    name: str
+    config: VmConfig
+    memory_mib: int
+    vcpus: int
+    started_at: float
 
-    def __init__(self, vm: "Vm", vm_id: str, directory: Path):
+
+class _Published:
+    """One published VM (or one still booting): its entry file and its control socket."""
+
+    def __init__(self, vm: Vm | Booting, vm_id: str, directory: Path):
         self.vm = vm
         self.id = vm_id
         self.json_path = directory / f"{vm_id}.json"
@@ -181,21 +196,23 @@ class _Published:
         vm = self.vm
         kernel_id, notebook = _kernel_identity()
         pid = os.getpid()
+        booting = isinstance(vm, Booting)
         return {
             "version": REGISTRY_VERSION,
             "id": self.id,
             "name": vm.name,
             "pid": pid,
             "pid_start": _process_start_ticks(pid),
-            "engine": vm.engine,
-            "accel": vm.accel,
-            "reason": vm.engine_reason,
+            "booting": booting,
+            "engine": "" if booting else vm.engine,
+            "accel": "" if booting else vm.accel,
+            "reason": "booting" if booting else vm.engine_reason,
             "config": vm.config.to_dict(),
             "memory_mib": vm.memory_mib,
             "vcpus": vm.vcpus,
             "balloon": bool(vm.config.balloon),
             "started_at": vm.started_at,
-            "boot_seconds": vm.boot_seconds,
+            "boot_seconds": None if booting else vm.boot_seconds,
             "kernel_id": kernel_id,
             "notebook": notebook,
             "socket": str(self.socket_path),
@@ -257,6 +274,15 @@ class _Published:
         from ..devices.balloon import BalloonNotEnabled
         from ..errors import VmStoppedError
         vm, op = self.vm, request.get("op")
+        if isinstance(vm, Booting):
+            if op in ("state", "describe"):
+                return {"state": "booting", "failure": None, "balloon_stats": None,
+                        "mounts": [], "volumes": [], "host_memory_bytes": None}
+            if op in ("balloon_stats", "mounts", "stop", "balloon"):
+                raise RegistryError(f"VM {vm.name!r} is still booting: {op} once it runs",
+                                    "not_running")
+            raise RegistryError(f"unknown operation {op!r}; known: {', '.join(OPS)}",
+                                "bad_request")
         try:
             if op == "state":
                 return _state(vm)
@@ -265,7 +291,8 @@ class _Published:
             if op == "mounts":
                 return _mounts(vm)
             if op == "describe":
-                return {**_state(vm), "balloon_stats": _balloon_or_none(vm), **_mounts(vm)}
+                return {**_state(vm), "balloon_stats": _balloon_or_none(vm), **_mounts(vm),
+                        "host_memory_bytes": vm.host_memory_bytes()}
             if op == "stop":
                 vm.stop()
                 return {"state": vm.state}
@@ -318,15 +345,9 @@ _lock = threading.Lock()
 _published: dict[int, _Published] = {}     # id(vm) → entry
 
 
-def publish(vm: "Vm") -> str | None:
-    """List ``vm`` in the registry and serve its control socket. Returns its registry id.
-
-    Never raises: a registry that cannot be written (read-only runtime dir, …) only costs
-    the sidebar its view of this VM, so it is logged and ``None`` is returned.
-    """
-    with _lock:
-        if id(vm) in _published:
-            return _published[id(vm)].id
+def _new_entry(vm: Vm | Booting) -> _Published | None:
+    """A listed entry with its socket served, or None (logged) when the registry cannot be
+    written."""
     try:
         directory = _ensure_dir(registry_dir())
         entry = _Published(vm, secrets.token_hex(6), directory)
@@ -339,6 +360,63 @@ def publish(vm: "Vm") -> str | None:
         entry.close()
         log.warning("cannot publish VM %s in the registry: %s", vm.name, exc)
         return None
+    return entry
+
+
+class Announcement:
+    """The registry entry of a VM that is booting: hand it to :func:`publish` once the VM
+    runs (the entry keeps its id), or :meth:`close` it when the boot fails."""
+
+    def __init__(self, entry: _Published | None):
+        self._entry = entry
+
+    @property
+    def id(self) -> str | None:
+        return self._entry.id if self._entry is not None else None
+
+    def close(self) -> None:
+        """Withdraw the booting entry (the boot failed or was interrupted)."""
+        if self._entry is not None:
+            self._entry.close()
+            self._entry = None
+
+    def _take(self) -> _Published | None:
+        entry, self._entry = self._entry, None
+        return entry
+
+    def __repr__(self) -> str:
+        return f"<Announcement {self.id or 'withdrawn'}>"
+
+
+def announce(name: str, config: VmConfig, memory_mib: int, vcpus: int) -> Announcement:
+    """List a VM that starts booting now (state ``booting``), so the sidebar shows it before
+    its guest answers. Never raises (see :func:`publish`)."""
+    return Announcement(_new_entry(Booting(name, config, memory_mib, vcpus, time.time())))
+
+
+def publish(vm: "Vm", announcement: Announcement | None = None) -> str | None:
+    """List ``vm`` in the registry and serve its control socket. Returns its registry id.
+    With the ``announcement`` of its boot, its booting entry becomes the VM's (same id).
+
+    Never raises: a registry that cannot be written (read-only runtime dir, …) only costs
+    the sidebar its view of this VM, so it is logged and ``None`` is returned.
+    """
+    with _lock:
+        if id(vm) in _published:
+            return _published[id(vm)].id
+    entry = announcement._take() if announcement is not None else None
+    if entry is not None:
+        entry.vm = vm
+        try:
+            _atomic_write_json(entry.json_path, entry.entry())
+        except Exception as exc:  # noqa: BLE001
+            entry.close()
+            log.warning("cannot publish VM %s in the registry: %s", vm.name, exc)
+            return None
+    else:
+        entry = _new_entry(vm)
+        if entry is None:
+            return None
     with _lock:
         _published[id(vm)] = entry
     if vm.state in ("stopped", "failed"):
@@ -492,5 +570,5 @@ def describe(vm_id: str) -> dict:
     return {**entry, **live, "uptime_s": max(0.0, time.time() - (entry.get("started_at") or 0))}
 
 
-__all__ = ["publish", "withdraw", "vm_id", "list_vms", "get", "request", "describe",
+__all__ = ["announce", "Announcement", "publish", "withdraw", "vm_id", "list_vms", "get", "request", "describe",
            "registry_dir", "RegistryError", "VmNotFound", "REGISTRY_DIR_ENV", "OPS"]

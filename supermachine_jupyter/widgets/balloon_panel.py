@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from html import escape
@@ -11,8 +12,16 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from ..devices.balloon import BalloonNotEnabled
-from .chart import Series, line_chart
-from .format import ERROR_COLOUR, OK_COLOUR, clock, mib, mib_text, note_html
+from .chart import Marker, Series, line_chart
+from .format import (
+    ERROR_COLOUR,
+    MUTED_COLOUR,
+    OK_COLOUR,
+    clock,
+    mib,
+    mib_text,
+    note_html,
+)
 from .sampler import Sampler, StopSampling, close_tree
 
 if TYPE_CHECKING:
@@ -20,10 +29,17 @@ if TYPE_CHECKING:
 
 #: Signed step sizes of the buttons, MiB (positive inflates, negative deflates).
 BUTTON_STEPS_MIB = (-64, -16, 16, 64)
-DEFAULT_HISTORY_SAMPLES = 120
+#: Ten minutes at the default 1 Hz: long enough for a whole classroom demonstration.
+DEFAULT_HISTORY_SAMPLES = 600
+#: The y axis grows in these steps when the host's side outgrows the guest's memory.
+Y_AXIS_STEP_MIB = 256
 
-ACTUAL_COLOUR, TARGET_COLOUR = "#e65100", "#e65100"
-FREE_COLOUR, AVAILABLE_COLOUR = "#2e7d32", "#1565c0"
+# JupyterLab theme colours (each theme tunes them for its background), light fallbacks.
+ACTUAL_COLOUR = TARGET_COLOUR = "var(--jp-warn-color1, #e65100)"
+FREE_COLOUR = "var(--jp-success-color1, #2e7d32)"
+AVAILABLE_COLOUR = "var(--jp-brand-color1, #1565c0)"
+#: No theme variable means "host": a purple that reads on white and on near-black.
+HOST_COLOUR = "#ab47bc"
 
 
 class BalloonPanel(widgets.VBox):
@@ -31,12 +47,15 @@ class BalloonPanel(widgets.VBox):
 
     A daemon thread reads ``vm.balloon_stats()`` every ``interval`` seconds (fixed rate, 1 Hz
     by default) and appends a sample to ``panel.history``: the last ``history_samples``
-    readings, each a dict with ``time`` (``time.time()``), every
+    readings (ten minutes by default), each a dict with ``time`` (``time.time()``), every
     :class:`~supermachine_jupyter.devices.balloon.BalloonStats` field (Firecracker's names and units:
-    pages, MiB, guest memory in bytes, None where unreported), and ``free_mib``,
-    ``available_mib``, ``total_mib`` for convenience. The chart plots balloon actual
-    (solid) and target (dashed) with the guest's free and available memory, 0 … the VM's
-    memory, in MiB.
+    pages, MiB, guest memory in bytes, None where unreported), ``free_mib``,
+    ``available_mib``, ``total_mib`` for convenience, and ``host_rss_mib``: the host
+    memory the VM holds resident (``vm.host_memory_bytes()``, whatever the engine). The
+    chart plots balloon actual (solid) and target (dashed), the guest's free and available
+    memory and the host's resident memory, in MiB, in the JupyterLab theme's colours; a
+    dashed vertical line marks each change of the target (``panel.markers``), wherever it
+    was made (this panel, a cell, the sidebar). The status line names the current target.
 
     ``panel.buttons`` maps -64, -16, +16, +64 to buttons that call
     ``vm.request_balloon_deflate``/``request_balloon_inflate``; ``panel.inflate(mib)`` and
@@ -51,6 +70,7 @@ class BalloonPanel(widgets.VBox):
         self._history: collections.deque[dict] = collections.deque(maxlen=history_samples)
         self._lock = threading.Lock()
         self._action = ""
+        self._action_target: int | None = None
         self.chart = widgets.HTML()
         self.numbers = widgets.HTML()
         self.status = widgets.HTML()
@@ -82,6 +102,15 @@ class BalloonPanel(widgets.VBox):
         """The samples so far, oldest first (a copy)."""
         with self._lock:
             return list(self._history)
+
+    @property
+    def markers(self) -> list[tuple[float, int]]:
+        """``(time, new target MiB)`` of every change of the balloon target seen in the
+        history (the first sample's target is where the history starts, not a change)."""
+        history = self.history
+        return [(now["time"], now["target_mib"])
+                for before, now in itertools.pairwise(history)
+                if now["target_mib"] != before["target_mib"]]
 
     @property
     def thread(self) -> threading.Thread:
@@ -120,6 +149,7 @@ class BalloonPanel(widgets.VBox):
             return None
         self._action = (f"{'inflate' if step_mib > 0 else 'deflate'} {abs(step_mib)} MiB → "
                         f"target {target} MiB")
+        self._action_target = target
         self.status.value = note_html(self._action, OK_COLOUR)
         return target
 
@@ -132,11 +162,19 @@ class BalloonPanel(widgets.VBox):
         sample = {"time": requested, **stats.to_dict(),
                   "free_mib": mib(stats.free_memory),
                   "available_mib": mib(stats.available_memory),
-                  "total_mib": mib(stats.total_memory)}
+                  "total_mib": mib(stats.total_memory),
+                  "host_rss_mib": mib(self.vm.host_memory_bytes())}
         with self._lock:
+            previous = self._history[-1]["target_mib"] if self._history else None
             self._history.append(sample)
+        target = sample["target_mib"]
+        if previous is not None and target != previous and target != self._action_target:
+            # Changed outside this panel (the sidebar, a cell): say so, not our stale step.
+            self._action = f"target set to {target} MiB elsewhere at {clock(sample['time'])}"
+            self._action_target = target
         self._render()
-        note = f"sampling every {self.interval:g} s · last {clock(sample['time'])}"
+        note = (f"target {target} MiB · sampling every {self.interval:g} s · "
+                f"last {clock(sample['time'])}")
         self.status.value = note_html(f"{self._action} · {note}" if self._action else note)
 
     def _render(self) -> None:
@@ -150,9 +188,15 @@ class BalloonPanel(widgets.VBox):
             Series("guest available", AVAILABLE_COLOUR, [s["available_mib"] for s in history],
                    width=4.0),
             Series("guest free", FREE_COLOUR, [s["free_mib"] for s in history]),
+            Series("host resident (RSS)", HOST_COLOUR, [s["host_rss_mib"] for s in history],
+                   width=2.4),
         ]
         window = self.interval * (self._history.maxlen or len(history))
-        self.chart.value = line_chart(times, series, self.vm.memory_mib,
+        highest = max([self.vm.memory_mib] + [s["host_rss_mib"] or 0 for s in history])
+        y_max = (self.vm.memory_mib if highest <= self.vm.memory_mib else
+                 -(-highest // Y_AXIS_STEP_MIB) * Y_AXIS_STEP_MIB)
+        markers = [Marker(t, f"→{target}") for t, target in self.markers]
+        self.chart.value = line_chart(times, series, y_max, markers=markers,
                                       window_s=min(window, max(times[-1] - times[0], 10.0))
                                       if len(times) >= 2 else None)
         if not history:
@@ -164,7 +208,8 @@ class BalloonPanel(widgets.VBox):
             f"<b>{escape(self.vm.name)}</b> · balloon <b>{last['actual_mib']} MiB</b> "
             f"({last['actual_pages']} pages) of target {last['target_mib']} MiB · guest "
             f"free {mib_text(last['free_mib'])} · available {mib_text(last['available_mib'])}"
-            f" · total {mib_text(last['total_mib'])} of {self.vm.memory_mib} MiB</span>")
+            f" · total {mib_text(last['total_mib'])} of {self.vm.memory_mib} MiB · host "
+            f"resident <b>{mib_text(last['host_rss_mib'])}</b></span>")
 
     def _disable(self, message: str, colour: str) -> None:
         for button in self.buttons.values():
@@ -178,4 +223,4 @@ class BalloonPanel(widgets.VBox):
         if reason == "closed":
             return
         colour = ERROR_COLOUR if "balloon" in reason else None
-        self._disable(reason if colour else f"{reason}: sampling ended", colour or "#616161")
+        self._disable(reason if colour else f"{reason}: sampling ended", colour or MUTED_COLOUR)

@@ -34,7 +34,30 @@ from ..config import (
 from .format import ERROR_COLOUR, error_html, note_html
 from .sampler import close_tree
 
-MEMORY_STEP_MIB = 64
+
+def memory_stops_mib(host_mib: int) -> list[int]:
+    """The memory slider's stops: 64, 128, 192, then 256, 384, 512, 768, 1024, … (each
+    power of two and the one-and-a-half between), up to the host's RAM, which ends the list.
+
+    A linear 64 … 24152 MiB slider puts every size a notebook uses in its first pixels; on
+    these stops 256 MiB sits a quarter of the way along and each stop is a step a person
+    would pick. Other sizes are typed in the box beside it."""
+    stops = [size for size in (64, 128, 192) if size <= host_mib]
+    size = 256
+    while size <= host_mib:
+        stops += [s for s in (size, size * 3 // 2) if s <= host_mib]
+        size *= 2
+    if not stops or stops[-1] != host_mib:
+        stops.append(max(host_mib, MIN_MEMORY_MIB))
+    return stops
+
+
+def memory_label(size_mib: int) -> str:
+    """``512`` → ``'512 MiB'``, ``1536`` → ``'1.5 GiB'`` (the slider's readout)."""
+    if size_mib >= 1024 and size_mib % 512 == 0:
+        return f"{size_mib / 1024:g} GiB"
+    return f"{size_mib} MiB"
+
 #: The fields the form edits; the others (assets, vsock_mux_dir, restore_timeout) are kept.
 FORM_FIELDS = ("memory_mib", "vcpus", "balloon", "engine", "name", "volumes", "mounts")
 
@@ -142,8 +165,11 @@ class _MountRow(_Row):
 class VmConfigForm(widgets.VBox):
     """A form editing ``form.config`` (a :class:`VmConfig`), two-way linked.
 
-    Widgets (attributes, for code and tests): ``memory``/``memory_default`` (slider
-    64 … host RAM in 64 MiB steps; "default" = None, the image's size), ``vcpus``/
+    Widgets (attributes, for code and tests): ``memory`` (a slider over sizes people pick,
+    64 MiB … host RAM, see :func:`memory_stops_mib`), ``memory_text`` (the same value,
+    typed: any size the config accepts; an out-of-range number is shown as an inline error
+    naming the range, never clamped), ``memory_default`` ("default" = None, the image's
+    size), ``vcpus``/
     ``vcpus_default``, ``balloon``, ``engine``, ``name`` (empty = unnamed), ``volume_rows``
     and ``mount_rows`` (lists of rows with ``host_path``, ``guest_path``, ``size_mib`` or
     ``tag``, ``read_only`` and ``remove_button``), ``add_volume_button``,
@@ -166,10 +192,15 @@ class VmConfigForm(widgets.VBox):
             return {"description": description, "style": {"description_width": "90px"},
                     **extra}
 
-        self.memory = widgets.IntSlider(
-            value=256, min=MIN_MEMORY_MIB, max=max(MIN_MEMORY_MIB, host_memory_mib()),
-            step=MEMORY_STEP_MIB, continuous_update=False,
-            layout=widgets.Layout(width="420px"), **labelled("memory MiB"))
+        self.memory = widgets.SelectionSlider(
+            options=[(memory_label(size), size) for size in memory_stops_mib(host_memory_mib())],
+            value=256 if host_memory_mib() >= 256 else MIN_MEMORY_MIB, continuous_update=False,
+            layout=widgets.Layout(width="320px"), **labelled("memory"))
+        self.memory_text = widgets.IntText(
+            value=self.memory.value, continuous_update=False,
+            tooltip=f"MiB, from {MIN_MEMORY_MIB} to {host_memory_mib()} (host RAM)",
+            layout=widgets.Layout(width="100px"), description="MiB",
+            style={"description_width": "30px"})
         self.memory_default = widgets.Checkbox(description="default", indent=False,
                                                layout=widgets.Layout(width="90px"))
         self.vcpus = widgets.IntSlider(
@@ -198,13 +229,16 @@ class VmConfigForm(widgets.VBox):
                                            ("vcpus", self.vcpus, self.vcpus_default)):
             slider.observe(lambda _, f=field: self._edit_number(f, moved=True), names="value")
             use_default.observe(lambda _, f=field: self._edit_number(f), names="value")
+        self.memory_text.observe(lambda _: self._edit_number("memory_mib", typed=True),
+                                 names="value")
         self.balloon.observe(lambda c: self._edit("balloon", c["new"]), names="value")
         self.engine.observe(lambda c: self._edit("engine", c["new"]), names="value")
         self.name.observe(lambda c: self._edit("name", c["new"].strip() or None), names="value")
 
         header = widgets.HTML
         children = [
-            widgets.HBox([self.memory, self.memory_default]), self.messages["memory_mib"],
+            widgets.HBox([self.memory, self.memory_text, self.memory_default]),
+            self.messages["memory_mib"],
             widgets.HBox([self.vcpus, self.vcpus_default]), self.messages["vcpus"],
             widgets.HBox([self.engine, self.balloon]),
             self.messages["engine"], self.messages["balloon"],
@@ -286,18 +320,25 @@ class VmConfigForm(widgets.VBox):
         self._set_message(field)
         return True
 
-    def _edit_number(self, field: str, moved: bool = False) -> None:
-        """A slider or its "default" box changed. Moving the slider (possible from code; the
-        UI disables it under "default") means the user wants that number: untick default."""
+    def _edit_number(self, field: str, moved: bool = False, typed: bool = False) -> None:
+        """A slider, the memory box or a "default" box changed. Moving the slider or typing
+        a size (possible from code; the UI disables them under "default") means the user
+        wants that number: untick default. A typed size the config refuses stays in the box
+        with the config's message (the range) under it; the slider does not move."""
         if self._showing:
             return
         slider, use_default = ((self.memory, self.memory_default) if field == "memory_mib"
                                else (self.vcpus, self.vcpus_default))
-        if moved and use_default.value:
+        if (moved or typed) and use_default.value:
             with self._quiet():
                 use_default.value = False
         slider.disabled = use_default.value
-        self._edit(field, None if use_default.value else slider.value)
+        if field == "memory_mib":
+            self.memory_text.disabled = use_default.value
+        value = self.memory_text.value if typed else slider.value
+        if self._edit(field, None if use_default.value else value) and field == "memory_mib":
+            with self._quiet():
+                self._show_memory(value)
 
     def _rows(self, field: str) -> list:
         return self.volume_rows if field == "volumes" else self.mount_rows
@@ -349,6 +390,16 @@ class VmConfigForm(widgets.VBox):
         self.messages[field].value = error_html(error) or note_html(note)
 
     # -- config → widgets --------------------------------------------------------------
+    def _show_memory(self, size_mib: int) -> None:
+        """Put ``size_mib`` on the slider (as a stop of its own when it falls between two)
+        and in the box."""
+        options = [value for _, value in self.memory.options]
+        if size_mib not in options:
+            options = sorted({*options, size_mib})
+            self.memory.options = [(memory_label(size), size) for size in options]
+        self.memory.value = size_mib
+        self.memory_text.value = size_mib
+
     def _on_config_replaced(self, change: dict) -> None:
         if self._observed is not None:
             self._observed.unobserve(self._on_config_field, names=list(FIELDS))
@@ -367,9 +418,9 @@ class VmConfigForm(widgets.VBox):
         with self._quiet():
             if field == "memory_mib":
                 self.memory_default.value = value is None
-                self.memory.disabled = value is None
+                self.memory.disabled = self.memory_text.disabled = value is None
                 if value is not None:
-                    self.memory.value = value
+                    self._show_memory(value)
             elif field == "vcpus":
                 self.vcpus_default.value = value is None
                 self.vcpus.disabled = value is None

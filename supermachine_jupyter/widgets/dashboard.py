@@ -37,8 +37,11 @@ class VmDashboard(widgets.VBox):
     """Start/stop buttons, a state line and tabs: the config form, the console, the balloon
     and the mounts of one VM.
 
-    ``VmDashboard(vm)`` shows a running VM (its form holds a *copy* of the VM's config, for
-    the next start); ``VmDashboard(config=cfg)`` or ``VmDashboard()`` starts with no VM.
+    ``VmDashboard(vm)`` shows a running VM, opened on its Balloon tab when it has a balloon
+    and on its Console tab otherwise (``tab="Config"`` … chooses); its form holds a *copy*
+    of the VM's config with the memory and vCPUs the VM really has, for the next start (a
+    note over the form says so). ``VmDashboard(config=cfg)`` or ``VmDashboard()`` starts
+    with no VM.
     **start** boots a VM from the form's config (``Image.default().start``) on a background
     thread, showing the boot progress, so the kernel stays free; **stop** stops it, also in
     the background. The state line names the engine (why it was chosen,
@@ -48,9 +51,12 @@ class VmDashboard(widgets.VBox):
     """
 
     def __init__(self, vm: Vm | None = None, config: VmConfig | None = None, *,
-                 interval: float = 1.0, image: Image | None = None, **kwargs: Any):
+                 interval: float = 1.0, image: Image | None = None, tab: str | None = None,
+                 **kwargs: Any):
+        if tab is not None and tab not in TAB_TITLES:
+            raise ValueError(f"tab must be one of {', '.join(TAB_TITLES)}, got {tab!r}")
         if config is None:
-            config = vm.config.replace() if vm is not None else VmConfig()
+            config = _next_start_config(vm) if vm is not None else VmConfig()
         self.interval = interval
         self.vm: Vm | None = None
         self.console: ConsoleView | None = None
@@ -73,13 +79,16 @@ class VmDashboard(widgets.VBox):
         self.stop_button.on_click(lambda _: self.stop())
         self.state_line = widgets.HTML()
         self.progress = widgets.HTML()
+        #: over the form: what editing it does while a VM runs
+        self.config_note = widgets.HTML()
         self._boxes = [widgets.VBox() for _ in TAB_TITLES[1:]]
-        self.tabs = widgets.Tab(children=[self.form, *self._boxes], titles=TAB_TITLES)
+        self.tabs = widgets.Tab(children=[widgets.VBox([self.config_note, self.form]),
+                                          *self._boxes], titles=TAB_TITLES)
         super().__init__(children=[widgets.HBox([self.start_button, self.stop_button]),
                                    self.state_line, self.progress, self.tabs], **kwargs)
         if vm is not None:
             self.attach(vm)
-            self.tabs.selected_index = 1
+            self.tabs.selected_index = TAB_TITLES.index(tab or _first_tab(vm))
         else:
             self.state_line.value = note_html("no VM yet: set the configuration, then start")
             self._show_placeholders("no VM yet")
@@ -191,7 +200,7 @@ class VmDashboard(widgets.VBox):
         self.progress.value = note_html(f"✓ {vm.name} ready in {vm.boot_seconds:.1f} s",
                                         OK_COLOUR)
         self.attach(vm)
-        self.tabs.selected_index = 1
+        self.tabs.selected_index = TAB_TITLES.index(_first_tab(vm))
 
     def _stop_worker(self, vm: Vm) -> None:
         try:
@@ -220,6 +229,11 @@ class VmDashboard(widgets.VBox):
             f" · {how} in {vm.boot_seconds:.1f} s{failure}")
         self.stop_button.disabled = state != "running" or self._busy
         self.start_button.disabled = state in ("running", "stopping") or self._busy
+        self.config_note.value = note_html(
+            f"{vm.name} is {state}: changes here apply at the next start (stop it, then "
+            f"start); until then it keeps {vm.memory_mib} MiB and {vm.vcpus} vCPU"
+            f"{'s' if vm.vcpus != 1 else ''}." if state in ("running", "stopping") else
+            f"{vm.name} is {state}: start boots a new VM with this configuration.")
 
     def _show_placeholders(self, message: str) -> None:
         for box in self._boxes:
@@ -233,3 +247,15 @@ class VmDashboard(widgets.VBox):
             if panel is not None:
                 panel.close()
         self.console = self.balloon = self.mounts = None
+
+
+def _first_tab(vm: Vm) -> str:
+    """The tab a VM's dashboard opens on: the balloon chart when it has a balloon (what
+    ``%%vm --balloon --panel`` is asked for), else its console."""
+    return "Balloon" if vm.config.balloon else "Console"
+
+
+def _next_start_config(vm: Vm) -> VmConfig:
+    """A copy of ``vm``'s config for the form, with the memory and vCPUs the VM really has
+    (its config may say None, "the image's default", and the form should show numbers)."""
+    return vm.config.replace(memory_mib=vm.memory_mib, vcpus=vm.vcpus)

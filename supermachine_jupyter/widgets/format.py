@@ -7,10 +7,12 @@ from html import escape
 
 MIB = 1024 * 1024
 
-#: Colours (Material palette) used across the panels, so every widget speaks one language.
-ERROR_COLOUR = "#c62828"
-OK_COLOUR = "#2e7d32"
-MUTED_COLOUR = "#616161"
+#: Colours used across the panels, so every widget speaks one language: JupyterLab's theme
+#: variables (tuned by each theme for its background), with the light theme's Material
+#: colours as fallbacks outside JupyterLab. They go into ``style`` attributes only.
+ERROR_COLOUR = "var(--jp-error-color1, #c62828)"
+OK_COLOUR = "var(--jp-success-color1, #2e7d32)"
+MUTED_COLOUR = "var(--jp-ui-font-color2, #616161)"
 
 #: Marks on progress and status lines. Each is in DejaVu Sans and DejaVu Sans Mono (the fonts
 #: Debian's Chromium falls back to), so none renders as an empty box: no emoji such as ⏳.

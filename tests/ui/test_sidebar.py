@@ -181,9 +181,10 @@ def test_sidebar_lists_a_notebook_vm_and_stops_it(lab, browser, tmp_path):
         out.get_by_text("exit 0").wait_for(timeout=120_000)
         assert "hello from the host" in out.inner_text()
 
-        # The card appears (polling, ≤ 2 s) with what the VM is.
+        # The card (listed since the VM started booting) shows it running (polling, 1 s).
         card = page.locator(".sm-VmCard[data-vm-name='demo']")
-        card.wait_for(timeout=20_000)
+        page.locator(".sm-VmCard[data-vm-name='demo'][data-state='running']").wait_for(
+            timeout=20_000)
         assert card.locator(".sm-VmCard-state").inner_text() == "running"
         meta = card.locator(".sm-VmCard-meta").inner_text()
         assert "256 MiB" in meta and "1 vCPU" in meta, meta

@@ -33,7 +33,7 @@ from ..base import (
     LaunchSpec,
     RestoreProblem,
 )
-from ..process import spawn_owned, terminate
+from ..process import resident_bytes, spawn_owned, terminate
 from .qmp import QmpClient, QmpError, connect_when_ready
 from .virtiofsd import Virtiofsd
 
@@ -284,6 +284,11 @@ class QemuInstance(EngineInstance):
     def process_ids(self) -> list[int]:
         pids = [self.proc.pid] if self.is_running() else []
         return pids + [d.proc.pid for d in self._virtiofsd if d.proc.poll() is None]
+
+    def host_rss_bytes(self) -> int | None:
+        """The resident memory of QEMU and its virtiofsd helpers: guest RAM QEMU has touched
+        (and not been given back by the balloon) plus QEMU's own."""
+        return resident_bytes(self.process_ids())
 
     # -- devices -------------------------------------------------------------------------
     def balloon_set_target_mib(self, balloon_mib: int) -> None:

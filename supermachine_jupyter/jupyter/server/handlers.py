@@ -1,9 +1,11 @@
 """REST handlers under ``<base_url>/supermachine/api/``.
 
 ==========================  ===============================================================
-``GET  vms``                ``{"vms": [VM…]}``: every live VM, with its live state
-``GET  vms/<id>``           one VM: entry (config, engine, owner…), state, balloon stats,
-                            mounts with counters, volumes
+``GET  vms``                ``{"vms": [VM…]}``: every live VM, with its live state, from
+                            the moment it starts booting (state ``booting``)
+``GET  vms/<id>``           one VM: entry (config, engine, owner: ``kernel_id``, ``notebook``),
+                            state, balloon stats, mounts with counters, volumes, and
+                            ``host_memory_bytes`` (what it holds resident on the host)
 ``POST vms/<id>/stop``      stop it; answers once it has stopped: ``{"id", "state"}``
 ``POST vms/<id>/balloon``   body ``{"target_mib": n}``: set the balloon size
 ==========================  ===============================================================
@@ -12,7 +14,7 @@ Every handler uses the server's own authentication (token or cookie; 403 without
 authorizer (resource ``supermachine``: GET needs ``read``, POST ``write``; 403 when refused) and
 its XSRF rule for browser POSTs. Errors are JSON ``{"message", "kind"}`` with 400 (bad body:
 not JSON, nested too deeply, or over ``MAX_BODY_BYTES``), 404 (no such VM), 409 (no balloon /
-not running), 504 (owner did not answer) or 500.
+not running, or still booting), 504 (owner did not answer) or 500.
 """
 
 from __future__ import annotations
