@@ -139,7 +139,13 @@ export class VmCard {
     )
       .filter(Boolean)
       .join(' · ');
-    this._meta.title = host ? 'host: the memory this VM holds resident on the host (its engine\'s RSS)' : '';
+    // Why this engine was chosen is detail: a tooltip, not a line on every card.
+    this._meta.title = [
+      vm.reason ? `engine: ${vm.reason}` : '',
+      host ? 'host: the memory this VM holds resident on the host (its engine\'s RSS)' : ''
+    ]
+      .filter(Boolean)
+      .join('\n');
     const owner = vm.notebook
       ? `from ${basename(vm.notebook)}`
       : vm.kernel_id
@@ -153,7 +159,8 @@ export class VmCard {
     ]
       .filter(Boolean)
       .join('\n');
-    this._reason.textContent = vm.failure ? `${vm.reason} — ${vm.failure}` : vm.reason;
+    this._reason.textContent = vm.failure ?? '';
+    this._reason.style.display = vm.failure ? '' : 'none';
     this._updateBalloon(vm);
     this._updateDevices(vm.mounts ?? [], vm.volumes ?? []);
   }
@@ -207,16 +214,13 @@ export class VmCard {
 
   private _updateDevices(mounts: IMount[], volumes: IVolume[]): void {
     const items: HTMLElement[] = [];
+    const now = Date.now() / 1000;
     for (const m of mounts) {
       const li = el('li', 'sm-Device sm-mod-mount');
       li.append(
         el('span', 'sm-Device-kind', 'fs'),
-        el('span', 'sm-Device-path', `${m.guest_path}${m.read_only ? ' (ro)' : ''}`),
-        el(
-          'span',
-          'sm-Device-detail',
-          `${m.ops} ops · ${formatBytes(m.bytes_read)} read · ${formatBytes(m.bytes_written)} written`
-        )
+        el('span', 'sm-Device-path', `${basename(m.host_path)} → ${m.guest_path}${m.read_only ? ' (ro)' : ''}`),
+        el('span', 'sm-Device-detail', this._mountActivity(m, now))
       );
       li.title = `virtio-fs tag ${m.tag} ← ${m.host_path}${m.dax ? ' (DAX)' : ''}\n${m.dax_note}`;
       items.push(li);
@@ -235,6 +239,23 @@ export class VmCard {
     }
     this._devices.replaceChildren(...items);
     this._devices.style.display = items.length ? '' : 'none';
+  }
+
+  /** Totals, and rates since the last refresh once there is one (what a class watches). */
+  private _mountActivity(m: IMount, now: number): string {
+    const totals = `${m.ops} ops · ${formatBytes(m.bytes_read)} read · ${formatBytes(m.bytes_written)} written`;
+    const before = this._mountSeen.get(m.tag);
+    this._mountSeen.set(m.tag, { time: now, ops: m.ops, read: m.bytes_read, written: m.bytes_written });
+    const seconds = before ? now - before.time : 0;
+    if (!before || seconds <= 0 || m.ops < before.ops) {
+      return totals;
+    }
+    const rate = (n: number) => n / seconds;
+    return (
+      `${totals} · now ${rate(m.ops - before.ops).toFixed(0)} ops/s, ` +
+      `${formatBytes(rate(m.bytes_read - before.read))}/s read, ` +
+      `${formatBytes(rate(m.bytes_written - before.written))}/s written`
+    );
   }
 
   private async _onStop(): Promise<void> {
@@ -313,6 +334,7 @@ export class VmCard {
   private _balloonInput: HTMLInputElement;
   private _balloonError: HTMLElement;
   private _devices: HTMLElement;
+  private _mountSeen = new Map<string, { time: number; ops: number; read: number; written: number }>();
   private _message: HTMLElement;
 }
 
