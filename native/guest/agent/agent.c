@@ -825,9 +825,10 @@ static void drop_connection(const char *why)
     close_fd(&conn_fd);
 }
 
-/* A host connected (returns 1 when conn_fd is a new connection). The newest connection is the host's: a host connects anew only after
- * giving up its old connection, whose hang-up (or reset) may not have reached us yet, so the
- * older one is dropped rather than kept while the new host waits for a HELLO forever. */
+/* A host connected; returns 1 when conn_fd is a new connection. The newest connection is
+ * the host's: a host connects anew only after giving up its old connection, whose hang-up
+ * (or reset) may not have reached us yet, so the older one is dropped rather than kept while
+ * the new host waits for a HELLO forever. */
 static int accept_host(void)
 {
     int accepted = 0;
