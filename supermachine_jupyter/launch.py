@@ -294,11 +294,16 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
                        f"of {snapshot.source_name!r}, made {snapshot.created_at}]\n".encode())
 
     def failed(exc: BaseException, instance, spec) -> SnapshotError:
-        if isinstance(exc, TimeoutError) or deadline.left() <= 0:
+        ended = instance.settled_exit_description(0.5) if instance is not None else None
+        if isinstance(exc, AgentError):
+            # A lost connection is said as such, however long it took: restore_timeout is
+            # no cure for it.
+            return SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent "
+                                 f"connection was lost: {ended or exc}")
+        if isinstance(exc, TimeoutError) or (deadline.left() <= 0 and ended is None):
             return deadline.error("waiting for the guest agent")
-        why = (instance.settled_exit_description(0.5) if instance is not None else None) or str(exc)
         return SnapshotError(f"snapshot {snapshot.path}: the restored guest's agent did not "
-                             f"answer: {why}")
+                             f"answer: {ended or exc}")
 
     console = ConsoleBuffer()
     try:

@@ -13,7 +13,7 @@
 #include "memory.h"
 #include "devices/i8042.h"
 
-#define SM_VERSION_STRING "0.1.0"
+#define SM_VERSION_STRING "0.1.1"  /* bumped with the snapshot format: cache keys name it */
 
 /* Guest physical layout (x86-64). */
 #define SM_GDT_GPA 0x500ULL

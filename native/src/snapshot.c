@@ -33,9 +33,14 @@ static const char *const SM_SNAPSHOT_ERROR_MESSAGES[SM_SNAPSHOT_ERROR_COUNT] = {
     "snapshot device list differs from the restore's devices",
 };
 
-/* MSRs carried across a snapshot; ones the host KVM refuses to read are left out. */
+/* MSRs carried across a snapshot; ones the host KVM refuses to read are left out. Restored
+ * in this order by one KVM_SET_MSRS: the TSC before what is relative to it (the deadline,
+ * kvmclock), the async-PF vector before async PF is enabled. */
 static const uint32_t SM_SNAPSHOT_MSR_INDEXES[] = {
     0x00000010, /* IA32_TSC */
+    0x0000003b, /* IA32_TSC_ADJUST */
+    0x000006e0, /* IA32_TSC_DEADLINE: the LAPIC timer's deadline mode (not in KVM_GET_LAPIC) */
+    0x00000048, /* IA32_SPEC_CTRL */
     0xc0000080, /* EFER */
     0xc0000081, /* STAR */
     0xc0000082, /* LSTAR */
@@ -48,6 +53,15 @@ static const uint32_t SM_SNAPSHOT_MSR_INDEXES[] = {
     0x00000176, /* SYSENTER_EIP */
     0x00000277, /* PAT */
     0x000001a0, /* MISC_ENABLE */
+    /* KVM's paravirtual MSRs: without them the restored KVM neither updates the guest's
+     * kvmclock page nor knows of its PV EOI, steal-time and async-PF areas. */
+    0x4b564d00, /* KVM_WALL_CLOCK_NEW */
+    0x4b564d01, /* KVM_SYSTEM_TIME_NEW */
+    0x4b564d03, /* KVM_STEAL_TIME */
+    0x4b564d04, /* KVM_PV_EOI_EN */
+    0x4b564d05, /* KVM_POLL_CONTROL */
+    0x4b564d06, /* KVM_ASYNC_PF_INT */
+    0x4b564d02, /* KVM_ASYNC_PF_EN */
 };
 
 static uint64_t fnv1a(uint64_t h, const void *data, size_t len)

@@ -18,10 +18,10 @@
 #include "../include/supermachine.h"
 
 #define SM_SNAPSHOT_MAGIC "SMNSNAP"          /* 8 bytes with the NUL */
-#define SM_SNAPSHOT_FORMAT_VERSION 2u         /* 2: virtio device records */
+#define SM_SNAPSHOT_FORMAT_VERSION 3u         /* 2: virtio device records; 3: 32 MSRs */
 #define SM_SNAPSHOT_STATE_FILE "state.bin"
 #define SM_SNAPSHOT_MEMORY_FILE "memory.bin"
-#define SM_SNAPSHOT_MAX_MSRS 16
+#define SM_SNAPSHOT_MAX_MSRS 32
 #define SM_SNAPSHOT_FLAG_XSAVE 1u             /* vcpu xsave/xcrs fields are valid */
 
 /* Named errors of a restore: what is wrong with the snapshot. */

@@ -48,4 +48,4 @@ def test_every_code_has_a_name(native):
         assert ffi.string(lib.sm_status_name(code)).decode() != "SM_ERR_UNKNOWN"
     for reason in range(12):
         assert ffi.string(lib.sm_exit_reason_name(reason)).decode() != "unknown"
-    assert ffi.string(lib.sm_version()).decode() == "0.1.0"
+    assert ffi.string(lib.sm_version()).decode() == "0.1.1"

@@ -448,3 +448,148 @@ def test_kernel_panic_is_named_as_a_panic(image):
         assert "Out of memory" in vm.failure, vm.failure
     finally:
         vm.stop()
+
+
+# -- snapshot / restore of a Linux guest ---------------------------------------------------
+# Issue H (1): the restored agent dropped the host's connection before HELLO in ~14 of 15
+# restores (the vsock device reused the host ports of the guest's dead sockets, and Linux's
+# transport-reset work could reset the new connection too).
+
+#: A restored VM whose guest obeys the host's POWEROFF ends well within the half of stop()'s
+#: 10 s that the guest is given before the host stops the vCPUs itself.
+PROMPT_STOP_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def snapshot_of_linux(image, workdir):
+    """A snapshot of a booted native VM whose guest wrote a file in RAM (/root) and on a
+    volume (/data, synced), with the cold boot's time to its first output."""
+    path = workdir / "snaps" / "linux"
+    path.parent.mkdir()
+    config = NATIVE.with_memory_mib(256).with_volume(str(workdir / "snap-vol.img"), "/data",
+                                                     size_mib=32)
+    started = time.monotonic()
+    with start_native(image, config, name="nested-snap-src") as vm:
+        assert vm.run("echo booted").stdout == "booted\n"
+        cold = time.monotonic() - started
+        assert vm.run("echo before-snapshot > /root/mark && echo on-volume > /data/v && sync").ok
+        vm.snapshot(path)
+    return path, cold
+
+
+def _restore(snapshot, name):
+    from supermachine_jupyter import Image
+    return Image.from_snapshot(snapshot).start(NATIVE, name=name)
+
+
+def test_restored_linux_guest_answers_and_memory_continues(snapshot_of_linux):
+    path, cold = snapshot_of_linux
+    started = time.monotonic()
+    with _restore(path, "nested-restored") as vm:
+        assert vm.run("cat /root/mark").stdout == "before-snapshot\n"
+        first_output = time.monotonic() - started
+        assert vm.run("uname -s").stdout == "Linux\n"
+        counters = vm.instance.vm.device("virtio-vsock")["counters"]
+    print(f"restore -> first output {first_output:.2f} s, cold boot -> first output "
+          f"{cold:.2f} s ({first_output / cold:.3f}x)")
+    # The device told the guest of the restore, and the guest handled it (re-posted its event
+    # buffer) before the host's CONNECT reached it.
+    assert counters["transport_resets"] == counters["transport_resets_handled"] == 1, counters
+
+
+def test_restore_ten_times_and_every_one_answers_and_stops_promptly(snapshot_of_linux):
+    path, cold = snapshot_of_linux
+    answered, firsts, stops = [], [], []
+    for i in range(10):
+        started = time.monotonic()
+        vm = _restore(path, f"nested-loop{i}")
+        try:
+            answered.append(vm.run(f"cat /root/mark; echo {i}").stdout)
+            firsts.append(round(time.monotonic() - started, 2))
+        finally:
+            started = time.monotonic()
+            vm.stop()
+            stops.append(round(time.monotonic() - started, 2))
+    median = sorted(firsts)[len(firsts) // 2]
+    print(f"restore -> first output: {firsts} s, median {median:.2f} s = "
+          f"{median / cold:.3f}x the cold boot's {cold:.2f} s")
+    print(f"stop() of each restored VM: {stops} s")
+    assert answered == [f"before-snapshot\n{i}\n" for i in range(10)]
+    assert max(stops) < PROMPT_STOP_S, stops
+
+
+def test_a_restored_vms_stop_returns_promptly_and_frees_everything(snapshot_of_linux):
+    path, _ = snapshot_of_linux
+    before, ram_before, tmp_before = threads_and_fds(), large_mappings(200 * MIB), entries(TMP)
+    vm = _restore(path, "nested-restored-stop")
+    assert vm.run("true").ok
+    started = time.monotonic()
+    vm.stop()
+    took = time.monotonic() - started
+    assert vm.state == "stopped"
+    assert took < PROMPT_STOP_S, f"stop() of a restored VM took {took:.1f} s"
+    _assert_nothing_left(before, ram_before, tmp_before, "stop() of a restored VM")
+
+
+def test_restore_with_a_volume_keeps_its_data_and_takes_new_writes(snapshot_of_linux, workdir):
+    path, _ = snapshot_of_linux
+    original = (workdir / "snap-vol.img").read_bytes()
+    with _restore(path, "nested-restored-vol") as vm:
+        assert vm.run("cat /data/v").stdout == "on-volume\n"
+        assert vm.run("echo after-restore > /data/w && sync && echo 3 > /proc/sys/vm/drop_caches"
+                      " && cat /data/w /data/v").stdout == "after-restore\non-volume\n"
+        layer = vm._spec.volumes[0].path
+        assert b"after-restore" in layer.read_bytes(), "the write never reached the VM's volume"
+    # The restore wrote to its own copy: the booted VM's volume is as it was.
+    assert (workdir / "snap-vol.img").read_bytes() == original
+
+
+def test_two_restores_are_independent_and_a_restore_can_be_snapshotted(snapshot_of_linux,
+                                                                        tmp_path):
+    path, _ = snapshot_of_linux
+    with _restore(path, "nested-r1") as a, _restore(path, "nested-r2") as b:
+        assert a.run("echo a > /root/who").ok and b.run("echo b > /root/who").ok
+        assert (a.run("cat /root/who").stdout, b.run("cat /root/who").stdout) == ("a\n", "b\n")
+        a.snapshot(tmp_path / "of-restore")
+    with _restore(tmp_path / "of-restore", "nested-rr") as again:
+        assert again.run("cat /root/who /root/mark").stdout == "a\nbefore-snapshot\n"
+
+
+def _ipython():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.testing.globalipapp import start_ipython
+    shell = start_ipython() or InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "supermachine_jupyter")
+    return shell
+
+
+def test_unnamed_native_cells_use_the_prebooted_snapshot(capsys):
+    from supermachine_jupyter.snapshots import cache as snapshot
+    shell = _ipython()
+    try:
+        shell.run_cell_magic("vm", "--engine native", "echo first")     # boots, makes the cache
+        snapshot.wait_for_background(120)
+        capsys.readouterr()
+        shell.run_cell_magic("vm", "--engine native", "echo second")    # restores
+        out = capsys.readouterr()
+        assert "second" in out.out and "restore" in out.out, out
+        assert "not used" not in out.out + out.err, out
+    finally:
+        shell.run_line_magic("vm", "stop --all")
+
+
+def test_vm_cell_from_a_named_native_snapshot(capsys):
+    from supermachine_jupyter import snapshots
+    shell = _ipython()
+    try:
+        shell.run_cell_magic("vm", "--engine native --name nsrc --quiet --snapshot nested-named",
+                             "echo kept > /root/state")
+        capsys.readouterr()
+        shell.run_cell_magic("vm", "--name nfrom --from nested-named", "cat /root/state; hostname")
+        out = capsys.readouterr()
+        assert "kept\nnfrom\n" in out.out, out
+        assert "restore" in out.out and "native/kvm" in out.out, out
+    finally:
+        shell.run_line_magic("vm", "stop --all")
+        import shutil
+        shutil.rmtree(snapshots.named_snapshot_path("nested-named"), ignore_errors=True)

@@ -808,13 +808,54 @@ static int open_port(const char *name)
     return -1;
 }
 
+static void end_session(const char *why)
+{
+    if (agent.session_ready)
+        log_line("%s; session reset", why);
+    sm_agent_end_session(&agent);
+    in_len = 0;
+}
+
+/* Ends the session and closes its vsock connection; the listener stays. A connection
+ * dies by the host's hang-up, or by a vsock transport reset (a snapshot of this guest was
+ * restored: Linux resets every connected socket, ECONNRESET, but not the listener). */
+static void drop_connection(const char *why)
+{
+    end_session(why);
+    close_fd(&conn_fd);
+}
+
+/* A host connected; returns 1 when conn_fd is a new connection. The newest connection is
+ * the host's: a host connects anew only after giving up its old connection, whose hang-up
+ * (or reset) may not have reached us yet, so the older one is dropped rather than kept while
+ * the new host waits for a HELLO forever. */
+static int accept_host(void)
+{
+    int accepted = 0;
+    for (;;) {
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0) {
+            /* EAGAIN: none left. A connection reset before we took it (ECONNABORTED and
+             * the like) is dropped by the kernel alone: keep listening. */
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            return accepted;
+        }
+        if (conn_fd >= 0)
+            drop_connection("a new host connection replaced the old one");
+        conn_fd = fd;
+        accepted = 1;
+    }
+}
+
 static int open_vsock_listener(unsigned port)
 {
     struct sockaddr_vm_compat addr = { 0 };
     addr.svm_family = AF_VSOCK_COMPAT;
     addr.svm_port = port;
     addr.svm_cid = VMADDR_CID_ANY_COMPAT;
-    int fd = socket(AF_VSOCK_COMPAT, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* Non-blocking: the listener sits in the poll set beside the connection. */
+    int fd = socket(AF_VSOCK_COMPAT, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -1;
     if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 4) < 0) {
@@ -860,17 +901,17 @@ int main(int argc, char **argv)
     }
     log_line("serving on %s", transport);
 
-    struct pollfd pfds[2 + 3 * SM_MAX_STREAMS];
-    struct { struct stream *s; int which; } owners[2 + 3 * SM_MAX_STREAMS];
+    /* pfds[0]: the connection (-1, ignored by poll, while there is none); [1]: SIGCHLD;
+     * [2]: the vsock listener (-1 on a port); then the commands' pipes. */
+    struct pollfd pfds[3 + 3 * SM_MAX_STREAMS];
+    struct { struct stream *s; int which; } owners[3 + 3 * SM_MAX_STREAMS];
     for (;;) {
         int n = 0, timeout = -1;
-        if (conn_fd < 0 && listen_fd >= 0) {
-            conn_fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-            continue;
-        }
         pfds[n] = (struct pollfd){ .fd = conn_fd, .events = POLLIN };
         owners[n++].s = NULL;
         pfds[n] = (struct pollfd){ .fd = sfd, .events = POLLIN };
+        owners[n++].s = NULL;
+        pfds[n] = (struct pollfd){ .fd = listen_fd, .events = POLLIN };
         owners[n++].s = NULL;
         for (int i = 0; i < SM_MAX_STREAMS; i++) {
             struct stream *s = &streams[i];
@@ -896,7 +937,8 @@ int main(int argc, char **argv)
 
         if (pfds[1].revents)
             reap_children(sfd);
-        for (int i = 2; i < n; i++) {
+        int replaced = pfds[2].revents && accept_host();
+        for (int i = 3; i < n; i++) {
             struct stream *s = owners[i].s;
             if (!pfds[i].revents || s->kind != STREAM_EXEC)
                 continue;
@@ -915,7 +957,10 @@ int main(int argc, char **argv)
                 && streams[i].stdin_len == 0)
                 close_fd(&streams[i].stdin_fd);
 
-        if (pfds[0].revents & POLLIN) {
+        if (conn_fd < 0 || replaced) {
+            /* No connection, or a new one: pfds[0] told of the old one (perhaps the same
+             * fd number); the new one is polled from the next round on. */
+        } else if (pfds[0].revents & POLLIN) {
             /* A full buffer always holds a complete frame or a bad header, so it drains. */
             ssize_t got = read(conn_fd, in_buf + in_len, SM_HEADER_BYTES + SM_MAX_PAYLOAD_BYTES - in_len);
             if (got > 0) {
@@ -933,15 +978,12 @@ int main(int argc, char **argv)
     disconnected:
         /* The host went away: its commands die with the session. A virtio-serial port
          * stays open and reports HUP until the host reconnects; a vsock connection is
-         * closed and the next one accepted. */
-        if (agent.session_ready)
-            log_line("host disconnected; session reset");
-        sm_agent_end_session(&agent);
-        in_len = 0;
+         * closed (only it: the listener goes on) and the next one accepted. */
         if (is_port) {
+            end_session("host disconnected");
             usleep(20 * 1000);
         } else {
-            close_fd(&conn_fd);
+            drop_connection("host disconnected");
         }
     }
 }

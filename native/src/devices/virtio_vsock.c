@@ -86,6 +86,7 @@ struct sm_vsock {
     uint32_t next_host_port;
     int rx_starved;
     int transport_reset_pending;  /* owed to the guest until it posts an event buffer */
+    int transport_reset_unhandled; /* delivered; host CONNECTs wait until the guest handled it */
     vsock_conn conns[SM_VSOCK_MAX_CONNECTIONS];
     sm_vsock_counters counters;
 };
@@ -472,6 +473,8 @@ static int rx_one(sm_vsock *v, vsock_conn *c, const sm_vq_chain *chain, uint32_t
         return 1;
     }
     uint16_t op = 0;
+    if (c->owe_request && v->transport_reset_unhandled)
+        return 0; /* held: the guest's reset would take this connection for a dead one */
     if (c->owe_request) {
         op = SM_VSOCK_OP_REQUEST;
         c->owe_request = 0;
@@ -610,6 +613,7 @@ static void deliver_transport_reset_locked(sm_vsock *v)
     sm_vq_chain_write(&chain, 0, &id, sizeof(id));
     sm_vq_push_used(q, chain.head, sizeof(id));
     v->transport_reset_pending = 0;
+    v->transport_reset_unhandled = 1;
     v->counters.events_sent++;
     sm_virtio_mmio_signal_used_locked(t);
 }
@@ -636,10 +640,15 @@ static void handle_connect_line(sm_vsock *v, vsock_conn *c)
                 conn_free(v, c);
                 return;
             }
-            c->local_port = v->next_host_port++;
+            c->local_port = v->next_host_port;
+            /* Stay in [FIRST, 2^32 - 2]: 2^32 - 1 is VMADDR_PORT_ANY to the guest. */
+            v->next_host_port = v->next_host_port >= UINT32_MAX - 1 ? SM_VSOCK_FIRST_HOST_PORT
+                                                                   : v->next_host_port + 1;
             c->peer_port = port;
             c->state = CONN_AWAIT_GUEST_RESPONSE;
             c->owe_request = 1;
+            if (v->transport_reset_pending || v->transport_reset_unhandled)
+                v->counters.host_connects_held++;
             update_interest(v, c);
             rx_pump_locked(v);
             return;
@@ -757,8 +766,16 @@ static void vsock_notify(void *dev, uint16_t queue)
     sm_vsock *v = dev;
     if (queue == SM_VSOCK_TX_INDEX)
         process_tx(v);
-    if (queue == SM_VSOCK_EVENT_INDEX)
+    if (queue == SM_VSOCK_EVENT_INDEX) {
+        /* After a delivered reset, the driver's next event notify comes from the work that
+         * handled it (Linux: virtio_transport_event_work re-posts and kicks): host CONNECTs
+         * held for it may go now. */
+        if (v->transport_reset_unhandled) {
+            v->transport_reset_unhandled = 0;
+            v->counters.transport_resets_handled++;
+        }
         deliver_transport_reset_locked(v);
+    }
     /* TX may owe the guest answers; an RX notify means fresh buffers. */
     rx_pump_locked(v);
 }
@@ -767,6 +784,7 @@ static void vsock_reset(void *dev)
 {
     sm_vsock *v = dev;
     v->transport_reset_pending = 0; /* a reinitialising driver reads its CID anyway */
+    v->transport_reset_unhandled = 0;
     for (int i = 0; i < SM_VSOCK_MAX_CONNECTIONS; i++)
         conn_free(v, &v->conns[i]);
 }
@@ -795,25 +813,39 @@ static void vsock_counters(void *dev, sm_device_info *info, uint32_t *n)
     ADD(active_connections);
     ADD(transport_resets);
     ADD(events_sent);
+    ADD(transport_resets_handled);
+    ADD(host_connects_held);
 #undef ADD
 }
 
+/* Connections are host sockets and do not carry over; the port numbering does (see the
+ * header: the guest's dead sockets still hold the ports handed out so far). */
 static size_t vsock_save(void *dev, uint8_t *buf, size_t cap)
 {
-    (void)dev;
-    (void)buf;
-    (void)cap;
-    return 0; /* connections are host sockets: nothing to carry */
+    sm_vsock *v = dev;
+    sm_vsock_state s;
+    memset(&s, 0, sizeof(s));
+    s.next_host_port = v->next_host_port;
+    if (sizeof(s) <= cap)
+        memcpy(buf, &s, sizeof(s));
+    return sizeof(s);
 }
 
 static int vsock_restore(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len)
 {
-    (void)buf;
     sm_vsock *v = dev;
-    if (len) {
-        snprintf(err, err_len, "vsock state is %zu bytes, this core keeps none", len);
+    sm_vsock_state s;
+    if (len != sizeof(s)) {
+        snprintf(err, err_len, "vsock state is %zu bytes, this core's is %zu", len, sizeof(s));
         return -1;
     }
+    memcpy(&s, buf, sizeof(s));
+    if (s.next_host_port < SM_VSOCK_FIRST_HOST_PORT || s.next_host_port == UINT32_MAX) {
+        snprintf(err, err_len, "vsock state: next host port %u is outside [%u, %u]",
+                 s.next_host_port, SM_VSOCK_FIRST_HOST_PORT, UINT32_MAX - 1);
+        return -1;
+    }
+    v->next_host_port = s.next_host_port;
     if (!v->transport->activated)
         return 0; /* no driver yet: it reads the CID when it starts */
     v->transport_reset_pending = 1;

@@ -3,9 +3,17 @@
  *  - host -> guest: connect to uds_path, write "CONNECT <port>\n"; once the guest accepts,
  *    read "OK <host_port>\n", then the stream is bridged;
  *  - guest -> host: a guest connection to CID 2 port P is bridged to "<uds_path>_<P>".
- * Snapshots keep no vsock state of their own: host-side connections cannot survive a restore.
- * A restored device sends the guest a transport reset event (as Firecracker does), so its
- * driver drops every connection and re-reads its CID (the restore config's). */
+ * Host-side connections cannot survive a restore: a restored device sends the guest a
+ * transport reset event (as Firecracker does), so its driver drops every connection and
+ * re-reads its CID (the restore config's). Two things keep a new host connection from being
+ * taken for one of those dead ones:
+ *  - the snapshot keeps the next host port (sm_vsock_state): the guest's dead sockets hold
+ *    the ports handed out before, and a REQUEST on the same port pair would reach one of
+ *    them (Linux answers it with RST, or drops it) instead of the listener;
+ *  - host CONNECTs wait until the guest has handled the reset: Linux resets every socket in
+ *    its connected table when its event work runs, which may come after a new connection
+ *    was accepted, so that one would be reset too. The work re-posts the event buffer and
+ *    notifies the event queue after the reset: that notify releases the held CONNECTs. */
 #ifndef SM_VIRTIO_VSOCK_H
 #define SM_VIRTIO_VSOCK_H
 
@@ -69,7 +77,15 @@ typedef struct sm_vsock_counters {
     uint64_t active_connections;
     uint64_t transport_resets;          /* restores: each owes the guest a reset event */
     uint64_t events_sent;               /* events delivered on the event queue */
+    uint64_t transport_resets_handled;  /* the guest notified the event queue after one */
+    uint64_t host_connects_held;        /* CONNECTs that waited for the guest to handle one */
 } sm_vsock_counters;
+
+/* The device's own snapshot record. */
+typedef struct sm_vsock_state {
+    uint32_t next_host_port;
+    uint32_t pad;
+} sm_vsock_state;
 
 typedef struct sm_vsock sm_vsock;
 
