@@ -1,6 +1,6 @@
 """The core under ASan + UBSan, and the virtqueue parser under a fuzz driver.
 
-* The probe, exit and snapshot tests run again in a subprocess against ``_native_asan`` (the
+* The probe, exit, snapshot and SMP tests run again in a subprocess against ``_native_asan`` (the
   same C built with ``-fsanitize=address,undefined``, UB fatal), with libasan preloaded.
 * ``native/fuzz/fuzz_virtqueue.c`` (seeded, structure-aware generator; libFuzzer entry point
   too) feeds ≥ 100,000 inputs to the descriptor/ring parser, built with the same sanitizers.
@@ -38,7 +38,8 @@ def test_probes_under_asan_ubsan():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "native" / "test_probes.py"),
          str(ROOT / "tests" / "native" / "test_exits.py"),
-         str(ROOT / "tests" / "native" / "test_snapshot_native.py")],
+         str(ROOT / "tests" / "native" / "test_snapshot_native.py"),
+         str(ROOT / "tests" / "native" / "test_smp.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     print(output[-3000:])
