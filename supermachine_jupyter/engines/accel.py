@@ -21,7 +21,7 @@ from pathlib import Path
 
 KVM_DEVICE = Path("/dev/kvm")
 CALIBRATION_DEADLINE_S = 8.0
-CALIBRATION_VERSION = 4  # 4: fastest of 5 rounds, guest and host
+CALIBRATION_VERSION = 4  # 4: fastest of 8 spread-out rounds, guest and host
 
 
 @dataclasses.dataclass(frozen=True)

@@ -463,18 +463,25 @@ def first_uart_byte_seconds(probe: str = "uart", timeout: float = 30.0) -> float
         vm.close()
 
 
-def calibrate(iterations: int = 20_000, rounds: int = 5, timeout: float = 60.0) -> dict:
+def calibrate(iterations: int = 12_500, rounds: int = 8, gap_ms: int = 2,
+              timeout: float = 60.0) -> dict:
     """Run the calib probe's integer loop in a guest and the same loop on the host, both timed
-    with the TSC, ``rounds`` times each. ratio = the guest's fastest round / the host's fastest
-    run: ~1 where KVM runs guests at hardware speed (also nested under QEMU TCG), thousands
-    where this "KVM" emulates instructions. The fastest, because the first run of the loop can
-    be several times slower than the next ones (about 3x under TCG: one timed run made the
-    nested tier's ratio sit on the threshold) and interrupts or a busy host only add cycles."""
+    with the TSC, ``rounds`` times each, ``gap_ms`` apart. ratio = the guest's fastest round /
+    the host's fastest run: ~1 where KVM runs guests at hardware speed (also nested under QEMU
+    TCG), thousands where this "KVM" emulates instructions.
+
+    The fastest, spread out: under QEMU TCG (the nested tier's L1) the loop runs now and then,
+    on either side, ~3-4x slower than its best for a stretch (always in a VM's first round);
+    one timed run, or rounds back to back inside such a stretch, put the ratio on the 3x
+    threshold. Interrupts and a busy host only ever add cycles."""
     ffi, lib = _load()
     checksum = ffi.new("uint64_t *")
-    host_runs = [lib.sm_calib_loop(iterations, checksum) for _ in range(rounds)]
+    host_runs = []
+    for _ in range(rounds):
+        host_runs.append(lib.sm_calib_loop(iterations, checksum))
+        time.sleep(gap_ms / 1000)
     host_cycles = min(host_runs)
-    vm = NativeVm(probe_path("calib"), cmdline=f"iterations={iterations} rounds={rounds}",
+    vm = NativeVm(probe_path("calib"), cmdline=f"iterations={iterations} rounds={rounds} gap_ms={gap_ms}",
                   strict_unhandled_exits=True)
     try:
         t0 = time.monotonic()
