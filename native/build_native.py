@@ -38,6 +38,8 @@ PROBE_LIBRARY_SOURCES = ("probe_lib.c",)
 AGENT_SHARED_SOURCES = (os.path.join(AGENT_DIR, "protocol.c"), os.path.join(AGENT_DIR, "dispatch.c"))
 PROBE_MODULES = {
     "vsock": ("probe_vsock.c", "probe_irq.c", "probe_clock.c"),
+    "smp": ("probe_clock.c",),
+    "calib": ("probe_clock.c",),
     "agent": ("probe_vsock.c", "probe_irq.c", "probe_clock.c", "agent_shell.c", "agent_files.c",
               *AGENT_SHARED_SOURCES),
 }

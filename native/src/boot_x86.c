@@ -1,8 +1,9 @@
 /* boot_x86.c — loading the guest: bzImage (Linux boot protocol, 64-bit entry), PVH ELF
  * vmlinux (XEN_ELFNOTE_PHYS32_ENTRY + hvm_start_info), raw 64-bit ELF (probe guests);
- * e820 map, command line, initrd, GDT and identity page tables. */
+ * e820 map, command line, initrd, MP table, GDT and identity page tables. */
 #define _GNU_SOURCE
 #include "sm_internal.h"
+#include "mptable.h"
 
 #include <elf.h>
 #include <errno.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -51,6 +53,15 @@
 #define PAGE_TABLE_HUGE_PRESENT_RW 0x83ULL
 #define HUGE_PAGE_BYTES (2ULL * 1024 * 1024)
 #define IDENTITY_MAP_PD_COUNT 4 /* 4 x 1 GiB = the low 4 GiB, MMIO hole included */
+
+/* What KVM's in-kernel irqchip reports (arch/x86/kvm/lapic.c, ioapic.h). */
+#define KVM_LAPIC_VERSION 0x14
+#define KVM_IOAPIC_VERSION 0x11
+#define VGA_HOLE_START_GPA 0xa0000ULL
+
+_Static_assert(SM_MPTABLE_GPA >= SM_EBDA_START_GPA &&
+                   SM_MPTABLE_GPA + SM_MPTABLE_MAX_BYTES <= VGA_HOLE_START_GPA,
+               "the MP table must lie outside the e820 RAM, below the VGA hole");
 
 #define GDT_NULL 0x0000000000000000ULL
 #define GDT_CODE64 0x00af9b000000ffffULL
@@ -424,6 +435,41 @@ static int load_elf(struct sm_vm *vm, const file_image *img, const char *initrd_
     return SM_OK;
 }
 
+/* The MP table: one processor entry per vCPU and the in-kernel IOAPIC as KVM has it now. */
+static int write_mptable(struct sm_vm *vm, char *err, size_t err_len)
+{
+    sm_mptable_config cfg = {
+        .n_cpus = vm->n_vcpus,
+        .lapic_version = KVM_LAPIC_VERSION,
+        .ioapic_version = KVM_IOAPIC_VERSION,
+        .ioapic_pins = KVM_IOAPIC_NUM_PINS,
+    };
+    for (uint32_t i = 0; i < vm->cpuid->nent; i++) {
+        if (vm->cpuid->entries[i].function == 1) {
+            cfg.cpu_signature = vm->cpuid->entries[i].eax;
+            cfg.cpu_features = vm->cpuid->entries[i].edx;
+        }
+    }
+    struct kvm_irqchip chip = {.chip_id = KVM_IRQCHIP_IOAPIC};
+    if (ioctl(vm->vm_fd, KVM_GET_IRQCHIP, &chip) < 0) {
+        snprintf(err, err_len, "KVM_GET_IRQCHIP (IOAPIC) failed: %s", strerror(errno));
+        return SM_ERR_KVM_IOCTL;
+    }
+    cfg.ioapic_id = (uint8_t)chip.chip.ioapic.id;
+    uint8_t table[SM_MPTABLE_MAX_BYTES];
+    size_t n = sm_mptable_build(table, sizeof(table), SM_MPTABLE_GPA, &cfg);
+    if (n == 0) {
+        snprintf(err, err_len, "cannot build the MP table for %u vCPUs (IOAPIC id %u)",
+                 vm->n_vcpus, cfg.ioapic_id);
+        return SM_ERR_INVALID_ARGUMENT;
+    }
+    if (sm_memory_write(&vm->mem, SM_MPTABLE_GPA, table, n) < 0) {
+        snprintf(err, err_len, "guest RAM too small for the MP table");
+        return SM_ERR_INVALID_ARGUMENT;
+    }
+    return SM_OK;
+}
+
 int sm_boot_load(struct sm_vm *vm, const char *kernel_path, const char *initrd_path,
                  const char *cmdline, char *err, size_t err_len)
 {
@@ -441,6 +487,8 @@ int sm_boot_load(struct sm_vm *vm, const char *kernel_path, const char *initrd_p
         rc = SM_ERR_KERNEL_LOAD;
     }
     free(img.data);
+    if (rc == SM_OK)
+        rc = write_mptable(vm, err, err_len);
     if (rc == SM_OK)
         rc = sm_boot_write_page_tables(vm, err, err_len);
     return rc;

@@ -136,6 +136,19 @@ int sm_kvm_setup_vm(struct sm_vm *vm, char *err, size_t err_len)
         snprintf(err, err_len, "KVM_CREATE_IRQCHIP failed: %s", strerror(errno));
         return SM_ERR_KVM_IOCTL;
     }
+    /* The IOAPIC's id follows the vCPUs' APIC ids (0 .. n-1) so the MP table names every APIC
+     * once. KVM reads back only the id's low 4 bits to the guest: unique up to 15 vCPUs, and
+     * Linux (xAPIC, 64-bit) never checks it. */
+    struct kvm_irqchip ioapic = {.chip_id = KVM_IRQCHIP_IOAPIC};
+    if (ioctl(vm->vm_fd, KVM_GET_IRQCHIP, &ioapic) < 0) {
+        snprintf(err, err_len, "KVM_GET_IRQCHIP (IOAPIC) failed: %s", strerror(errno));
+        return SM_ERR_KVM_IOCTL;
+    }
+    ioapic.chip.ioapic.id = vm->n_vcpus;
+    if (ioctl(vm->vm_fd, KVM_SET_IRQCHIP, &ioapic) < 0) {
+        snprintf(err, err_len, "KVM_SET_IRQCHIP (IOAPIC id) failed: %s", strerror(errno));
+        return SM_ERR_KVM_IOCTL;
+    }
     struct kvm_pit_config pit = {.flags = KVM_PIT_SPEAKER_DUMMY};
     if (ioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit) < 0) {
         snprintf(err, err_len, "KVM_CREATE_PIT2 failed: %s", strerror(errno));

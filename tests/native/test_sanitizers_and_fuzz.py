@@ -1,6 +1,6 @@
 """The core under ASan + UBSan, and the virtqueue parser under a fuzz driver.
 
-* The probe, exit, virtio-fs and snapshot tests run again in a subprocess against ``_native_asan`` (the
+* The probe, exit, virtio-fs, snapshot and SMP tests run again in a subprocess against ``_native_asan`` (the
   same C built with ``-fsanitize=address,undefined``, UB fatal), with libasan preloaded.
 * ``native/fuzz/fuzz_virtqueue.c`` (seeded, structure-aware generator; libFuzzer entry point
   too) feeds ≥ 100,000 inputs to the descriptor/ring parser, built with the same sanitizers.
@@ -39,7 +39,8 @@ def test_probes_under_asan_ubsan():
          str(ROOT / "tests" / "native" / "test_probes.py"),
          str(ROOT / "tests" / "native" / "test_exits.py"),
          str(ROOT / "tests" / "native" / "test_virtio_fs.py"),
-         str(ROOT / "tests" / "native" / "test_snapshot_native.py")],
+         str(ROOT / "tests" / "native" / "test_snapshot_native.py"),
+         str(ROOT / "tests" / "native" / "test_smp.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     print(output[-3000:])

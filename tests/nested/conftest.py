@@ -20,8 +20,8 @@ crash; the junit xml is written only at the end).
 
 Environment: ``SUPERMACHINE_NESTED=off`` skips the tier (each test says so);
 ``SUPERMACHINE_NESTED=direct`` runs the marked tests on this host as they are (a machine whose
-KVM runs Linux); ``SUPERMACHINE_NESTED_TODO=1`` (or ``-m nested_kvm_todo``) adds the tests of
-``test_*_known_failing.py`` (marked ``nested_kvm_todo``: issue H's known failures);
+KVM runs Linux); ``SUPERMACHINE_NESTED_TODO=1`` (or ``-m nested_kvm_todo``) adds tests marked
+``nested_kvm_todo`` (known failures, kept out of the default run; none today);
 ``SUPERMACHINE_NESTED_TIMEOUT`` bounds one L1 boot (seconds, default 1500). A test that hangs
 inside L1 is ended by pytest-timeout (thread method: it ends the inner pytest, after a stack
 dump of every thread); it fails with that dump and the tests it kept from running get the

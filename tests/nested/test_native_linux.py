@@ -593,3 +593,52 @@ def test_vm_cell_from_a_named_native_snapshot(capsys):
         shell.run_line_magic("vm", "stop --all")
         import shutil
         shutil.rmtree(snapshots.named_snapshot_path("nested-named"), ignore_errors=True)
+
+
+# -- vCPUs: the MP table -------------------------------------------------------------------
+
+#: Busy work that reports the CPU it ran on (field 39 of /proc/self/stat: `processor`).
+ON_CPU = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; cut -d' ' -f39 /proc/self/stat"
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])     # L1 has 2 CPUs; VmConfig caps vcpus at the host's
+def test_guest_sees_its_vcpus(image, vcpus):
+    with start_native(image, NATIVE.with_vcpus(vcpus), name=f"nested-cpus{vcpus}") as vm:
+        assert vm.vcpus == vcpus
+        assert vm.run("nproc").stdout == f"{vcpus}\n", vm.console_output()[-2000:]
+        assert vm.run("grep -c ^processor /proc/cpuinfo").stdout == f"{vcpus}\n"
+        dmesg = vm.run("dmesg").stdout
+        assert "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]" in dmesg, dmesg
+        # the table lies outside the RAM the guest is given (e820 ends it at 0x9fbff)
+        assert "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable" in dmesg
+        assert f"IOAPIC[0]: apic_id {vcpus}, version 17, address 0xfec00000, GSI 0-23" in dmesg
+        assert f"smp: Brought up 1 node, {vcpus} CPU" in dmesg, dmesg
+        for cpu in range(vcpus):      # work runs on each CPU it is pinned to
+            ran_on = vm.run(f"busybox taskset -c {cpu} sh -c {ON_CPU!r}")
+            assert ran_on.ok and ran_on.stdout == f"{cpu}\n", ran_on
+        # the devices' interrupts now go through the IOAPIC (symmetric I/O mode)
+        interrupts = vm.run("cat /proc/interrupts").stdout
+        assert "IO-APIC" in interrupts and "virtio" in interrupts, interrupts
+
+
+def test_restored_two_vcpu_linux_guest_keeps_both_cpus(image, tmp_path):
+    path = tmp_path / "smp-linux"
+    with start_native(image, NATIVE.with_vcpus(2).with_memory_mib(256),
+                      name="nested-smp-snap") as vm:
+        assert vm.run("nproc").stdout == "2\n"
+        vm.snapshot(path)
+    with _restore(path, "nested-smp-restored") as vm:
+        assert vm.vcpus == 2
+        assert vm.run("nproc").stdout == "2\n"
+        for cpu in (0, 1):
+            ran_on = vm.run(f"busybox taskset -c {cpu} sh -c {ON_CPU!r}")
+            assert ran_on.ok and ran_on.stdout == f"{cpu}\n", ran_on
+
+
+# -- the KVM calibration -------------------------------------------------------------------
+
+def test_calibration_gives_the_same_verdict_every_run(l1_kvm):
+    from supermachine_jupyter.engines.accel import kvm_status
+    verdicts = [kvm_status(refresh=True) for _ in range(5)]
+    print("\n".join(v.summary() for v in verdicts))
+    assert {v.speed for v in verdicts} == {"hardware"}, [v.summary() for v in verdicts]
