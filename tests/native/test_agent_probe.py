@@ -320,5 +320,5 @@ def test_vm_magic_runs_a_cell_on_the_agent_probe(native, short_tmp, capsys, monk
     captured = capsys.readouterr()
     assert "hello from the agent probe\n1\n" in captured.out
     assert "probe-agent: nope: not a built-in command" in captured.err
-    assert "native/kvm] exit 127" in captured.out
+    assert "on native/kvm" in captured.out and ": exit 127 after " in captured.out
     assert shell._supermachine_magics.last_result.exit_code == 127
