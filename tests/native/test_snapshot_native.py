@@ -35,7 +35,7 @@ MEMORY_MIB = 32
 HEADER = struct.Struct("<8sIIQIIQQII")  # sm_snapshot_header (native/src/snapshot.h)
 VERSION_OFFSET = 8
 CHECKSUM_OFFSET = 40
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # sm_virtio_mmio_state (native/src/devices/virtio_mmio.h): one per device at the end of state.bin
 DEVICE_RECORD_BYTES = 736
 RECORD_QUEUES_OFFSET = 344        # sm_vq_state[4], 32 bytes each: size, ready, next_avail, next_used, GPAs
@@ -446,7 +446,7 @@ def test_restore_with_other_devices_refused(native, balloon_snapshot, short_tmp,
     ("blob_length_for_device", r"snapshot restore: virtio-balloon: balloon state is 8 bytes"),
     ("unterminated_name", r"snapshot layout is invalid.*device record 0: device name is not NUL"),
     ("device_count", r"snapshot layout is invalid"),
-    ("version_1", r"unsupported format version: version 1, this core reads version 2"),
+    ("version_1", r"unsupported format version: version 1, this core reads version 3"),
 ])
 def test_damaged_device_records_refused(native, balloon_snapshot, tmp_path, damage, why):
     d = _copy(balloon_snapshot, tmp_path)
