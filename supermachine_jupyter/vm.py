@@ -585,6 +585,7 @@ class Vm:
             if self._ender is not threading.current_thread():
                 self._ended.wait(timeout)     # a failed VM's engine may be on its way out
             self._cleanup()
+            self._join_helpers(timeout)
             return
         try:
             self._instance.shutdown(self._agent, timeout)
@@ -594,6 +595,15 @@ class Vm:
                 self._state = "stopped"
             self._cleanup()
             self._ended.set()
+            self._join_helpers(timeout)
+
+    def _join_helpers(self, timeout: float) -> None:
+        """Wait for the watcher and the ender threads to finish, so a stopped VM leaves no
+        thread behind (they end within a poll once the VM has)."""
+        for thread in (self._watcher, self._ender):
+            if thread is not None and thread is not threading.current_thread() \
+                    and thread.ident is not None:
+                thread.join(timeout)
 
     def _cleanup(self) -> None:
         with self._lock:

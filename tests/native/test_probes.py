@@ -346,7 +346,7 @@ def test_virtio_devices_never_get_a_legacy_irq(native, tmp_path):
         vm.close()
 
 
-RTC_LINE = re.compile(r"^rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)$", re.M)
+RTC_LINE = re.compile(r"^rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)$", re.MULTILINE)
 
 
 @pytest.mark.parametrize("reset", ["cmd", "outport"])
@@ -364,7 +364,7 @@ def test_cmos_rtc_and_i8042_answer_as_linux_expects(native, reset):
         assert m, out
         rtc = calendar.timegm(tuple(int(x) for x in m.groups()) + (0, 0, 0))
         assert int(before) - 1 <= rtc <= after + 1, (out, before, after)
-        assert re.search(r"^rtc after set: 2031-12-31 23:59:5\d$", out, re.M), out
+        assert re.search(r"^rtc after set: 2031-12-31 23:59:5\d$", out, re.MULTILINE), out
         assert "output port" in vm.exit_info()["message"] if reset == "outport" else \
             vm.exit_info()["message"] == "guest reset the machine through the i8042 (reboot)"
         assert vm.exit_info()["unhandled_io_count"] == 0

@@ -1,7 +1,7 @@
 /* i8042.c — keyboard controller: configuration byte, self and port tests, port enables, the
  * output buffer (a short queue, one byte shown at a time as on the chip, each raising IRQ 1 or
- * 12 when the configuration byte enables it), the output port, and a keyboard and a mouse
- * that acknowledge every command and answer reset, identify and status as real ones do. */
+ * 12 when the configuration byte enables it), the output port, a keyboard that acknowledges
+ * every command and answers reset and identify as a real one does, and an empty mouse port. */
 #include "i8042.h"
 
 #include <string.h>
@@ -19,16 +19,6 @@
 #define KBD_ID_FIRST 0xab                      /* MF2 keyboard */
 #define KBD_ID_SECOND 0x83
 #define KBD_SCANCODE_SET 0x02
-#define MOUSE_CMD_SET_RESOLUTION 0xe8
-#define MOUSE_CMD_STATUS 0xe9
-#define MOUSE_CMD_READ_DATA 0xeb
-#define MOUSE_CMD_GET_ID 0xf2
-#define MOUSE_CMD_SAMPLE_RATE 0xf3
-#define MOUSE_CMD_RESET 0xff
-#define MOUSE_ID 0x00                          /* plain PS/2 mouse */
-#define MOUSE_STATUS_RESOLUTION 0x02
-#define MOUSE_STATUS_RATE 100
-#define MOUSE_PACKET_IDLE 0x08                 /* bit 3 is always set in a movement packet */
 
 enum { NO_IRQ = 0, KEYBOARD = 1, MOUSE = 2 };
 
@@ -55,13 +45,14 @@ static int head_interrupt_locked(const sm_i8042 *k)
 {
     if (!k->len)
         return NO_IRQ;
-    if (k->queue_from_mouse[k->head])
+    if (k->queue_status[k->head] & SM_I8042_STR_AUXDATA)
         return (k->ctr & SM_I8042_CTR_AUXINT) ? MOUSE : NO_IRQ;
     return (k->ctr & SM_I8042_CTR_KBDINT) ? KEYBOARD : NO_IRQ;
 }
 
-/* Queue an answer; returns the interrupt to raise if it became the byte shown. */
-static int push_locked(sm_i8042 *k, uint8_t byte, int from_mouse)
+/* Queue an answer with the status bits it shows (AUXDATA: from the mouse port; TIMEOUT);
+ * returns the interrupt to raise if it became the byte shown. */
+static int push_locked(sm_i8042 *k, uint8_t byte, uint8_t status)
 {
     if (k->len >= SM_I8042_QUEUE_BYTES) {
         k->counters.dropped_bytes++;
@@ -69,19 +60,19 @@ static int push_locked(sm_i8042 *k, uint8_t byte, int from_mouse)
     }
     uint32_t tail = (k->head + k->len) % SM_I8042_QUEUE_BYTES;
     k->queue[tail] = byte;
-    k->queue_from_mouse[tail] = (uint8_t)from_mouse;
+    k->queue_status[tail] = status;
     k->len++;
     return k->len == 1 ? head_interrupt_locked(k) : NO_IRQ;
 }
 
 static int push_keyboard(sm_i8042 *k, uint8_t byte) { return push_locked(k, byte, 0); }
 
-/* Several answers in a row: the first one shown decides the interrupt. */
-static int push_many(sm_i8042 *k, const uint8_t *bytes, size_t n, int from_mouse)
+/* Several keyboard answers in a row: the first one shown decides the interrupt. */
+static int push_many(sm_i8042 *k, const uint8_t *bytes, size_t n)
 {
     int irq = NO_IRQ;
     for (size_t i = 0; i < n; i++) {
-        int got = push_locked(k, bytes[i], from_mouse);
+        int got = push_locked(k, bytes[i], 0);
         if (irq == NO_IRQ)
             irq = got;
     }
@@ -101,7 +92,7 @@ static int keyboard_byte(sm_i8042 *k, uint8_t v)
         int query_set = k->keyboard_pending == KBD_CMD_SCANCODE_SET && v == 0;
         k->keyboard_pending = 0;
         const uint8_t set[] = {SM_PS2_ACK, KBD_SCANCODE_SET};
-        return push_many(k, set, query_set ? 2 : 1, 0);
+        return push_many(k, set, query_set ? 2 : 1);
     }
     switch (v) {
     case KBD_CMD_SET_LEDS:
@@ -113,48 +104,24 @@ static int keyboard_byte(sm_i8042 *k, uint8_t v)
         return push_keyboard(k, SM_PS2_ECHO);
     case KBD_CMD_GET_ID: {
         const uint8_t id[] = {SM_PS2_ACK, KBD_ID_FIRST, KBD_ID_SECOND};
-        return push_many(k, id, sizeof(id), 0);
+        return push_many(k, id, sizeof(id));
     }
     case KBD_CMD_RESET: {
         const uint8_t bat[] = {SM_PS2_ACK, SM_PS2_SELF_TEST_PASSED};
-        return push_many(k, bat, sizeof(bat), 0);
+        return push_many(k, bat, sizeof(bat));
     }
     default:
         return push_keyboard(k, SM_PS2_ACK);
     }
 }
 
+/* Nothing is plugged into the mouse port: a byte sent to it times out, as on a PC without a
+ * mouse, so Linux's psmouse gives up at its first command instead of probing for protocols. */
 static int mouse_byte(sm_i8042 *k, uint8_t v)
 {
+    (void)v;
     k->counters.device_bytes++;
-    if (k->mouse_pending) {
-        k->mouse_pending = 0;
-        return push_locked(k, SM_PS2_ACK, 1);
-    }
-    switch (v) {
-    case MOUSE_CMD_SET_RESOLUTION:
-    case MOUSE_CMD_SAMPLE_RATE:
-        k->mouse_pending = v;
-        return push_locked(k, SM_PS2_ACK, 1);
-    case MOUSE_CMD_RESET: {
-        const uint8_t bat[] = {SM_PS2_ACK, SM_PS2_SELF_TEST_PASSED, MOUSE_ID};
-        return push_many(k, bat, sizeof(bat), 1);
-    }
-    case MOUSE_CMD_GET_ID: {
-        const uint8_t id[] = {SM_PS2_ACK, MOUSE_ID};
-        return push_many(k, id, sizeof(id), 1);
-    }
-    case MOUSE_CMD_STATUS: {
-        const uint8_t status[] = {SM_PS2_ACK, 0, MOUSE_STATUS_RESOLUTION, MOUSE_STATUS_RATE};
-        return push_many(k, status, sizeof(status), 1);
-    }
-    case MOUSE_CMD_READ_DATA: {
-        const uint8_t packet[] = {SM_PS2_ACK, MOUSE_PACKET_IDLE, 0, 0};
-        return push_many(k, packet, sizeof(packet), 1);
-    }
-    default:
-        return push_locked(k, SM_PS2_ACK, 1);
-    }
+    return push_locked(k, SM_PS2_NO_DEVICE, SM_I8042_STR_AUXDATA | SM_I8042_STR_TIMEOUT);
 }
 
 /* A byte written to 0x64. Returns the interrupt to raise. */
@@ -221,7 +188,7 @@ static int data_byte(sm_i8042 *k, uint8_t v)
     case SM_I8042_CMD_WRITE_KBD_OUTPUT:
         return push_locked(k, v, 0);
     case SM_I8042_CMD_WRITE_AUX_OUTPUT:
-        return push_locked(k, v, 1);
+        return push_locked(k, v, SM_I8042_STR_AUXDATA);
     case SM_I8042_CMD_WRITE_TO_AUX:
         return mouse_byte(k, v);
     default:
@@ -238,8 +205,7 @@ void sm_i8042_pio(sm_i8042 *k, uint16_t port, uint8_t *data, int is_write)
         if (port == SM_I8042_COMMAND_PORT) {
             uint8_t status = k->status_flags | SM_I8042_STR_UNLOCKED;
             if (k->len)
-                status |= SM_I8042_STR_OBF |
-                          (k->queue_from_mouse[k->head] ? SM_I8042_STR_AUXDATA : 0);
+                status |= SM_I8042_STR_OBF | k->queue_status[k->head];
             *data = status;
         } else if (k->len) {
             *data = k->queue[k->head];

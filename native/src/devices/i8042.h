@@ -1,7 +1,8 @@
 /* i8042.h — the PC keyboard controller at ports 0x60 (data) and 0x64 (status/command), with a
- * keyboard and a PS/2 mouse that answer but never type or move. Enough of it for Linux's i8042,
- * atkbd and psmouse drivers to find it at once (a stub made them wait ~2 s and give up), and
- * for a guest to reset the machine through it (command 0xFE, or the output port's reset bit). */
+ * keyboard that answers but never types and nothing on the mouse port. Enough of it for Linux's
+ * i8042 and atkbd drivers to find it at once (a stub made them wait ~2 s and give up) and for
+ * psmouse to see no mouse at once, and for a guest to reset the machine through it (command
+ * 0xFE, or the output port's reset bit). */
 #ifndef SM_I8042_H
 #define SM_I8042_H
 
@@ -37,7 +38,8 @@
 #define SM_I8042_STR_SYS 0x04          /* set by a passed self test */
 #define SM_I8042_STR_CMD 0x08          /* the last write went to 0x64 */
 #define SM_I8042_STR_UNLOCKED 0x10     /* keyboard not inhibited */
-#define SM_I8042_STR_AUXDATA 0x20      /* the waiting byte comes from the mouse */
+#define SM_I8042_STR_AUXDATA 0x20      /* the waiting byte comes from the mouse port */
+#define SM_I8042_STR_TIMEOUT 0x40      /* no device answered */
 
 /* Controller configuration byte (the "CTR", commands 0x20/0x60). */
 #define SM_I8042_CTR_KBDINT 0x01
@@ -49,10 +51,11 @@
 #define SM_I8042_SELF_TEST_PASSED 0x55
 #define SM_I8042_PORT_TEST_PASSED 0x00
 #define SM_I8042_OUTPUT_PORT_RESET_HIGH 0x01  /* output port bit 0 low resets the CPU */
-/* Keyboard and mouse answers. */
+/* Keyboard answers, and the byte a port with no device gives (with STR_TIMEOUT). */
 #define SM_PS2_ACK 0xfa
 #define SM_PS2_SELF_TEST_PASSED 0xaa
 #define SM_PS2_ECHO 0xee
+#define SM_PS2_NO_DEVICE 0xfe
 
 /* Bytes waiting for the guest: a controller answer and a device's reply fit many times. */
 #define SM_I8042_QUEUE_BYTES 16
@@ -61,7 +64,7 @@ typedef struct sm_i8042_counters {
     uint64_t reads;            /* port reads */
     uint64_t writes;           /* port writes */
     uint64_t commands;         /* controller commands (0x64 writes) */
-    uint64_t device_bytes;     /* bytes sent on to the keyboard or the mouse */
+    uint64_t device_bytes;     /* bytes sent on to the keyboard or the (empty) mouse port */
     uint64_t interrupts;       /* IRQ 1 and IRQ 12 pulses */
     uint64_t dropped_bytes;    /* answers lost because the guest never read the queue */
     uint64_t reset_requests;
@@ -76,10 +79,9 @@ typedef struct sm_i8042 {
     uint8_t output_port;
     uint8_t pending_command;       /* a controller command waiting for its data byte, or 0 */
     uint8_t keyboard_pending;      /* a keyboard command waiting for its parameter, or 0 */
-    uint8_t mouse_pending;         /* a mouse command waiting for its parameter, or 0 */
-    /* output queue: byte and whether it is the mouse's, oldest at head */
+    /* output queue: byte and the status bits it shows (AUXDATA, TIMEOUT), oldest at head */
     uint8_t queue[SM_I8042_QUEUE_BYTES];
-    uint8_t queue_from_mouse[SM_I8042_QUEUE_BYTES];
+    uint8_t queue_status[SM_I8042_QUEUE_BYTES];
     uint32_t head, len;
     sm_i8042_counters counters;    /* under lock */
 } sm_i8042;
