@@ -37,6 +37,7 @@ PROBE_LIBRARY_SOURCES = ("probe_lib.c",)
 #: protocol (framing, CRC, payloads) and frame dispatch, built from the same files.
 AGENT_SHARED_SOURCES = (os.path.join(AGENT_DIR, "protocol.c"), os.path.join(AGENT_DIR, "dispatch.c"))
 PROBE_MODULES = {
+    "legacy": ("probe_irq.c",),
     "vsock": ("probe_vsock.c", "probe_irq.c", "probe_clock.c"),
     "smp": ("probe_clock.c",),
     "calib": ("probe_clock.c",),

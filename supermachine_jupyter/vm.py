@@ -256,6 +256,9 @@ class Vm:
         self._unsubscribe_console = spec.console.subscribe(self._watch_console)
         agent.describe_loss = self._describe_end
         agent.on_connection_lost = self._agent_connection_lost
+        # Set by stop(): the watcher stops polling at once (stop() joins it before the engine
+        # is shut down, so it never looks at an engine being freed).
+        self._stop_watching = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name=f"vm-watch-{spec.name}",
                                          daemon=True)
         self._watcher.start()
@@ -371,7 +374,8 @@ class Vm:
     def _watch(self) -> None:
         # Notice an engine that dies on its own (guest crash, killed QEMU) and say why.
         while self._state == "running" and not self._notice_end():
-            time.sleep(0.2)
+            if self._stop_watching.wait(0.2):
+                return
 
     def _notice_end(self) -> bool:
         """If the VM ended on its own (engine gone, guest halted), record why, reap what the
@@ -588,11 +592,14 @@ class Vm:
             ended = self._state in ("stopped", "failed")
             if not ended:
                 self._state = "stopping"
+        self._stop_watching.set()
         if ended:
             if self._ender is not threading.current_thread():
                 self._ended.wait(timeout)     # a failed VM's engine may be on its way out
             self._cleanup()
+            self._join_helpers(timeout)
             return
+        self._join_helpers(timeout)           # the watcher, before the engine goes
         try:
             self._instance.shutdown(self._agent, timeout)
         finally:
@@ -601,6 +608,14 @@ class Vm:
                 self._state = "stopped"
             self._cleanup()
             self._ended.set()
+
+    def _join_helpers(self, timeout: float) -> None:
+        """Wait for the watcher and the ender threads to finish, so a stopped VM leaves no
+        thread behind (the watcher ends at once once told to, or once the VM has ended)."""
+        for thread in (self._watcher, self._ender):
+            if thread is not None and thread is not threading.current_thread() \
+                    and thread.ident is not None:
+                thread.join(timeout)
 
     def _cleanup(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@
 
 #include "../include/supermachine.h"
 #include "memory.h"
+#include "devices/cmos_rtc.h"
 #include "devices/i8042.h"
 
 #define SM_VERSION_STRING "0.1.1"  /* bumped with the snapshot format: cache keys name it */
@@ -35,7 +36,7 @@
 #define SM_MMIO_HOLE_END_GPA 0x100000000ULL   /* 4 GiB */
 #define SM_VIRTIO_MMIO_BASE_GPA 0xd0000000ULL
 #define SM_VIRTIO_MMIO_SLOT_BYTES 0x1000ULL
-#define SM_VIRTIO_FIRST_IRQ 5
+#define SM_VIRTIO_FIRST_IRQ 5  /* then upwards, skipping the legacy lines below (vm.c) */
 #define SM_MAX_VIRTIO_DEVICES 12
 #define SM_KVM_TSS_GPA 0xfffbd000ULL
 #define SM_KVM_IDENTITY_MAP_GPA 0xfffbc000ULL
@@ -93,6 +94,8 @@ struct sm_vm {
 
     struct sm_uart *uart;
     sm_i8042 i8042;
+    sm_cmos_rtc rtc;
+    int legacy_devices_ready;  /* i8042 and rtc initialised (their locks exist) */
     struct sm_event_loop *loop;
     struct sm_virtio_mmio *virtio[SM_MAX_VIRTIO_DEVICES];
     uint32_t n_virtio;

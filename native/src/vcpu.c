@@ -23,6 +23,8 @@
 #define SM_APIC_DELIVERY_MODE_EXTINT 0x7
 #define SM_APIC_DELIVERY_MODE_NMI 0x4
 #define SM_X86_MAX_INSN_BYTES 15
+#define SM_X86_RESET_RIP 0xfff0ULL
+#define SM_X86_RESET_CS_SELECTOR 0xf000
 
 static __thread struct kvm_run *tls_kvm_run;
 static __thread sm_vcpu *tls_vcpu;
@@ -236,6 +238,37 @@ void sm_vcpu_fail_current(struct sm_vm *vm, int reason, const char *what)
         sm_vm_end(vm, SM_STATE_FAILED, reason, "%s", what);
 }
 
+/* AMD SVM (and so KVM in a nested L1) puts a vCPU that shut down back at the reset vector
+ * before the exit reaches us: its RIP then says nothing about where the guest faulted. */
+static int at_reset_vector(sm_vcpu *vcpu)
+{
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    if (ioctl(vcpu->fd, KVM_GET_REGS, &regs) < 0 || ioctl(vcpu->fd, KVM_GET_SREGS, &sregs) < 0)
+        return 0;
+    return regs.rip == SM_X86_RESET_RIP && sregs.cs.selector == SM_X86_RESET_CS_SELECTOR;
+}
+
+static void shutdown_exit(sm_vcpu *vcpu)
+{
+    if (!at_reset_vector(vcpu)) {
+        fatal_exit(vcpu, SM_EXIT_TRIPLE_FAULT, 0, NULL, 0,
+                   "guest triple fault (exit KVM_EXIT_SHUTDOWN)");
+        return;
+    }
+    sm_exit_info d;
+    memset(&d, 0, sizeof(d));
+    d.reason = SM_EXIT_TRIPLE_FAULT;
+    d.kvm_exit_reason = vcpu->run->exit_reason;
+    d.vcpu = vcpu->index;
+    d.rip = SM_X86_RESET_RIP;
+    snprintf(d.message, sizeof(d.message),
+             "guest triple fault (exit KVM_EXIT_SHUTDOWN) on vCPU %u; where it faulted is not "
+             "known: KVM had already reset the vCPU (RIP 0x%llx is the reset vector)",
+             vcpu->index, (unsigned long long)SM_X86_RESET_RIP);
+    sm_vm_end_detail(vcpu->vm, &d, SM_STATE_FAILED);
+}
+
 static void handle_internal_error(sm_vcpu *vcpu)
 {
     struct kvm_run *run = vcpu->run;
@@ -296,8 +329,7 @@ static int handle_exit(sm_vcpu *vcpu)
         return 0;
     }
     case KVM_EXIT_SHUTDOWN:
-        fatal_exit(vcpu, SM_EXIT_TRIPLE_FAULT, 0, NULL, 0,
-                   "guest triple fault (exit KVM_EXIT_SHUTDOWN)");
+        shutdown_exit(vcpu);
         return 1;
     case KVM_EXIT_INTERNAL_ERROR:
         handle_internal_error(vcpu);

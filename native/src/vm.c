@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "sm_internal.h"
 #include "event_loop.h"
+#include "devices/cmos_rtc.h"
 #include "devices/device.h"
 #include "devices/i8042.h"
 #include "devices/uart8250.h"
@@ -33,7 +34,6 @@ typedef struct sm_port_range {
 /* Legacy PC ports a guest (Linux) probes and that we deliberately leave absent: reads
  * return all-ones, writes are dropped, nothing is flagged. */
 static const sm_port_range SM_ABSENT_LEGACY_PORTS[] = {
-    {0x70, 0x71, "CMOS/RTC"},
     {0x80, 0x80, "POST code"},
     {0x87, 0x87, "DMA page"},
     {0xed, 0xed, "I/O delay"},
@@ -243,6 +243,15 @@ void sm_io_port(struct sm_vm *vm, uint16_t port, uint8_t *data, uint32_t size, i
     }
     if (port == SM_I8042_DATA_PORT || port == SM_I8042_COMMAND_PORT) {
         sm_i8042_pio(&vm->i8042, port, data, is_write);
+        if (!is_write && size > 1)            /* the bytes above belong to ports nobody owns */
+            memset(data + 1, 0xff, size - 1);
+        return;
+    }
+    if (port == SM_CMOS_INDEX_PORT || port == SM_CMOS_DATA_PORT) {
+        if (!is_write)
+            memset(data, 0xff, size);         /* bytes past 0x71 belong to nobody */
+        for (uint32_t i = 0; i < size && port + i <= SM_CMOS_DATA_PORT; i++)
+            sm_cmos_rtc_pio(&vm->rtc, (uint16_t)(port + i), data + i, is_write);
         return;
     }
     for (size_t i = 0; i < sizeof(SM_ABSENT_LEGACY_PORTS) / sizeof(SM_ABSENT_LEGACY_PORTS[0]); i++) {
@@ -291,6 +300,32 @@ void sm_io_mmio(struct sm_vm *vm, uint64_t gpa, uint8_t *data, uint32_t size, in
 
 /* ---- creation ----------------------------------------------------------------------- */
 
+/* ISA interrupt lines the legacy devices raise or Linux's drivers for them claim (COM1, the
+ * i8042's keyboard and mouse, the RTC): a virtio device never shares one. */
+static const uint32_t SM_LEGACY_IRQS[] = {SM_COM1_IRQ, SM_I8042_KEYBOARD_IRQ,
+                                          SM_I8042_MOUSE_IRQ, SM_CMOS_RTC_IRQ};
+
+static int is_legacy_irq(uint32_t gsi)
+{
+    for (size_t i = 0; i < sizeof(SM_LEGACY_IRQS) / sizeof(SM_LEGACY_IRQS[0]); i++)
+        if (SM_LEGACY_IRQS[i] == gsi)
+            return 1;
+    return 0;
+}
+
+/* The GSI of the virtio device in `slot`: upwards from SM_VIRTIO_FIRST_IRQ, legacy lines
+ * skipped (slots 0-11 get 5-7, 9-11, 13-18, all IOAPIC pins). */
+static uint32_t virtio_irq(uint32_t slot)
+{
+    uint32_t gsi = SM_VIRTIO_FIRST_IRQ;
+    for (uint32_t seen = 0;; gsi++) {
+        if (is_legacy_irq(gsi))
+            continue;
+        if (seen++ == slot)
+            return gsi;
+    }
+}
+
 static int add_virtio(struct sm_vm *vm, const char *name, const sm_virtio_ops *ops, void *dev,
                       sm_virtio_mmio **out, char *err, size_t err_len)
 {
@@ -301,7 +336,7 @@ static int add_virtio(struct sm_vm *vm, const char *name, const sm_virtio_ops *o
     }
     uint32_t slot = vm->n_virtio;
     uint64_t base = SM_VIRTIO_MMIO_BASE_GPA + slot * SM_VIRTIO_MMIO_SLOT_BYTES;
-    uint32_t irq = SM_VIRTIO_FIRST_IRQ + slot;
+    uint32_t irq = virtio_irq(slot);
     sm_virtio_mmio *t = sm_virtio_mmio_create(name, base, ops, dev, &vm->mem,
                                               device_irq_line(vm, irq), device_reporter(vm));
     if (!t) {
@@ -325,7 +360,10 @@ static int create_devices(struct sm_vm *vm, const sm_vm_config *c, char *err, si
         snprintf(err, err_len, "out of memory for the UART");
         return SM_ERR_OUT_OF_MEMORY;
     }
-    sm_i8042_init(&vm->i8042, device_reporter(vm));
+    sm_i8042_init(&vm->i8042, device_irq_line(vm, SM_I8042_KEYBOARD_IRQ),
+                  device_irq_line(vm, SM_I8042_MOUSE_IRQ), device_reporter(vm));
+    sm_cmos_rtc_init(&vm->rtc);
+    vm->legacy_devices_ready = 1;
     vm->loop = sm_event_loop_create(err, err_len);
     if (!vm->loop)
         return SM_ERR_DEVICE_SETUP;
@@ -631,6 +669,10 @@ void sm_vm_destroy(sm_vm *vm)
         close(vm->kvm_fd);
     sm_memory_destroy(&vm->mem);
     sm_uart_destroy(vm->uart);
+    if (vm->legacy_devices_ready) {
+        sm_i8042_destroy(&vm->i8042);
+        sm_cmos_rtc_destroy(&vm->rtc);
+    }
     free(vm->cpuid);
     pthread_mutex_destroy(&vm->lock);
     pthread_cond_destroy(&vm->cond);

@@ -8,10 +8,15 @@ Nothing is mocked. The protocol-error cases are the real agent's (tests/test_age
 
 from __future__ import annotations
 
+import gc
+import os
+import re
 import shutil
 import socket
 import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +35,7 @@ from supermachine_jupyter.guest.agent import (
     u32,
 )
 from supermachine_jupyter.config import VmConfig
+from supermachine_jupyter.errors import VmError
 from supermachine_jupyter.image import Image
 from tests.test_agent_protocol import (
     MALFORMED,
@@ -322,3 +328,93 @@ def test_vm_magic_runs_a_cell_on_the_agent_probe(native, short_tmp, capsys, monk
     assert "probe-agent: nope: not a built-in command" in captured.err
     assert "on native/kvm" in captured.out and ": exit 127 after " in captured.out
     assert shell._supermachine_magics.last_result.exit_code == 127
+
+
+# --- a guest that ends its own VM -------------------------------------------------------------
+
+GUEST_RAM_MIB = 96
+
+
+def _process_resources() -> dict:
+    """This process's OS threads (by name: vCPU and device threads are not Python threads), open
+    fds, and mappings as large as a VM's guest RAM."""
+    threads = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            threads.add(f"{tid}:{Path(f'/proc/self/task/{tid}/comm').read_text().strip()}")
+        except OSError:
+            pass            # a thread that just ended
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass            # the fd that listed /proc/self/fd
+    ram = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if end - start >= GUEST_RAM_MIB << 20:
+                ram.add(line.split()[0])
+    return {"threads": threads, "fds": fds, "guest_ram": ram}
+
+
+def _left_behind(before: dict, directory: Path) -> dict:
+    now = _process_resources()
+    left = {k: sorted(now[k] - before[k]) for k in now if now[k] - before[k]}
+    if "threads" in left:       # Python threads' OS names say little: add theirs
+        left["python_threads"] = sorted(t.name for t in threading.enumerate()
+                                        if t is not threading.main_thread())
+    files = sorted(p.name for p in directory.iterdir())
+    if files:
+        left["files"] = files
+    return left
+
+
+def _wait_for_nothing_left(before: dict, directory: Path, grace_s: float = 0.5) -> dict:
+    deadline = time.monotonic() + grace_s
+    while (left := _left_behind(before, directory)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("reboot", "guest_reset"),
+    # This host's KVM reports the empty-IDT int3 as an emulation failure, a real one (L1) as a
+    # triple fault: either way the guest ended its own VM.
+    ("triple", "triple_fault|emulation_failure"),
+])
+@pytest.mark.parametrize("noticed_by", ["stop", "watcher"])
+def test_a_vm_the_guest_ended_frees_everything_at_once(native, short_tmp, how, reason,
+                                                       noticed_by):
+    """Guest RAM, fds, the vCPU and device threads and the vsock socket file go when the VM's
+    end is noticed (by stop(), or by the watcher with no stop() yet), not at garbage collection."""
+    probe = native.probe_path("agent")
+    image = Image(kernel=probe, vmlinux=probe, initrd=probe, default_memory_mib=GUEST_RAM_MIB,
+                  description="the agent probe")
+    mux = short_tmp / "mux"
+    mux.mkdir()
+    config = VmConfig(engine="native", vsock_mux_dir=str(mux))
+    image.start(config, boot_timeout=TIMEOUT_S).stop()   # imports and caches settle first
+    gc.collect()
+    gc.disable()            # what is freed must be freed by the VM's end, not by the collector
+    try:
+        before = _process_resources()
+        vm = image.start(config, boot_timeout=TIMEOUT_S)
+        assert vm.run("touch 32").exit_code == 0
+        during = _left_behind(before, mux)
+        assert during.get("guest_ram") and during.get("files"), during
+        assert any(":sm-vcpu0" in t for t in during["threads"]), during
+        with pytest.raises(VmError, match=reason):
+            vm.run(how, timeout=TIMEOUT_S)
+        if noticed_by == "watcher":
+            assert vm.wait_stopped(TIMEOUT_S), vm
+        else:
+            vm.stop()
+        assert vm.state == "failed" and re.search(reason, vm.failure), vm.failure
+        # A joined thread's OS thread may take a moment more to leave /proc/self/task.
+        assert _wait_for_nothing_left(before, mux) == {}
+        vm.stop()
+        assert _left_behind(before, mux) == {}
+    finally:
+        gc.enable()

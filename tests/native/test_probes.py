@@ -6,8 +6,10 @@ tests check the guest's report *and* the host side (files, counters, sockets, st
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import os
+import re
 import socket
 import time
 
@@ -335,6 +337,49 @@ def test_virtio_cmdline_fragment(native, tmp_path):
         frag = "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         assert vm.virtio_cmdline_fragment == frag
         assert vm.cmdline == "console=ttyS0 " + frag
+    finally:
+        vm.close()
+
+
+def test_virtio_devices_never_get_a_legacy_irq(native, tmp_path):
+    """Slots run upwards from GSI 5 skipping 8 (the RTC: Linux's rtc_cmos claims it unshared)
+    and 12 (the i8042's mouse), so a VM with many devices keeps both drivers working."""
+    disks = []
+    for i in range(6):
+        disk = tmp_path / f"d{i}.img"
+        disk.write_bytes(b"\0" * 4096)
+        disks.append((disk, False))
+    vm = native.NativeVm(native.probe_path("uart"), balloon=True, volumes=disks)
+    try:
+        irqs = [int(x) for x in re.findall(r":(\d+)(?: |$)", vm.virtio_cmdline_fragment)]
+        assert irqs == [5, 6, 7, 9, 10, 11, 13], vm.virtio_cmdline_fragment
+        assert [d["irq"] for d in vm.devices()] == irqs
+    finally:
+        vm.close()
+
+
+RTC_LINE = re.compile(r"^rtc: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize("reset", ["cmd", "outport"])
+def test_cmos_rtc_and_i8042_answer_as_linux_expects(native, reset):
+    """The legacy probe reads the host's time from the RTC, sets it, uses its RAM, drives every
+    i8042 command Linux's drivers send, gets IRQ 1 and 12, and resets the machine both ways."""
+    before = time.time()
+    vm, out = _run(native, "legacy", cmdline=f"reset={reset}", strict_unhandled_exits=True)
+    after = time.time()
+    try:
+        assert "FAIL" not in out, out
+        _assert_probe_ok(vm, out, "legacy")
+        assert "irq 1 arrived" in out and "irq 12 arrived" in out, out
+        m = RTC_LINE.search(out)
+        assert m, out
+        rtc = calendar.timegm(tuple(int(x) for x in m.groups()) + (0, 0, 0))
+        assert int(before) - 1 <= rtc <= after + 1, (out, before, after)
+        assert re.search(r"^rtc after set: 2031-12-31 23:59:5\d$", out, re.MULTILINE), out
+        assert "output port" in vm.exit_info()["message"] if reset == "outport" else \
+            vm.exit_info()["message"] == "guest reset the machine through the i8042 (reboot)"
+        assert vm.exit_info()["unhandled_io_count"] == 0
     finally:
         vm.close()
 

@@ -244,10 +244,14 @@ class L1Tier:
         if _todo_enabled(self.config):
             env["SUPERMACHINE_NESTED_TODO"] = "1"
         cache = f"{env['XDG_CACHE_HOME']}/supermachine-jupyter"
-        # The guest kernel and initramfs built on the host, seen through the read-only share.
-        prelude = "\n".join([f"mkdir -p {shlex.quote(cache)}",
-                             f"ln -s {shlex.quote(guest['kernel_dir'])} {shlex.quote(cache)}/",
-                             f"ln -s {shlex.quote(guest['initrd'])} {shlex.quote(cache)}/"])
+        prelude = "\n".join([
+            # Jupyter's folders exist before any test, so the first VM that writes its registry
+            # entry leaves nothing new in /tmp (the teardown tests compare /tmp before/after).
+            f"mkdir -p {env['JUPYTER_RUNTIME_DIR']} {env['IPYTHONDIR']} {env['JUPYTER_DATA_DIR']}",
+            # The guest kernel and initramfs built on the host, seen through the read-only share.
+            f"mkdir -p {shlex.quote(cache)}",
+            f"ln -s {shlex.quote(guest['kernel_dir'])} {shlex.quote(cache)}/",
+            f"ln -s {shlex.quote(guest['initrd'])} {shlex.quote(cache)}/"])
         argv = [sys.executable, "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider",
                 "-v", "-rA",
                 f"--timeout={INNER_TEST_TIMEOUT_S}", "--timeout-method=thread",

@@ -208,6 +208,24 @@ static int run_cat(int argc, const char *const *argv, struct shell_output *o)
     return status;
 }
 
+/* `reboot`: the guest ends the VM itself through the i8042 reset, as Linux's `reboot -f`
+ * does with reboot=k; the host sees no POWEROFF first. */
+static int run_reboot(int argc, const char *const *argv, struct shell_output *o)
+{
+    (void)argc, (void)argv, (void)o;
+    guest_reset();
+    return 1;
+}
+
+/* `triple`: a triple fault (int3 with an empty IDT), the way a crashing kernel ends. */
+static int run_triple(int argc, const char *const *argv, struct shell_output *o)
+{
+    (void)argc, (void)argv, (void)o;
+    struct __attribute__((packed)) { uint16_t limit; uint64_t base; } idtr = {0, 0};
+    __asm__ volatile("cli; lidt %0; int3" ::"m"(idtr));
+    return 1;
+}
+
 static const struct {
     const char *name;
     builtin_fn run;
@@ -215,6 +233,7 @@ static const struct {
     { "echo", run_echo },   { "true", run_true },         { "false", run_false },
     { "count", run_count }, { "date", run_date },         { "hostname", run_hostname },
     { "cat", run_cat },     { "uname", run_uname },           { "touch", run_touch },
+    { "reboot", run_reboot }, { "triple", run_triple },
 };
 
 int shell_run_argv(int argc, const char *const *argv, struct shell_output *o)
