@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
-
-def wait_for(predicate, timeout, interval=0.25):
-    """Poll ``predicate`` until it returns something true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+from tests.helpers import wait_for  # noqa: F401  (the nested tests take it from here too)
 
 
 def threads_and_fds() -> tuple[set[int], set[str], set[str]]:
