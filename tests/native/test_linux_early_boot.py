@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import time
 
+from supermachine_jupyter import Image
+
 from .conftest import find_guest_kernel
 
 BOOT_MEMORY_MIB = 128
@@ -28,7 +30,10 @@ def _expected_e820_lines(memory_mib: int) -> list[str]:
 
 def test_pvh_vmlinux_early_boot(native, kvm_speed):
     kernel = find_guest_kernel("vmlinux")
-    vm = native.NativeVm(kernel, memory_mib=BOOT_MEMORY_MIB, cmdline=CMDLINE, balloon=True)
+    # Where the kernel can get that far, it gets the guest's initramfs, so it has an /init to run.
+    initrd = Image.default().initrd if kvm_speed == "hardware" else None
+    vm = native.NativeVm(kernel, initrd=initrd, memory_mib=BOOT_MEMORY_MIB, cmdline=CMDLINE,
+                         balloon=True)
     try:
         t0 = time.monotonic()
         vm.start()

@@ -373,7 +373,7 @@ def test_vm_cell_magic_with_the_native_engine(capsys):
         shell.run_cell_magic("vm", "--engine native --name nk1", "uname -s; echo hi >&2; exit 0")
         out = capsys.readouterr()
         assert "Linux" in out.out and "hi" in out.err
-        assert "[nk1 · native/kvm]" in out.out and "exit 0" in out.out, out.out
+        assert "on native/kvm" in out.out and "nk1: exit 0 after" in out.out, out.out
         shell.run_cell_magic("vm", "--name nk1 --quiet", "exit 5")
         assert shell._supermachine_magics.last_result.exit_code == 5
         table = repr(shell.run_line_magic("vm", "list"))
@@ -617,7 +617,8 @@ def test_vm_cell_from_a_named_native_snapshot(capsys):
         shell.run_cell_magic("vm", "--name nfrom --from nested-named", "cat /root/state; hostname")
         out = capsys.readouterr()
         assert "kept\nnfrom\n" in out.out, out
-        assert "restore" in out.out and "native/kvm" in out.out, out
+        assert "VM restored in" in out.out, out
+        assert "native/kvm" in repr(shell.run_line_magic("vm", "list"))
     finally:
         shell.run_line_magic("vm", "stop --all")
         import shutil
