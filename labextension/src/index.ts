@@ -3,7 +3,7 @@
  * supermachine_jupyter runs on this server's machine — the current notebook's by default,
  * every kernel's on request — with Stop and balloon controls, and a status-bar item with
  * the current notebook's VMs and their host memory. Data comes from the server extension
- * (`supermachine/api/vms`).
+ * (`supermachine/api/vms`). A second plugin highlights `%%vm` cell bodies as shell.
  */
 
 import {
@@ -20,6 +20,7 @@ import { VmListModel } from './model';
 import { VmSidebar } from './panel';
 import { NotebookScope } from './scope';
 import { VmStatusItem } from './statusbar';
+import { vmCellHighlightPlugin } from './vmcell';
 
 export const PANEL_ID = 'supermachine-vms';
 const COMMAND_SHOW = 'supermachine:show-vms';
@@ -87,4 +88,4 @@ const plugin: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default plugin;
+export default [plugin, vmCellHighlightPlugin];
