@@ -377,8 +377,11 @@ export class VmSidebar extends Widget {
     this._empty = el('div', 'sm-VmSidebar-empty');
     this._empty.append(
       el('p', 'sm-VmSidebar-emptyTitle', 'No microVMs are running.'),
-      el('p', '', 'Start one from a notebook cell:'),
-      el('pre', 'sm-VmSidebar-code', '%load_ext supermachine_jupyter\n%%vm --name demo\nuname -a'),
+      // Two cells: a cell magic must be its cell's first line.
+      el('p', '', 'Load the extension in one cell:'),
+      el('pre', 'sm-VmSidebar-code', '%load_ext supermachine_jupyter'),
+      el('p', '', 'then start a VM from the next one:'),
+      el('pre', 'sm-VmSidebar-code', '%%vm --name demo\nuname -a'),
       el('p', 'sm-VmSidebar-hint', 'A VM started with --name stays up for later cells and is listed here until it stops.')
     );
     this._filtered = el('div', 'sm-VmSidebar-filtered');
