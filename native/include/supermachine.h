@@ -210,17 +210,22 @@ size_t sm_vm_virtio_cmdline_fragment(sm_vm *vm, char *buf, size_t len);
  * balloon target/actual/statistics, disk size/read-only/serial), then puts the VM back in the
  * state it was in. state.bin is flushed to disk; memory.bin is left in the page cache (a
  * flush would keep the guest paused for the disk): fsync it before relying on it after a
- * crash. Host-side vsock connections are not kept (see sm_vm_restore). A VM with a
- * virtio-fs share is refused with SM_ERR_BAD_STATE and a message naming the device and why;
- * nothing is written then. */
+ * crash. Host-side vsock connections are not kept (see sm_vm_restore). A virtio-fs share
+ * keeps its FUSE session (INIT state, node ids and open files as paths beneath the share:
+ * devices/virtio_fs.h); a session above 1 MiB of paths refuses the snapshot with a message
+ * naming the device, and nothing is written then. */
 int sm_vm_snapshot(sm_vm *vm, const char *dir);
 /* Build a VM from a snapshot directory. devices: the host side of the snapshot's devices
- * (balloon and its flags, blk paths/read_only/serial, vsock_uds_path and guest CID), the
- * same kinds in the same order as the VM that made it; its memory_mib, vcpus, kernel_path,
- * initrd_path and cmdline are ignored. NULL: the snapshot must have no virtio devices.
- * A different device list is refused with a message that says "snapshot" and what differs;
- * so is a disk whose size, read-only flag or serial differs, or a balloon whose
- * deflate_on_oom or statistics interval differs ("snapshot restore: <device>: ...").
+ * (balloon and its flags, blk paths/read_only/serial, vsock_uds_path and guest CID, fs
+ * host_path/tag/read_only), the same kinds in the same order as the VM that made it; its
+ * memory_mib, vcpus, kernel_path, initrd_path and cmdline are ignored. NULL: the snapshot
+ * must have no virtio devices. A different device list is refused with a message that says
+ * "snapshot" and what differs; so is a disk whose size, read-only flag or serial differs, a
+ * balloon whose deflate_on_oom or statistics interval differs, a share whose tag or
+ * read-only flag differs or whose saved session names a path that is not relative single
+ * entries ("snapshot restore: <device>: ..."). A share's node ids and open files are
+ * re-resolved beneath its host_path with the confinement of live lookups; one whose file is
+ * not there answers the guest ESTALE (counter gone_at_restore).
  * Guest RAM is a MAP_PRIVATE (copy-on-write) mapping of dir/memory.bin, so many VMs restored
  * from one snapshot share its pages. A restored vsock device has no connections and sends
  * the guest a transport reset event (counter transport_resets). start_running: nonzero

@@ -239,18 +239,42 @@ static void save_uart(sm_uart *u, sm_snapshot_uart_state *s)
 
 static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_len)
 {
-    size_t payload_bytes = sizeof(sm_snapshot_vm_state) + vm->n_vcpus * sizeof(sm_snapshot_vcpu_state) +
-                           vm->n_virtio * sizeof(sm_virtio_mmio_state);
-    uint8_t *buf = calloc(1, sizeof(sm_snapshot_header) + payload_bytes);
-    if (!buf) {
+    /* Devices first: their extra state decides how long the payload is. */
+    sm_virtio_mmio_state *records = calloc(vm->n_virtio ? vm->n_virtio : 1, sizeof(*records));
+    uint8_t *extras[SM_MAX_VIRTIO_DEVICES] = {0};
+    uint8_t *buf = NULL;
+    size_t extra_bytes = 0;
+    int rc = -1;
+    if (!records) {
         snprintf(err, err_len, "snapshot: out of memory");
         return -1;
+    }
+    char device_err[SM_ERROR_MESSAGE_BYTES];
+    for (uint32_t i = 0; i < vm->n_virtio; i++) {
+        if (sm_virtio_mmio_save(vm->virtio[i], &records[i], &extras[i], device_err, sizeof(device_err)) < 0) {
+            snprintf(err, err_len, "snapshot: %.400s", device_err);
+            goto out;
+        }
+        extra_bytes += records[i].extra_len;
+    }
+    size_t payload_bytes = sizeof(sm_snapshot_vm_state) + vm->n_vcpus * sizeof(sm_snapshot_vcpu_state) +
+                           vm->n_virtio * sizeof(sm_virtio_mmio_state) + extra_bytes;
+    buf = calloc(1, sizeof(sm_snapshot_header) + payload_bytes);
+    if (!buf) {
+        snprintf(err, err_len, "snapshot: out of memory");
+        goto out;
     }
     sm_snapshot_header *h = (sm_snapshot_header *)(void *)buf;
     sm_snapshot_vm_state *vs = (sm_snapshot_vm_state *)(void *)(buf + sizeof(*h));
     sm_snapshot_vcpu_state *cs = (sm_snapshot_vcpu_state *)(void *)(vs + 1);
     sm_virtio_mmio_state *ds = (sm_virtio_mmio_state *)(void *)(cs + vm->n_vcpus);
-    int rc = -1;
+    uint8_t *extra_at = (uint8_t *)(ds + vm->n_virtio);
+    for (uint32_t i = 0; i < vm->n_virtio; i++) {
+        ds[i] = records[i];
+        if (records[i].extra_len)
+            memcpy(extra_at, extras[i], records[i].extra_len);
+        extra_at += records[i].extra_len;
+    }
     vs->pic_master.chip_id = KVM_IRQCHIP_PIC_MASTER;
     vs->pic_slave.chip_id = KVM_IRQCHIP_PIC_SLAVE;
     vs->ioapic.chip_id = KVM_IRQCHIP_IOAPIC;
@@ -276,13 +300,6 @@ static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_l
     for (uint32_t i = 0; i < vm->n_vcpus; i++)
         if (save_vcpu(vm, &vm->vcpus[i], &cs[i], &flags, err, err_len) < 0)
             goto out;
-    char device_err[SM_ERROR_MESSAGE_BYTES];
-    for (uint32_t i = 0; i < vm->n_virtio; i++) {
-        if (sm_virtio_mmio_save(vm->virtio[i], &ds[i], device_err, sizeof(device_err)) < 0) {
-            snprintf(err, err_len, "snapshot: %.400s", device_err);
-            goto out;
-        }
-    }
     memcpy(h->magic, SM_SNAPSHOT_MAGIC, sizeof(h->magic));
     h->format_version = SM_SNAPSHOT_FORMAT_VERSION;
     h->header_bytes = sizeof(*h);
@@ -319,6 +336,9 @@ static int save_state(struct sm_vm *vm, const char *dir, char *err, size_t err_l
     }
     rc = 0;
 out:
+    for (uint32_t i = 0; i < vm->n_virtio; i++)
+        free(extras[i]);
+    free(records);
     free(buf);
     return rc;
 }
@@ -380,6 +400,13 @@ static int snapshot_error(char *err, size_t err_len, sm_snapshot_error e, const 
     return SM_ERR_INVALID_ARGUMENT;
 }
 
+/* The payload without the devices' extra state: what the header's counts fix. */
+static uint64_t fixed_payload_bytes(const sm_snapshot_header *h)
+{
+    return sizeof(sm_snapshot_vm_state) + (uint64_t)h->n_vcpus * sizeof(sm_snapshot_vcpu_state) +
+           (uint64_t)h->n_devices * sizeof(sm_virtio_mmio_state);
+}
+
 /* Reads and validates state.bin; *out is malloc'd (header + payload). */
 static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
 {
@@ -397,7 +424,8 @@ static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
     }
     size_t max_bytes = sizeof(sm_snapshot_header) + sizeof(sm_snapshot_vm_state) +
                        SM_MAX_VCPUS * sizeof(sm_snapshot_vcpu_state) +
-                       SM_MAX_VIRTIO_DEVICES * sizeof(sm_virtio_mmio_state);
+                       SM_MAX_VIRTIO_DEVICES * (sizeof(sm_virtio_mmio_state) +
+                                                (size_t)SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES);
     if ((uint64_t)st.st_size < sizeof(sm_snapshot_header) || (uint64_t)st.st_size > max_bytes) {
         close(fd);
         snprintf(detail, sizeof(detail), "%s is %lld bytes", path, (long long)st.st_size);
@@ -432,9 +460,9 @@ static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
                h->memory_bytes == 0 || h->memory_bytes % SM_MIB_BYTES != 0 ||
                h->n_devices > SM_MAX_VIRTIO_DEVICES ||
                h->device_record_bytes != sizeof(sm_virtio_mmio_state) ||
-               h->payload_bytes != sizeof(sm_snapshot_vm_state) +
-                                       (uint64_t)h->n_vcpus * sizeof(sm_snapshot_vcpu_state) +
-                                       (uint64_t)h->n_devices * sizeof(sm_virtio_mmio_state)) {
+               h->payload_bytes < fixed_payload_bytes(h) ||
+               h->payload_bytes - fixed_payload_bytes(h) >
+                   (uint64_t)h->n_devices * SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES) {
         snprintf(detail, sizeof(detail), "header: %u vCPUs, %u devices of %u bytes, %llu bytes of "
                  "memory, %llu payload bytes", h->n_vcpus, h->n_devices, h->device_record_bytes,
                  (unsigned long long)h->memory_bytes, (unsigned long long)h->payload_bytes);
@@ -456,12 +484,20 @@ static int load_state(const char *dir, uint8_t **out, char *err, size_t err_len)
             if (cs[i].n_msrs > SM_SNAPSHOT_MAX_MSRS)
                 rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_LAYOUT, "MSR count");
         const sm_virtio_mmio_state *ds = (const sm_virtio_mmio_state *)(const void *)(cs + h->n_vcpus);
+        uint64_t extra_bytes = 0;
         for (uint32_t i = 0; rc == SM_OK && i < h->n_devices; i++) {
             const char *why = sm_virtio_mmio_state_check(&ds[i]);
             if (why) {
                 snprintf(detail, sizeof(detail), "device record %u: %s", i, why);
                 rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_LAYOUT, detail);
             }
+            extra_bytes += ds[i].extra_len;
+        }
+        if (rc == SM_OK && fixed_payload_bytes(h) + extra_bytes != h->payload_bytes) {
+            snprintf(detail, sizeof(detail), "the device records' extra state is %llu bytes, the "
+                     "payload has %llu after the records", (unsigned long long)extra_bytes,
+                     (unsigned long long)(h->payload_bytes - fixed_payload_bytes(h)));
+            rc = snapshot_error(err, err_len, SM_SNAPSHOT_ERR_LAYOUT, detail);
         }
     }
     if (rc != SM_OK) {
@@ -587,12 +623,14 @@ static int check_device_list(struct sm_vm *vm, const sm_virtio_mmio_state *ds, u
 
 static int restore_devices(struct sm_vm *vm, const sm_virtio_mmio_state *ds, char *err, size_t err_len)
 {
+    const uint8_t *extra = (const uint8_t *)(ds + vm->n_virtio); /* load_state checked the lengths */
     for (uint32_t i = 0; i < vm->n_virtio; i++) {
         char detail[SM_ERROR_MESSAGE_BYTES];
-        if (sm_virtio_mmio_restore(vm->virtio[i], &ds[i], detail, sizeof(detail)) < 0) {
+        if (sm_virtio_mmio_restore(vm->virtio[i], &ds[i], extra, detail, sizeof(detail)) < 0) {
             snprintf(err, err_len, "snapshot restore: %s", detail);
             return SM_ERR_INVALID_ARGUMENT;
         }
+        extra += ds[i].extra_len;
     }
     return SM_OK;
 }

@@ -3,8 +3,10 @@
  * memory.bin: guest RAM, regions back to back (RAM below the MMIO hole, then above 4 GiB),
  * exactly memory_bytes long; all-zero pages are holes. Restores map it MAP_PRIVATE.
  * state.bin: sm_snapshot_header, then the payload: sm_snapshot_vm_state, n_vcpus times
- * sm_snapshot_vcpu_state, then n_devices times sm_virtio_mmio_state (devices/virtio_mmio.h:
- * transport, queues and the device's own state), in device order. checksum is FNV-1a 64 over
+ * sm_snapshot_vcpu_state, n_devices times sm_virtio_mmio_state (devices/virtio_mmio.h:
+ * transport, queues and the device's own state), in device order, then each device's extra
+ * state (extra_len bytes of its record, at most SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES; virtio-fs
+ * keeps its FUSE session there), in device order, back to back. checksum is FNV-1a 64 over
  * the header (checksum field zero) and the payload. All host-endian (x86-64):
  * a snapshot is restored on the machine type that made it.
  */
@@ -18,7 +20,7 @@
 #include "../include/supermachine.h"
 
 #define SM_SNAPSHOT_MAGIC "SMNSNAP"          /* 8 bytes with the NUL */
-#define SM_SNAPSHOT_FORMAT_VERSION 3u         /* 2: virtio device records; 3: 32 MSRs, virtio GSIs skip 8, 12 */
+#define SM_SNAPSHOT_FORMAT_VERSION 4u         /* 2: virtio device records; 3: 32 MSRs, virtio GSIs skip 8, 12; 4: extra device state */
 #define SM_SNAPSHOT_STATE_FILE "state.bin"
 #define SM_SNAPSHOT_MEMORY_FILE "memory.bin"
 #define SM_SNAPSHOT_MAX_MSRS 32

@@ -10,7 +10,9 @@ error.
 Virtio devices travel with the snapshot (format version 2): the balloon and blk probes stop at
 a snapshot point (snap=1), and every restore must carry on with a second round of I/O on the
 same queues, at the ring positions where the snapshot left them. A restored vsock has no
-connections and sends the guest a transport reset; virtio-fs refuses to be snapshotted.
+connections and sends the guest a transport reset. virtio-fs keeps the guest's FUSE session
+(format version 4: node ids and open files as paths after the device records): the fs probe
+holds node ids and handles across the snapshot point and uses them again after a restore.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ MEMORY_MIB = 32
 HEADER = struct.Struct("<8sIIQIIQQII")  # sm_snapshot_header (native/src/snapshot.h)
 VERSION_OFFSET = 8
 CHECKSUM_OFFSET = 40
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # sm_virtio_mmio_state (native/src/devices/virtio_mmio.h): one per device at the end of state.bin
 DEVICE_RECORD_BYTES = 736
 RECORD_QUEUES_OFFSET = 344        # sm_vq_state[4], 32 bytes each: size, ready, next_avail, next_used, GPAs
 QUEUE_STATE_BYTES = 32
 RECORD_BLOB_LEN_OFFSET = 472
+RECORD_EXTRA_LEN_OFFSET = 476     # extra state (virtio-fs sessions), after all the records
 RECORD_BLOB_OFFSET = 480
 BALLOON_STATE = struct.Struct("<IIIHBBQ")  # sm_balloon_state head (virtio_balloon.h)
 FNV_OFFSET_BASIS = 0xcbf29ce484222325
@@ -233,23 +236,6 @@ def test_damaged_snapshot_refused(native, snapshot_dir, tmp_path, damage, why):
         native.NativeVm.restore(d)
     message = str(info.value)
     assert "snapshot" in message and why in message, message
-
-
-def test_snapshot_refuses_virtio_fs(native, tmp_path):
-    share = tmp_path / "share"
-    share.mkdir()
-    vm = native.NativeVm(str(native.probe_path("counter")), memory_mib=MEMORY_MIB, balloon=True,
-                         cmdline=f"every={EVERY}", mounts=[(share, "share", False)])
-    try:
-        vm.start()
-        vm.wait_for_console(b"COUNT", 60)
-        with pytest.raises(native.NativeCoreError,
-                           match="snapshot: virtio-fs0 cannot be snapshotted: .*FUSE node ids.*volumes"):
-            vm.snapshot(tmp_path / "s")
-        assert vm.state == "running"
-        assert not (tmp_path / "s").exists()  # nothing written
-    finally:
-        vm.close()
 
 
 def test_snapshot_needs_a_started_vm(native, tmp_path):
@@ -446,7 +432,7 @@ def test_restore_with_other_devices_refused(native, balloon_snapshot, short_tmp,
     ("blob_length_for_device", r"snapshot restore: virtio-balloon: balloon state is 8 bytes"),
     ("unterminated_name", r"snapshot layout is invalid.*device record 0: device name is not NUL"),
     ("device_count", r"snapshot layout is invalid"),
-    ("version_1", r"unsupported format version: version 1, this core reads version 3"),
+    ("version_1", r"unsupported format version: version 1, this core reads version 4"),
 ])
 def test_damaged_device_records_refused(native, balloon_snapshot, tmp_path, damage, why):
     d = _copy(balloon_snapshot, tmp_path)
@@ -596,3 +582,239 @@ def test_vsock_restore_resets_the_transport(native, short_tmp):
         assert c["packets_dropped"] == 0 and not restored.device("virtio-vsock")["broken"]
     finally:
         restored.close()
+
+
+# -- virtio-fs: the FUSE session across a snapshot ---------------------------------------------
+# The fs probe with snap=1 holds node ids (hello.txt, sub, sub/deep.txt, gone.txt,
+# inside_link) and handles (hello.txt read, sub/deep.txt append, gone.txt read, the directory
+# sub) at its snapshot point, then uses each again and prints "after <what> -> <rc>".
+FS_HELLO = "hello from the host side\n"      # the probe checks this text
+FS_DEEP = "deep in the share\n"
+FS_APPENDED = "after the restore\n"
+FS_SESSION_PATHS = {"hello.txt", "sub", "sub/deep.txt", "gone.txt", "inside_link"}
+FS_STATE = struct.Struct("<40sIIII")        # sm_fs_state (virtio_fs.h): the record's blob
+FS_ENTRY = struct.Struct("<IIIIQII")        # sm_fs_saved_entry: table, index, kind, flags, nlookup, path_len
+FS_NODE, FS_HANDLE = 1, 2
+FS_KINDS = {0: "gone", 1: "file", 2: "dir", 3: "symlink", 4: "other"}
+ESTALE, EBADF, ENOENT = 116, 9, 2
+
+
+def make_fs_share(root: Path) -> Path:
+    share = root / "share"
+    (share / "sub").mkdir(parents=True)
+    (share / "hello.txt").write_text(FS_HELLO)
+    (share / "sub" / "deep.txt").write_text(FS_DEEP)
+    (share / "gone.txt").write_text("deleted before the restore\n")
+    (share / "inside_link").symlink_to("hello.txt")
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "deep.txt").write_text("host file outside the share\n")
+    (outside / "secret").write_text("host secret\n")
+    return share
+
+
+def copy_share(template: Path, root: Path) -> Path:
+    """A share as the snapshot saw it, in root (with the outside folder its symlinks test)."""
+    shutil.copytree(template.parent, root, symlinks=True, dirs_exist_ok=True)
+    return root / "share"
+
+
+def fs_record(state: bytes) -> tuple[int, dict, list[tuple[dict, bytes]]]:
+    """The virtio-fs0 record's offset, its blob and its extra state's entries."""
+    rec = state.index(b"virtio-fs0\0")
+    blob_len, extra_len = struct.unpack_from("<II", state, rec + RECORD_BLOB_LEN_OFFSET)
+    assert blob_len == FS_STATE.size
+    tag, read_only, initialized, minor, _ = FS_STATE.unpack_from(state, rec + RECORD_BLOB_OFFSET)
+    blob = {"tag": tag.rstrip(b"\0").decode(), "read_only": read_only,
+            "initialized": initialized, "minor": minor, "extra_len": extra_len}
+    # the only device: its extra state is the end of state.bin
+    extra = state[len(state) - extra_len:]
+    assert rec + DEVICE_RECORD_BYTES == len(state) - extra_len
+    entries, at = [], 0
+    while at < len(extra):
+        table, index, kind, flags, nlookup, path_len, _ = FS_ENTRY.unpack_from(extra, at)
+        at += FS_ENTRY.size
+        entries.append(({"table": table, "index": index, "kind": FS_KINDS[kind], "flags": flags,
+                         "nlookup": nlookup, "at": len(state) - extra_len + at},
+                        extra[at:at + path_len]))
+        at += path_len
+    return rec, blob, entries
+
+
+@pytest.fixture(scope="module")
+def fs_snapshot(native, tmp_path_factory):
+    """An fs probe snapshotted at its snapshot point holding its session, and a pristine copy
+    of its share as it was then (tests restore against copies of it)."""
+    root = tmp_path_factory.mktemp("fs")
+    share = make_fs_share(root / "original")
+    vm = native.NativeVm(native.probe_path("fs"), cmdline="snap=1 ro=0",
+                         mounts=[(share, "hostshare", False)], strict_unhandled_exits=True)
+    try:
+        out = run_to_snapshot_point(vm, "fs")
+        vm.snapshot(root / "snap")
+    finally:
+        vm.close()
+    assert "session nodes 2 3 4 5 6 handles 1 2 3 4" in out, out
+    template = copy_share(share, root / "template")
+    return root / "snap", template
+
+
+def fs_restore(native, snap: Path, share: Path, read_only: bool = False, tag: str = "hostshare"):
+    return native.NativeVm.restore(snap, mounts=[(share, tag, read_only)])
+
+
+def test_fs_snapshot_keeps_the_session_as_paths(fs_snapshot):
+    snap, _ = fs_snapshot
+    state = (snap / "state.bin").read_bytes()
+    _, blob, entries = fs_record(state)
+    assert blob["tag"] == "hostshare" and blob["read_only"] == 0 and blob["initialized"] == 1
+    assert blob["minor"] == 31                      # the probe asks 7.38, the core speaks 7.31
+    nodes = {path.decode(): e for e, path in entries if e["table"] == FS_NODE}
+    handles = {e["index"] + 1: (path.decode(), e) for e, path in entries if e["table"] == FS_HANDLE}
+    assert set(nodes) == FS_SESSION_PATHS
+    assert [nodes[p]["index"] + 1 for p in ("hello.txt", "sub", "sub/deep.txt", "gone.txt",
+                                            "inside_link")] == [2, 3, 4, 5, 6]
+    assert {p: nodes[p]["kind"] for p in nodes} == {
+        "hello.txt": "file", "sub": "dir", "sub/deep.txt": "file", "gone.txt": "file",
+        "inside_link": "symlink"}
+    assert all(e["nlookup"] == 1 for e in nodes.values())
+    assert {fh: (path, e["kind"], e["flags"]) for fh, (path, e) in handles.items()} == {
+        1: ("hello.txt", "file", 0), 2: ("sub/deep.txt", "file", 0o2001),   # O_WRONLY|O_APPEND
+        3: ("gone.txt", "file", 0), 4: ("sub", "dir", 0)}
+
+
+def _after(out: str, what: str) -> int:
+    m = re.search(rf"^after {re.escape(what)} -> (-?\d+)$", out, re.MULTILINE)
+    assert m, (what, out)
+    return int(m.group(1))
+
+
+def test_fs_session_continues_after_restore(native, fs_snapshot, tmp_path):
+    """Two restores, each on its own copy of the share: the guest reads through its old handle,
+    looks up through its old directory node (and gets the same node id back), appends through
+    its old write handle (the host sees it), lists through its old directory handle. On the
+    first copy gone.txt was deleted before the restore: its node and handle answer ESTALE,
+    RELEASE and FORGET still free them; on the second, gone.txt is still there and works."""
+    snap, template = fs_snapshot
+    shares = [copy_share(template, tmp_path / f"r{i}") for i in range(2)]
+    (shares[0] / "gone.txt").unlink()
+    for i, share in enumerate(shares):
+        vm = fs_restore(native, snap, share)
+        try:
+            out = continue_to_ok(vm, "fs")
+            counters = vm.device("virtio-fs0")["counters"]
+        finally:
+            vm.close()
+        assert "session nodes" not in out and "init 7." not in out   # carried on, no new INIT
+        assert _after(out, "read hello.txt handle") == 0 and "after hello.txt content ok" in out
+        assert _after(out, "getattr hello.txt") == 0
+        assert _after(out, "lookup sub/deep.txt") == 0
+        assert "after lookup sub/deep.txt answers the same node id" in out
+        assert _after(out, "append sub/deep.txt") == 0
+        assert (share / "sub" / "deep.txt").read_text() == FS_DEEP + FS_APPENDED
+        assert _after(out, "readdir sub") == 0 and "after readdir sub lists deep.txt" in out
+        assert _after(out, "readlink inside_link") == 0 and "after inside_link = hello.txt" in out
+        assert "after lookup hello.txt answers the same node id" in out
+        for what in ("release hello.txt handle", "release sub/deep.txt handle", "releasedir sub",
+                     "release gone.txt handle"):
+            assert _after(out, what) == 0, what
+        assert _after(out, "read released gone.txt handle") == -EBADF
+        assert _after(out, "getattr forgotten gone.txt") == -ENOENT
+        deleted = i == 0
+        assert _after(out, "getattr gone.txt") == (-ESTALE if deleted else 0)
+        assert _after(out, "read gone.txt handle") == (-ESTALE if deleted else 0)
+        assert counters["gone_at_restore"] == (2 if deleted else 0)   # gone.txt's node and handle
+        assert counters["stale_answers"] == (2 if deleted else 0)
+        assert counters["escape_refusals"] == 0
+    # each restore wrote into its own share only; the template and the outside are untouched
+    assert (template / "sub" / "deep.txt").read_text() == FS_DEEP
+    assert (template.parent / "outside" / "deep.txt").read_text() == "host file outside the share\n"
+
+
+def test_fs_restore_never_follows_a_symlink_put_in_the_way(native, fs_snapshot, tmp_path):
+    """Between snapshot and restore the host replaces the directory sub with a symlink to a
+    folder outside the share holding a deep.txt, and hello.txt with a symlink to a secret
+    outside: the saved paths are walked one entry at a time without following symlinks, so
+    those nodes and handles come back gone (ESTALE) and nothing outside is read or written."""
+    snap, template = fs_snapshot
+    share = copy_share(template, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.rmtree(share / "sub")
+    (share / "sub").symlink_to(outside)
+    (share / "hello.txt").unlink()
+    (share / "hello.txt").symlink_to(outside / "secret")
+    before = {p.name: p.read_text() for p in outside.iterdir()}
+    vm = fs_restore(native, snap, share)
+    try:
+        out = continue_to_ok(vm, "fs")
+        counters = vm.device("virtio-fs0")["counters"]
+    finally:
+        vm.close()
+    for what in ("read hello.txt handle", "getattr hello.txt", "lookup sub/deep.txt",
+                 "append sub/deep.txt", "readdir sub"):
+        assert _after(out, what) == -ESTALE, what
+    assert "content" not in out                       # no byte of the secret reached the guest
+    assert _after(out, "getattr gone.txt") == 0 and _after(out, "read gone.txt handle") == 0
+    assert _after(out, "lookup hello.txt") == 0       # a fresh lookup: the symlink, a new node
+    assert "after lookup hello.txt answers the same node id" not in out
+    # hello.txt, sub, sub/deep.txt nodes; hello.txt, sub/deep.txt, sub handles
+    assert counters["gone_at_restore"] == 6
+    assert {p.name: p.read_text() for p in outside.iterdir()} == before
+
+
+def _tamper(state_path: Path, path: bytes, replacement: bytes | None = None,
+            path_len: int | None = None) -> None:
+    """Rewrite the first saved entry whose path is `path` (its bytes or its length)."""
+    state = state_path.read_bytes()
+    _, _, entries = fs_record(state)
+    entry = next(e for e, p in entries if p == path)
+    if replacement is not None:
+        assert len(replacement) == len(path)
+        _patch(state_path, entry["at"], replacement)
+    if path_len is not None:
+        _patch(state_path, entry["at"] - FS_ENTRY.size + 24, struct.pack("<I", path_len))
+    reseal(state_path)
+
+
+@pytest.mark.parametrize("path, replacement, why", [
+    (b"sub/deep.txt", b"../../secret", "not relative single entries"),
+    (b"sub/deep.txt", b"sub/../../.x", "not relative single entries"),
+    (b"sub/deep.txt", b"/tmp/outside", "not relative single entries"),
+    (b"sub/deep.txt", b"sub//eep.txt", "not relative single entries"),
+    (b"sub/deep.txt", b"sub/dee\0.txt", "not relative single entries"),
+    (b"hello.txt", b"./llo.txt", "not relative single entries"),
+    (b"gone.txt", None, "has a path of 100000 bytes"),
+])
+def test_fs_tampered_session_refused(native, fs_snapshot, tmp_path, path, replacement, why):
+    """A snapshot is input: a saved path with '..', '.', a leading '/', an empty entry, a NUL
+    or a length beyond the session (checksum resealed, so the fs device's own checks are what
+    refuses it) fails the restore with the reason; nothing outside the share is touched."""
+    snap, template = fs_snapshot
+    d = _copy(snap, tmp_path)
+    share = copy_share(template, tmp_path / "r")
+    if replacement is None:
+        _tamper(d / "state.bin", path, path_len=100_000)
+    else:
+        _tamper(d / "state.bin", path, replacement)
+    with pytest.raises(native.NativeCoreError,
+                       match=rf"snapshot restore: virtio-fs0: the snapshot's FUSE session entry "
+                             rf"\d+ .*{re.escape(why)}"):
+        fs_restore(native, d, share)
+    assert (share.parent / "outside" / "deep.txt").read_text() == "host file outside the share\n"
+
+
+@pytest.mark.parametrize("change, why", [
+    ("read_only", r"snapshot restore: virtio-fs0: the share is read-only, the snapshot's was read-write"),
+    ("tag", r"snapshot restore: virtio-fs0: the share's tag is other, the snapshot's was hostshare"),
+    ("missing_mount", r"snapshot device list differs.*\[virtio-fs0\].*\[\]"),
+    ("missing_folder", r"virtio-fs0: cannot open directory .*no-such-folder"),
+])
+def test_fs_restore_with_another_share_refused(native, fs_snapshot, tmp_path, change, why):
+    snap, template = fs_snapshot
+    share = copy_share(template, tmp_path)
+    with pytest.raises(native.NativeCoreError, match=why):
+        if change == "missing_mount":
+            native.NativeVm.restore(snap)
+        else:
+            fs_restore(native, snap, tmp_path / "no-such-folder" if change == "missing_folder" else share,
+                       read_only=change == "read_only", tag="other" if change == "tag" else "hostshare")

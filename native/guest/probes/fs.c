@@ -9,7 +9,11 @@
  * the bits), CREATE/MKNOD of a device (EPERM), a write-open / truncating CREATE / truncate of
  * the host's set-user-ID file setuid_host (EPERM), chmod 04755 (bits stripped), chown (EPERM),
  * and the namespace ops (mkdir, rename, symlink, link, unlink, rmdir, statfs, fsync,
- * fallocate, lseek) with their edge cases. Read-only shares answer every modifying op EROFS. */
+ * fallocate, lseek) with their edge cases. Read-only shares answer every modifying op EROFS.
+ * With snap=1 it instead holds a FUSE session (node ids of hello.txt, sub, sub/deep.txt,
+ * gone.txt, inside_link; handles on hello.txt, sub/deep.txt (append), gone.txt and the
+ * directory sub), stops at a snapshot point, then uses every one of them again and reports
+ * each answer ("after <what> -> <rc>"): the host restores it and checks the answers. */
 #include "probe.h"
 
 #define VIRTIO_ID_FS 26
@@ -55,6 +59,7 @@
 
 #define L_O_RDONLY 0
 #define L_O_WRONLY 1
+#define L_O_APPEND 02000
 #define L_O_CREAT 0100
 #define L_O_TRUNC 01000
 #define E_PERM 1
@@ -68,6 +73,7 @@
 #define E_NAMETOOLONG 36
 #define E_LOOP 40
 #define E_NOSYS 38
+#define E_STALE 116
 #define E_OPNOTSUPP 95
 #define L_S_IFMT 0170000
 #define L_S_IFLNK 0120000
@@ -612,6 +618,125 @@ static int refusals_ro(uint64_t hello)
 }
 
 
+static int getattr_size(uint64_t node, uint64_t *size)
+{
+    int rc = fuse_call(FUSE_GETATTR, node, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", 16, 0, 0,
+                       sizeof(struct fuse_attr_out), 0);
+    if (rc == 0 && size)
+        *size = ((struct fuse_attr_out *)out_payload)->attr.size;
+    return rc;
+}
+
+static int read_handle(uint32_t opcode, uint64_t node, uint64_t fh)
+{
+    struct fuse_rw_in rd;
+    memset(&rd, 0, sizeof(rd));
+    rd.fh = fh;
+    rd.size = 4096;
+    return fuse_call(opcode, node, &rd, sizeof(rd), 0, 0, 4096, 0);
+}
+
+static int listing_has(const char *want)
+{
+    uint32_t want_len = (uint32_t)strlen(want);
+    for (uint32_t pos = 0; pos + sizeof(struct fuse_dirent) <= reply_payload_len;) {
+        struct fuse_dirent *d = (struct fuse_dirent *)(out_payload + pos);
+        if (d->namelen == want_len && memcmp(d + 1, want, want_len) == 0)
+            return 1;
+        pos += (uint32_t)((sizeof(*d) + d->namelen + 7) & ~7ul);
+    }
+    return 0;
+}
+
+static void after(const char *what, int rc)
+{
+    put_str("after ");
+    report(what, rc);
+}
+
+/* snap=1: a FUSE session held across a snapshot point, then used again (see the top). */
+static int snapshot_session(int ro)
+{
+    struct fuse_entry_out e;
+    uint64_t hello, sub, deep, gone, link, fh_hello, fh_deep, fh_gone, fh_sub;
+    if (lookup(FUSE_ROOT_ID, "hello.txt", &e))
+        return fail("lookup hello.txt");
+    hello = e.nodeid;
+    if (lookup(FUSE_ROOT_ID, "sub", &e))
+        return fail("lookup sub");
+    sub = e.nodeid;
+    if (lookup(sub, "deep.txt", &e))
+        return fail("lookup sub/deep.txt");
+    deep = e.nodeid;
+    if (lookup(FUSE_ROOT_ID, "gone.txt", &e))
+        return fail("lookup gone.txt");
+    gone = e.nodeid;
+    if (lookup(FUSE_ROOT_ID, "inside_link", &e))
+        return fail("lookup inside_link");
+    link = e.nodeid;
+    if (open_node(FUSE_OPEN, hello, L_O_RDONLY, &fh_hello) ||
+        open_node(FUSE_OPEN, deep, ro ? L_O_RDONLY : L_O_WRONLY | L_O_APPEND, &fh_deep) ||
+        open_node(FUSE_OPEN, gone, L_O_RDONLY, &fh_gone) ||
+        open_node(FUSE_OPENDIR, sub, 0, &fh_sub))
+        return fail("open the session's files");
+    put_str("session nodes ");
+    put_dec(hello); put_char(' '); put_dec(sub); put_char(' '); put_dec(deep); put_char(' ');
+    put_dec(gone); put_char(' '); put_dec(link);
+    put_str(" handles ");
+    put_dec(fh_hello); put_char(' '); put_dec(fh_deep); put_char(' '); put_dec(fh_gone);
+    put_char(' '); put_dec(fh_sub); put_char('\n');
+    if (probe_snapshot_point("fs"))
+        return fail("no byte from the host at the snapshot point");
+
+    int rc = read_handle(FUSE_READ, hello, fh_hello);
+    after("read hello.txt handle", rc);
+    if (rc == 0)
+        put_line(reply_payload_len == sizeof(HELLO_TEXT) - 1 &&
+                 memcmp(out_payload, HELLO_TEXT, reply_payload_len) == 0
+                     ? "after hello.txt content ok" : "after hello.txt content differs");
+    uint64_t size = 0;
+    rc = getattr_size(hello, &size);
+    after("getattr hello.txt", rc);
+    rc = lookup(sub, "deep.txt", &e);
+    after("lookup sub/deep.txt", rc);
+    if (rc == 0 && e.nodeid == deep)
+        put_line("after lookup sub/deep.txt answers the same node id");
+    if (!ro) {
+        struct fuse_rw_in wr;
+        memset(&wr, 0, sizeof(wr));
+        wr.fh = fh_deep;
+        wr.size = 18;
+        after("append sub/deep.txt", fuse_call(FUSE_WRITE, deep, &wr, sizeof(wr), "after the restore\n",
+                                               18, 8, 0));
+    }
+    rc = read_handle(FUSE_READDIR, sub, fh_sub);
+    after("readdir sub", rc);
+    if (rc == 0 && listing_has("deep.txt"))
+        put_line("after readdir sub lists deep.txt");
+    after("getattr gone.txt", getattr_size(gone, 0));
+    after("read gone.txt handle", read_handle(FUSE_READ, gone, fh_gone));
+    after("release gone.txt handle", release(FUSE_RELEASE, gone, fh_gone));
+    after("read released gone.txt handle", read_handle(FUSE_READ, gone, fh_gone));
+    forget(gone, 1);
+    after("getattr forgotten gone.txt", getattr_size(gone, 0));
+    char text[64];
+    rc = readlink_node(link, text, sizeof(text));
+    after("readlink inside_link", rc);
+    if (rc == 0) {
+        put_str("after inside_link = ");
+        put_line(text);
+    }
+    rc = lookup(FUSE_ROOT_ID, "hello.txt", &e);
+    after("lookup hello.txt", rc);
+    if (rc == 0 && e.nodeid == hello)
+        put_line("after lookup hello.txt answers the same node id");
+    after("release hello.txt handle", release(FUSE_RELEASE, hello, fh_hello));
+    after("release sub/deep.txt handle", release(FUSE_RELEASE, deep, fh_deep));
+    after("releasedir sub", release(FUSE_RELEASEDIR, sub, fh_sub));
+    put_line("PROBE fs OK");
+    return 0;
+}
+
 int probe_main(void)
 {
     int ro = (int)cmdline_get_u64("ro", 0);
@@ -662,6 +787,8 @@ int probe_main(void)
     put_str(" max_write ");
     put_dec(io->max_write);
     put_char('\n');
+    if (cmdline_get_u64("snap", 0))
+        return snapshot_session(ro);
 
     if (lookup(FUSE_ROOT_ID, "hello.txt", &e))
         return fail("lookup hello.txt");

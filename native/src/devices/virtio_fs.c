@@ -160,6 +160,7 @@ static const char *const FS_ERROR_MESSAGES[SM_FS_ERR_COUNT] = {
     [SM_FS_ERR_HOST_IO] = "Host file operation failed",
     [SM_FS_ERR_PRIVILEGED] = "Guest tried to create a device node, to write a set-user-ID or set-group-ID host file, or to change a host file's owner",
     [SM_FS_ERR_BAD_NAME] = "Guest named a directory entry with '/' in it, or '.' or '..'",
+    [SM_FS_ERR_GONE] = "Guest named a node or file handle whose host file was gone at the restore",
 };
 
 const char *sm_fs_error_message(int err)
@@ -256,6 +257,12 @@ static sm_fs_node *node_get(sm_fs *f, uint64_t nodeid)
     return n->fd >= 0 ? n : NULL;
 }
 
+/* A node id that names a gone node (restored without its file). */
+static int node_is_gone(const sm_fs *f, uint64_t nodeid)
+{
+    return nodeid >= 1 && nodeid <= SM_FS_MAX_NODES && f->nodes[nodeid - 1].gone;
+}
+
 /* Takes ownership of path_fd. Returns the node id, or 0 (fd closed) if the table is full. */
 static uint64_t node_insert(sm_fs *f, int path_fd, const struct stat *st)
 {
@@ -263,7 +270,7 @@ static uint64_t node_insert(sm_fs *f, int path_fd, const struct stat *st)
     for (uint32_t i = 0; i < SM_FS_MAX_NODES; i++) {
         sm_fs_node *n = &f->nodes[i];
         if (n->fd < 0) {
-            if (free_slot < 0)
+            if (free_slot < 0 && !n->gone)
                 free_slot = (int)i;
             continue;
         }
@@ -290,12 +297,15 @@ static void node_forget(sm_fs *f, uint64_t nodeid, uint64_t nlookup)
     if (nodeid == SM_FUSE_ROOT_ID)
         return;
     sm_fs_node *n = node_get(f, nodeid);
-    if (!n)
+    if (!n && !node_is_gone(f, nodeid))
         return;
+    n = &f->nodes[nodeid - 1];
     n->nlookup = nlookup >= n->nlookup ? 0 : n->nlookup - nlookup;
     if (n->nlookup == 0) {
-        close(n->fd);
+        if (n->fd >= 0)
+            close(n->fd);
         n->fd = -1;
+        n->gone = 0;
     }
 }
 
@@ -307,11 +317,16 @@ static sm_fs_handle *handle_get(sm_fs *f, uint64_t fh, int is_dir)
     return (h->fd >= 0 && h->is_dir == is_dir) ? h : NULL;
 }
 
+static int handle_is_gone(const sm_fs *f, uint64_t fh)
+{
+    return fh >= 1 && fh <= SM_FS_MAX_HANDLES && f->handles[fh - 1].gone;
+}
+
 /* Takes ownership of fd. Returns fh, or 0 (fd closed) if the table is full. */
 static uint64_t handle_insert(sm_fs *f, int fd, int is_dir)
 {
     for (uint32_t i = 0; i < SM_FS_MAX_HANDLES; i++) {
-        if (f->handles[i].fd < 0) {
+        if (f->handles[i].fd < 0 && !f->handles[i].gone) {
             f->handles[i].fd = fd;
             f->handles[i].is_dir = is_dir;
             return i + 1;
@@ -327,11 +342,13 @@ static void close_all(sm_fs *f, int keep_root)
         if (f->handles[i].fd >= 0)
             close(f->handles[i].fd);
         f->handles[i].fd = -1;
+        f->handles[i].gone = 0;
     }
     for (uint32_t i = keep_root ? 1 : 0; i < SM_FS_MAX_NODES; i++) {
         if (f->nodes[i].fd >= 0)
             close(f->nodes[i].fd);
         f->nodes[i].fd = -1;
+        f->nodes[i].gone = 0;
     }
     if (keep_root)
         f->nodes[0].nlookup = 1;
@@ -406,6 +423,7 @@ static void reply_error(sm_fs *f, fs_req *r, int err_code, int errno_value)
     case SM_FS_ERR_BAD_NAME: f->counters.escape_refusals++; break;
     case SM_FS_ERR_TABLE_FULL: f->counters.table_full++; break;
     case SM_FS_ERR_PRIVILEGED: f->counters.privilege_refusals++; break;
+    case SM_FS_ERR_GONE: f->counters.stale_answers++; break;
     default: f->counters.host_errors++; break;
     }
     reply(r, -errno_value, NULL, 0);
@@ -420,6 +438,24 @@ static void reply_errno(sm_fs *f, fs_req *r, int e)
         reply_error(f, r, SM_FS_ERR_READ_ONLY, e);
     else
         reply_error(f, r, SM_FS_ERR_HOST_IO, e ? e : EIO);
+}
+
+/* A node id or file handle the request named is not one we hold: ESTALE for one a restore
+ * found gone, else the guest named one we never gave out. */
+static void reply_no_node(sm_fs *f, fs_req *r, uint64_t nodeid)
+{
+    if (node_is_gone(f, nodeid))
+        reply_error(f, r, SM_FS_ERR_GONE, ESTALE);
+    else
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+}
+
+static void reply_no_handle(sm_fs *f, fs_req *r, uint64_t fh)
+{
+    if (handle_is_gone(f, fh))
+        reply_error(f, r, SM_FS_ERR_GONE, ESTALE);
+    else
+        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
 }
 
 /* Reads the directory-entry name at *offset and moves *offset past it. A name is one entry of
@@ -697,7 +733,7 @@ static void do_read(sm_fs *f, fs_req *r)
     }
     sm_fs_handle *h = handle_get(f, in.fh, 0);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     uint32_t want = in.size;
@@ -736,7 +772,7 @@ static void do_write(sm_fs *f, fs_req *r)
     }
     sm_fs_handle *h = handle_get(f, in.fh, 0);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     if (read_arg(r, sizeof(in), f->io_buf, in.size) != in.size) {
@@ -768,9 +804,14 @@ static void do_release(sm_fs *f, fs_req *r, int is_dir)
         reply_error(f, r, SM_FS_ERR_MALFORMED_ARGUMENT, EINVAL);
         return;
     }
+    if (handle_is_gone(f, in.fh) && f->handles[in.fh - 1].is_dir == is_dir) {
+        f->handles[in.fh - 1].gone = 0; /* nothing left to close: the slot is free again */
+        reply(r, 0, NULL, 0);
+        return;
+    }
     sm_fs_handle *h = handle_get(f, in.fh, is_dir);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     close(h->fd);
@@ -787,7 +828,7 @@ static void do_readdir(sm_fs *f, fs_req *r)
     }
     sm_fs_handle *h = handle_get(f, in.fh, 1);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     uint32_t room = in.size;
@@ -880,7 +921,7 @@ static void do_setattr(sm_fs *f, fs_req *r, sm_fs_node *node)
             return;
         }
         if ((in.valid & FATTR_FH) && !(h = handle_get(f, in.fh, 0))) {
-            reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+            reply_no_handle(f, r, in.fh);
             return;
         }
     }
@@ -1026,7 +1067,7 @@ static void do_rename(sm_fs *f, fs_req *r, sm_fs_node *parent, int with_flags)
         return;
     sm_fs_node *newdir = node_get(f, in.newdir);
     if (!newdir) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+        reply_no_node(f, r, in.newdir);
         return;
     }
     if (syscall(SYS_renameat2, parent->fd, old_name, newdir->fd, new_name, in.flags) < 0) {
@@ -1049,7 +1090,7 @@ static void do_link(sm_fs *f, fs_req *r, sm_fs_node *parent)
         return;
     sm_fs_node *old = node_get(f, in.oldnodeid);
     if (!old) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+        reply_no_node(f, r, in.oldnodeid);
         return;
     }
     struct stat st;
@@ -1106,7 +1147,7 @@ static void do_fsync(sm_fs *f, fs_req *r, int is_dir)
     }
     sm_fs_handle *h = handle_get(f, in.fh, is_dir);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     int rc = (in.fsync_flags & FUSE_FSYNC_FDATASYNC) ? fdatasync(h->fd) : fsync(h->fd);
@@ -1126,7 +1167,7 @@ static void do_flush(sm_fs *f, fs_req *r)
         return;
     }
     if (!handle_get(f, in.fh, 0)) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     reply(r, 0, NULL, 0); /* WRITE goes straight to pwrite: nothing is buffered here */
@@ -1146,7 +1187,7 @@ static void do_fallocate(sm_fs *f, fs_req *r)
     }
     sm_fs_handle *h = handle_get(f, in.fh, 0);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     /* A set-id file never has a writable handle (do_open), so fallocate cannot keep its bits
@@ -1169,7 +1210,7 @@ static void do_lseek(sm_fs *f, fs_req *r)
     }
     sm_fs_handle *h = handle_get(f, in.fh, 0);
     if (!h) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_HANDLE, EBADF);
+        reply_no_handle(f, r, in.fh);
         return;
     }
     off_t pos = lseek(h->fd, (off_t)in.offset, (int)in.whence);
@@ -1275,7 +1316,7 @@ static int handle_request(sm_fs *f, fs_req *r)
     }
     sm_fs_node *node = NULL;
     if (needs_node(in->opcode) && !(node = node_get(f, in->nodeid))) {
-        reply_error(f, r, SM_FS_ERR_UNKNOWN_NODE, ENOENT);
+        reply_no_node(f, r, in->nodeid);
         return 1;
     }
     switch (in->opcode) {
@@ -1425,6 +1466,8 @@ static void fs_counters(void *dev, sm_device_info *info, uint32_t *n)
     ADD(syncs);
     ADD(fallocates);
     ADD(seeks);
+    ADD(gone_at_restore);
+    ADD(stale_answers);
 #undef ADD
 }
 
@@ -1436,11 +1479,365 @@ static void fs_destroy(void *dev)
     free(f);
 }
 
-static const char *fs_snapshot_refusal(void *dev)
+/* ---- snapshots: the FUSE session as paths beneath the share (virtio_fs.h) ---- */
+
+static size_t fs_save(void *dev, uint8_t *buf, size_t cap)
 {
-    (void)dev;
-    return "the guest's FUSE node ids and open file handles refer to host file descriptors, "
-           "which a restore cannot carry (use volumes instead)";
+    sm_fs *f = dev;
+    sm_fs_state s;
+    memset(&s, 0, sizeof(s));
+    snprintf(s.tag, sizeof(s.tag), "%s", f->tag);
+    s.read_only = (uint32_t)(f->read_only != 0);
+    s.initialized = (uint32_t)(f->initialized != 0);
+    s.minor = f->minor;
+    if (sizeof(s) <= cap)
+        memcpy(buf, &s, sizeof(s));
+    return sizeof(s);
+}
+
+/* The host path of one of our fds, as the kernel names it (/proc/self/fd). 0, or -1. */
+static int fd_host_path(int fd, char *out, size_t cap)
+{
+    char proc[FS_PROC_FD_PATH_BYTES];
+    ssize_t n = readlink(proc_path(proc, fd), out, cap - 1);
+    if (n < 0 || (size_t)n >= cap - 1)
+        return -1;
+    out[n] = 0;
+    return 0;
+}
+
+static uint32_t kind_of(mode_t mode)
+{
+    return S_ISREG(mode) ? SM_FS_KIND_FILE : S_ISDIR(mode) ? SM_FS_KIND_DIR
+           : S_ISLNK(mode) ? SM_FS_KIND_SYMLINK : SM_FS_KIND_OTHER;
+}
+
+/* Where fd's file is now, relative to the share root (root_path, its host path): 0 with
+ * *kind, rel and *len set; 1 when the file is gone (deleted, or moved out of the share by the
+ * host); -1 (err set) when the path cannot be kept. */
+static int relative_path(int fd, const char *root_path, char *rel, uint32_t *len, uint32_t *kind,
+                         char *err, size_t err_len)
+{
+    struct stat st;
+    char host[2 * (SM_FS_MAX_SAVED_PATH_BYTES + 1)];
+    if (fstat(fd, &st) < 0 || st.st_nlink == 0)
+        return 1;
+    if (fd_host_path(fd, host, sizeof(host)) < 0) {
+        snprintf(err, err_len, "the host path of an open file is longer than %d bytes",
+                 SM_FS_MAX_SAVED_PATH_BYTES);
+        return -1;
+    }
+    size_t root_len = strlen(root_path);
+    if (strcmp(root_path, "/") == 0)
+        root_len = 0;                       /* the share is the host's root: "/x" -> "x" */
+    if (host[0] != '/' || strncmp(host, root_path, root_len) != 0 || host[root_len] != '/' ||
+        host[root_len + 1] == 0)
+        return 1;                           /* not beneath the share any more */
+    const char *p = host + root_len + 1;
+    size_t n = strlen(p);
+    if (n > SM_FS_MAX_SAVED_PATH_BYTES) {
+        snprintf(err, err_len, "the path of %.200s is longer than %d bytes", host,
+                 SM_FS_MAX_SAVED_PATH_BYTES);
+        return -1;
+    }
+    memcpy(rel, p, n);
+    *len = (uint32_t)n;
+    *kind = kind_of(st.st_mode);
+    return 0;
+}
+
+/* Appends one entry and its path to the growing extra state; -1 (err set) past the limit. */
+static int append_entry(uint8_t **buf, size_t *len, size_t *cap, const sm_fs_saved_entry *e,
+                        const char *path, char *err, size_t err_len)
+{
+    size_t need = *len + sizeof(*e) + e->path_len;
+    if (need > SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES) {
+        snprintf(err, err_len, "the guest's FUSE session (node ids and open files, as paths) "
+                 "is larger than the %u bytes a snapshot keeps per share: have the guest close "
+                 "files or drop its caches (echo 2 > /proc/sys/vm/drop_caches) and try again",
+                 SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES);
+        return -1;
+    }
+    if (need > *cap) {
+        size_t grown = *cap ? *cap * 2 : 4096;
+        while (grown < need)
+            grown *= 2;
+        uint8_t *b = realloc(*buf, grown);
+        if (!b) {
+            snprintf(err, err_len, "out of memory");
+            return -1;
+        }
+        *buf = b;
+        *cap = grown;
+    }
+    memcpy(*buf + *len, e, sizeof(*e));
+    memcpy(*buf + *len + sizeof(*e), path, e->path_len);
+    *len = need;
+    return 0;
+}
+
+/* Saves one table slot: its fd's path, or path_len 0 when the slot or its file is gone.
+ * A handle's kind is fixed (e->kind, what it was opened as); a node's comes from its file. */
+static int save_slot(uint8_t **buf, size_t *len, size_t *cap, const char *root_path,
+                     sm_fs_saved_entry *e, int fd, char *err, size_t err_len)
+{
+    char rel[SM_FS_MAX_SAVED_PATH_BYTES + 1];
+    uint32_t kind = SM_FS_KIND_GONE;
+    e->path_len = 0;
+    if (fd >= 0) {
+        int rc = relative_path(fd, root_path, rel, &e->path_len, &kind, err, err_len);
+        if (rc < 0)
+            return -1;
+        if (rc > 0)
+            e->path_len = 0;
+    }
+    if (e->table == SM_FS_SAVED_NODE)
+        e->kind = e->path_len ? kind : SM_FS_KIND_GONE;
+    return append_entry(buf, len, cap, e, rel, err, err_len);
+}
+
+static int fs_save_extra(void *dev, uint8_t **out, size_t *out_len, char *err, size_t err_len)
+{
+    sm_fs *f = dev;
+    uint8_t *buf = NULL;
+    size_t len = 0, cap = 0;
+    char root_path[SM_FS_MAX_SAVED_PATH_BYTES + 1];
+    *out = NULL;
+    *out_len = 0;
+    if (fd_host_path(f->nodes[0].fd, root_path, sizeof(root_path)) < 0) {
+        snprintf(err, err_len, "the share's host path cannot be read: %s", strerror(errno));
+        return -1;
+    }
+    for (uint32_t i = 1; i < SM_FS_MAX_NODES; i++) {
+        sm_fs_node *n = &f->nodes[i];
+        if (n->fd < 0 && !n->gone)
+            continue;
+        sm_fs_saved_entry e = {.table = SM_FS_SAVED_NODE, .index = i, .nlookup = n->nlookup};
+        if (save_slot(&buf, &len, &cap, root_path, &e, n->fd, err, err_len) < 0)
+            goto fail;
+    }
+    for (uint32_t i = 0; i < SM_FS_MAX_HANDLES; i++) {
+        sm_fs_handle *h = &f->handles[i];
+        if (h->fd < 0 && !h->gone)
+            continue;
+        sm_fs_saved_entry e = {.table = SM_FS_SAVED_HANDLE, .index = i,
+                               .kind = h->is_dir ? SM_FS_KIND_DIR : SM_FS_KIND_FILE};
+        if (h->fd >= 0 && !h->is_dir) {
+            int fl = fcntl(h->fd, F_GETFL);
+            e.flags = fl < 0 ? 0 : (uint32_t)(fl & (O_ACCMODE | O_APPEND));
+        }
+        if (save_slot(&buf, &len, &cap, root_path, &e, h->fd, err, err_len) < 0)
+            goto fail;
+    }
+    *out = buf;
+    *out_len = len;
+    return 0;
+fail:
+    free(buf);
+    return -1;
+}
+
+static int fs_restore(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len)
+{
+    sm_fs *f = dev;
+    sm_fs_state s;
+    if (len != sizeof(s)) {
+        snprintf(err, err_len, "fs state is %zu bytes, this core's is %zu", len, sizeof(s));
+        return -1;
+    }
+    memcpy(&s, buf, sizeof(s));
+    if (!memchr(s.tag, 0, sizeof(s.tag)) || s.initialized > 1 || s.read_only > 1 ||
+        (s.initialized && (s.minor < SM_FUSE_MIN_MINOR_VERSION || s.minor > SM_FUSE_KERNEL_MINOR_VERSION))) {
+        snprintf(err, err_len, "the snapshot's fs state is malformed (tag, flags or FUSE minor %u)",
+                 s.minor);
+        return -1;
+    }
+    if (s.read_only != (uint32_t)(f->read_only != 0)) {
+        snprintf(err, err_len, "the share is %s, the snapshot's was %s",
+                 f->read_only ? "read-only" : "read-write", s.read_only ? "read-only" : "read-write");
+        return -1;
+    }
+    if (strcmp(s.tag, f->tag) != 0) {
+        snprintf(err, err_len, "the share's tag is %s, the snapshot's was %s", f->tag, s.tag);
+        return -1;
+    }
+    close_all(f, 1);
+    f->initialized = (int)s.initialized;
+    f->minor = s.minor;
+    return 0;
+}
+
+/* A saved path is one or more single entries joined by '/': no leading, trailing or double
+ * '/', no '.' or '..', no NUL, each at most SM_FS_MAX_NAME_BYTES: the names a live LOOKUP
+ * takes, one after another. */
+static int saved_path_is_clean(const char *path, uint32_t len)
+{
+    if (len == 0 || len > SM_FS_MAX_SAVED_PATH_BYTES || memchr(path, 0, len))
+        return 0;
+    uint32_t start = 0;
+    for (uint32_t i = 0; i <= len; i++) {
+        if (i < len && path[i] != '/')
+            continue;
+        uint32_t n = i - start;
+        if (n == 0 || n > SM_FS_MAX_NAME_BYTES || (n == 1 && path[start] == '.') ||
+            (n == 2 && path[start] == '.' && path[start + 1] == '.'))
+            return 0;
+        start = i + 1;
+    }
+    return 1;
+}
+
+/* Opens a clean saved path beneath the share as a live LOOKUP chain would: each entry by
+ * openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS, O_PATH | O_NOFOLLOW) from the one before,
+ * so a symlink on the way is never followed (the next step fails ENOTDIR). Returns the O_PATH
+ * fd of the last entry with *st, or -1 when something on the way is not there. */
+static int open_saved_path(sm_fs *f, const char *path, uint32_t len, struct stat *st)
+{
+    char name[SM_FS_MAX_NAME_BYTES + 1];
+    int dir = f->nodes[0].fd, fd = -1;
+    uint32_t start = 0;
+    for (uint32_t i = 0; i <= len; i++) {
+        if (i < len && path[i] != '/')
+            continue;
+        memcpy(name, path + start, i - start);
+        name[i - start] = 0;
+        fd = fs_openat2(dir, name, FS_LOOKUP_FLAGS, 0);
+        if (dir != f->nodes[0].fd)
+            close(dir);
+        if (fd < 0)
+            return -1;
+        dir = fd;
+        start = i + 1;
+    }
+    if (fstat(fd, st) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* A node: its path's O_PATH fd, or gone (ESTALE) when its file is not there or is another
+ * kind of file now. */
+static void restore_node(sm_fs *f, const sm_fs_saved_entry *e, const char *path)
+{
+    sm_fs_node *n = &f->nodes[e->index];
+    struct stat st;
+    int fd = e->path_len ? open_saved_path(f, path, e->path_len, &st) : -1;
+    if (fd >= 0 && kind_of(st.st_mode) != e->kind) {
+        close(fd);
+        fd = -1;
+    }
+    n->nlookup = e->nlookup;
+    if (fd < 0) {
+        n->gone = 1;
+        f->counters.gone_at_restore++;
+        return;
+    }
+    n->fd = fd;
+    n->dev = st.st_dev;
+    n->ino = st.st_ino;
+}
+
+/* A handle: its file reopened as OPEN/OPENDIR opened it (never truncating), with the same
+ * checks; gone (ESTALE) when the file is not there, is another kind of file now, or has
+ * become set-user-ID/set-group-ID under a write handle. */
+static void restore_handle(sm_fs *f, const sm_fs_saved_entry *e, const char *path)
+{
+    sm_fs_handle *h = &f->handles[e->index];
+    int is_dir = e->kind == SM_FS_KIND_DIR;
+    struct stat st;
+    int fd = -1;
+    int path_fd = e->path_len ? open_saved_path(f, path, e->path_len, &st) : -1;
+    if (path_fd >= 0) {
+        int ok = is_dir ? S_ISDIR(st.st_mode)
+                        : S_ISREG(st.st_mode) &&
+                              !((st.st_mode & FS_PRIVILEGE_BITS) && wants_write(e->flags));
+        if (ok)
+            fd = reopen_fd(path_fd, is_dir ? O_RDONLY | O_DIRECTORY : (int)e->flags);
+        close(path_fd);
+    }
+    h->is_dir = is_dir;
+    if (fd < 0) {
+        h->gone = 1;
+        f->counters.gone_at_restore++;
+        return;
+    }
+    h->fd = fd;
+}
+
+/* Checks one saved entry against the table it names; NULL, or what is wrong. */
+static const char *saved_entry_problem(const sm_fs *f, const sm_fs_saved_entry *e, const char *path)
+{
+    if (e->table == SM_FS_SAVED_NODE) {
+        if (e->index < 1 || e->index >= SM_FS_MAX_NODES)
+            return "a node id outside the node table";
+        if (f->nodes[e->index].fd >= 0 || f->nodes[e->index].gone)
+            return "a node id saved twice";
+        if (e->nlookup == 0 || e->flags || e->kind > SM_FS_KIND_OTHER ||
+            (e->kind == SM_FS_KIND_GONE) != (e->path_len == 0))
+            return "a node with a bad lookup count, kind or flags";
+    } else if (e->table == SM_FS_SAVED_HANDLE) {
+        if (e->index >= SM_FS_MAX_HANDLES)
+            return "a file handle outside the handle table";
+        if (f->handles[e->index].fd >= 0 || f->handles[e->index].gone)
+            return "a file handle saved twice";
+        if (e->nlookup || (e->kind != SM_FS_KIND_FILE && e->kind != SM_FS_KIND_DIR) ||
+            (e->flags & ~(uint32_t)(O_ACCMODE | O_APPEND)) || (e->flags & O_ACCMODE) == O_ACCMODE ||
+            (e->kind == SM_FS_KIND_DIR && e->flags))
+            return "a file handle with a bad kind or open flags";
+        if (f->read_only && wants_write(e->flags))
+            return "a file handle open for writing on a read-only share";
+    } else {
+        return "an entry of no known table";
+    }
+    if (e->pad)
+        return "an entry with nonzero padding";
+    if (e->path_len && !saved_path_is_clean(path, e->path_len))
+        return "a path that is not relative single entries (a '..', '.', empty or oversized entry, "
+               "a leading '/', or a NUL)";
+    return NULL;
+}
+
+static int fs_restore_extra(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len)
+{
+    sm_fs *f = dev;
+    if (len && !f->initialized) {
+        snprintf(err, err_len, "the snapshot's FUSE session has node ids before FUSE_INIT");
+        return -1;
+    }
+    size_t at = 0;
+    uint32_t n = 0;
+    char path[SM_FS_MAX_SAVED_PATH_BYTES + 1];
+    while (at < len) {
+        sm_fs_saved_entry e;
+        if (len - at < sizeof(e)) {
+            snprintf(err, err_len, "the snapshot's FUSE session ends inside entry %u", n);
+            return -1;
+        }
+        memcpy(&e, buf + at, sizeof(e));
+        at += sizeof(e);
+        if (e.path_len > SM_FS_MAX_SAVED_PATH_BYTES || e.path_len > len - at) {
+            snprintf(err, err_len, "the snapshot's FUSE session entry %u has a path of %u bytes, "
+                     "beyond the session or the %d-byte limit", n, e.path_len,
+                     SM_FS_MAX_SAVED_PATH_BYTES);
+            return -1;
+        }
+        memcpy(path, buf + at, e.path_len);
+        path[e.path_len] = 0;
+        at += e.path_len;
+        const char *why = saved_entry_problem(f, &e, path);
+        if (why) {
+            snprintf(err, err_len, "the snapshot's FUSE session entry %u (%s %u) is refused: %s", n,
+                     e.table == SM_FS_SAVED_NODE ? "node" : "handle", e.index + 1, why);
+            return -1;
+        }
+        if (e.table == SM_FS_SAVED_NODE)
+            restore_node(f, &e, path);
+        else
+            restore_handle(f, &e, path);
+        n++;
+    }
+    return 0;
 }
 
 const sm_virtio_ops SM_FS_OPS = {
@@ -1454,5 +1851,8 @@ const sm_virtio_ops SM_FS_OPS = {
     .reset = fs_reset,
     .counters = fs_counters,
     .destroy = fs_destroy,
-    .snapshot_refusal = fs_snapshot_refusal,
+    .save = fs_save,
+    .restore = fs_restore,
+    .save_extra = fs_save_extra,
+    .restore_extra = fs_restore_extra,
 };

@@ -13,7 +13,16 @@
  * write-open, truncate or truncating CREATE of an existing set-user-ID/set-group-ID file
  * answers EPERM; SETATTR refuses to change a file's owner or group (EPERM): guest root is not
  * host root, and ownership is where host privilege lives. SETXATTR is not served (ENOSYS).
- * No DAX window: see README ("virtio-fs and DAX"). */
+ * No DAX window: see README ("virtio-fs and DAX").
+ * Snapshots keep the FUSE session: the negotiated INIT state, the read-only flag and tag (the
+ * record's blob, sm_fs_state) and, as extra state, every node id and open file handle as the
+ * path of its file relative to the share root (sm_fs_saved_entry + path bytes). A restore
+ * re-resolves each path beneath the share it is given, one entry at a time with the live
+ * lookups' confinement; a path that is not relative single entries refuses the restore, a
+ * file that is gone (or a symlink in the way, or another kind of file now) leaves its node or
+ * handle "gone": every request naming it answers ESTALE. A file deleted but still open when
+ * the snapshot is taken is gone too. The session must fit SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES
+ * (1 MiB, about 1000 node ids and open files at 1 KiB paths), else the snapshot is refused. */
 #ifndef SM_VIRTIO_FS_H
 #define SM_VIRTIO_FS_H
 
@@ -93,6 +102,7 @@ typedef enum sm_fs_error {
     SM_FS_ERR_HOST_IO,
     SM_FS_ERR_PRIVILEGED,
     SM_FS_ERR_BAD_NAME,
+    SM_FS_ERR_GONE,
     SM_FS_ERR_COUNT
 } sm_fs_error;
 
@@ -113,19 +123,52 @@ typedef struct sm_fs_counters {
     uint64_t syncs;               /* FSYNC / FSYNCDIR done on host files */
     uint64_t fallocates;          /* FALLOCATE done on host files */
     uint64_t seeks;               /* LSEEK (SEEK_DATA / SEEK_HOLE) answered */
+    uint64_t gone_at_restore;     /* nodes and handles whose file a restore did not find */
+    uint64_t stale_answers;       /* requests naming one of those, answered ESTALE */
 } sm_fs_counters;
 
 typedef struct sm_fs_node {
-    int fd;            /* O_PATH, -1 if the slot is free */
+    int fd;            /* O_PATH, -1 if the slot is free or gone */
+    int gone;          /* restored without its file: held (nlookup) until FORGET, ESTALE */
     dev_t dev;
     ino_t ino;
     uint64_t nlookup;
 } sm_fs_node;
 
 typedef struct sm_fs_handle {
-    int fd;            /* -1 if free */
+    int fd;            /* -1 if free or gone */
+    int gone;          /* restored without its file: ESTALE until RELEASE */
     int is_dir;
 } sm_fs_handle;
+
+/* The record's blob: what a restore's share must match, and the INIT state. */
+typedef struct sm_fs_state {
+    char tag[SM_FS_TAG_BYTES + 4];   /* NUL-terminated */
+    uint32_t read_only;
+    uint32_t initialized;
+    uint32_t minor;
+    uint32_t pad;
+} sm_fs_state;
+
+/* The extra state: one entry per node (the root excepted) and per open handle, each followed
+ * by path_len bytes of its path relative to the share root (no NUL, no leading '/'). */
+#define SM_FS_SAVED_NODE 1u
+#define SM_FS_SAVED_HANDLE 2u
+#define SM_FS_KIND_GONE 0u         /* no file at the snapshot either: path_len 0 */
+#define SM_FS_KIND_FILE 1u
+#define SM_FS_KIND_DIR 2u
+#define SM_FS_KIND_SYMLINK 3u
+#define SM_FS_KIND_OTHER 4u        /* FIFO, socket: nodes only */
+#define SM_FS_MAX_SAVED_PATH_BYTES 4095
+typedef struct sm_fs_saved_entry {
+    uint32_t table;      /* SM_FS_SAVED_NODE or SM_FS_SAVED_HANDLE */
+    uint32_t index;      /* node id - 1, or fh - 1 */
+    uint32_t kind;       /* SM_FS_KIND_*: what the path named when the snapshot was taken */
+    uint32_t flags;      /* handles: open flags (O_ACCMODE | O_APPEND); nodes: 0 */
+    uint64_t nlookup;    /* nodes: the guest's lookup count; handles: 0 */
+    uint32_t path_len;   /* bytes of path that follow; 0 for a gone entry */
+    uint32_t pad;
+} sm_fs_saved_entry;
 
 typedef struct sm_fs {
     sm_virtio_mmio *transport;

@@ -394,9 +394,11 @@ const char *sm_virtio_mmio_snapshot_refusal(sm_virtio_mmio *t)
     return why;
 }
 
-int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, char *err, size_t err_len)
+int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, uint8_t **extra, char *err,
+                        size_t err_len)
 {
     memset(s, 0, sizeof(*s));
+    *extra = NULL;
     pthread_mutex_lock(&t->lock);
     snprintf(s->name, sizeof(s->name), "%s", t->name);
     s->device_id = t->ops->device_id;
@@ -415,13 +417,27 @@ int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, char *err, s
     for (uint16_t i = 0; i < t->ops->num_queues; i++)
         sm_vq_save(&t->queues[i], &s->queues[i]);
     size_t blob_len = t->ops->save(t->dev, s->blob, sizeof(s->blob));
+    size_t extra_len = 0;
+    char device_err[SM_ERROR_MESSAGE_BYTES] = "";
+    int extra_rc = t->ops->save_extra
+                       ? t->ops->save_extra(t->dev, extra, &extra_len, device_err, sizeof(device_err))
+                       : 0;
     pthread_mutex_unlock(&t->lock);
-    if (blob_len > sizeof(s->blob)) {
-        snprintf(err, err_len, "%s: device state of %zu bytes exceeds the %zu a snapshot record holds",
-                 t->name, blob_len, sizeof(s->blob));
+    if (extra_rc < 0 || blob_len > sizeof(s->blob) || extra_len > SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES) {
+        if (extra_rc < 0)
+            snprintf(err, err_len, "%s: %s", t->name, device_err);
+        else if (blob_len > sizeof(s->blob))
+            snprintf(err, err_len, "%s: device state of %zu bytes exceeds the %zu a snapshot "
+                     "record holds", t->name, blob_len, sizeof(s->blob));
+        else
+            snprintf(err, err_len, "%s: device state of %zu bytes exceeds the %u a snapshot "
+                     "holds per device", t->name, extra_len, SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES);
+        free(*extra);
+        *extra = NULL;
         return -1;
     }
     s->blob_len = (uint32_t)blob_len;
+    s->extra_len = (uint32_t)extra_len;
     return 0;
 }
 
@@ -438,15 +454,22 @@ const char *sm_virtio_mmio_state_check(const sm_virtio_mmio_state *s)
             return "queue ready flag is neither 0 nor 1";
     if (s->blob_len > sizeof(s->blob))
         return "device state length above the record's capacity";
+    if (s->extra_len > SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES)
+        return "extra device state length above the limit";
     return NULL;
 }
 
-int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, char *err,
-                           size_t err_len)
+int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, const uint8_t *extra,
+                           char *err, size_t err_len)
 {
     const char *refusal = sm_virtio_mmio_snapshot_refusal(t);
     if (refusal) {
         snprintf(err, err_len, "%s cannot be restored: %s", t->name, refusal);
+        return -1;
+    }
+    if (s->extra_len && !t->ops->restore_extra) {
+        snprintf(err, err_len, "%s: the snapshot has %u bytes of extra state, the device keeps none",
+                 t->name, s->extra_len);
         return -1;
     }
     if (s->n_queues != t->ops->num_queues) {
@@ -479,7 +502,9 @@ int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, cha
     t->broken = s->broken != 0;
     snprintf(t->broken_reason, sizeof(t->broken_reason), "%s", s->broken_reason);
     char device_err[SM_ERROR_MESSAGE_BYTES];
-    if (t->ops->restore(t->dev, s->blob, s->blob_len, device_err, sizeof(device_err)) < 0) {
+    if (t->ops->restore(t->dev, s->blob, s->blob_len, device_err, sizeof(device_err)) < 0 ||
+        (t->ops->restore_extra &&
+         t->ops->restore_extra(t->dev, extra, s->extra_len, device_err, sizeof(device_err)) < 0)) {
         snprintf(err, err_len, "%s: %s", t->name, device_err);
         goto out;
     }

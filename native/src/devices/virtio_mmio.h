@@ -21,6 +21,9 @@
 #define SM_VIRTIO_NAME_BYTES 32
 #define SM_VIRTIO_BROKEN_REASON_BYTES 256
 #define SM_VIRTIO_SNAPSHOT_BLOB_BYTES 256   /* room for a device's own snapshot state */
+/* Device state too large for the blob (virtio-fs: its FUSE session) travels after the records,
+ * at most this many bytes per device: a device whose state is larger refuses the snapshot. */
+#define SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES (1024u * 1024u)
 
 #define SM_VIRTIO_STATUS_ACKNOWLEDGE 0x01
 #define SM_VIRTIO_STATUS_DRIVER 0x02
@@ -85,10 +88,17 @@ typedef struct sm_virtio_ops {
     const char *(*snapshot_refusal)(void *dev);
     size_t (*save)(void *dev, uint8_t *buf, size_t cap);
     int (*restore)(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len);
+    /* Optional: state of variable size that does not fit the blob. save_extra sets *buf
+     * (malloc'd, the caller frees; NULL with *len 0 for none) and *len, at most
+     * SM_VIRTIO_SNAPSHOT_EXTRA_MAX_BYTES; 0, or -1 with err. restore_extra runs right after
+     * restore with the bytes save_extra wrote (untrusted: a snapshot is input); 0, or -1. */
+    int (*save_extra)(void *dev, uint8_t **buf, size_t *len, char *err, size_t err_len);
+    int (*restore_extra)(void *dev, const uint8_t *buf, size_t len, char *err, size_t err_len);
 } sm_virtio_ops;
 
 /* What a snapshot keeps of one virtio-mmio device: the transport registers, every queue
- * and the device's own state (blob, written by ops->save). Fixed size: one per device. */
+ * and the device's own state (blob, written by ops->save). Fixed size: one per device; its
+ * extra state (ops->save_extra), extra_len bytes, follows all the records (snapshot.h). */
 typedef struct sm_virtio_mmio_state {
     char name[SM_VIRTIO_NAME_BYTES];
     uint32_t device_id;
@@ -106,7 +116,7 @@ typedef struct sm_virtio_mmio_state {
     char broken_reason[SM_VIRTIO_BROKEN_REASON_BYTES];
     sm_vq_state queues[SM_VIRTIO_MAX_QUEUES];
     uint32_t blob_len;
-    uint32_t pad;
+    uint32_t extra_len;
     uint8_t blob[SM_VIRTIO_SNAPSHOT_BLOB_BYTES];
 } sm_virtio_mmio_state;
 
@@ -154,14 +164,17 @@ int sm_virtio_mmio_is_live_locked(const sm_virtio_mmio *t);
 
 void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out);
 
-/* Snapshots. refusal: why this device cannot be snapshotted, or NULL. save: 0, or -1 with
- * err. state_check: a record's own consistency (strings terminated, counts and lengths within
- * the record), before anything trusts it; NULL or what is wrong. restore: the record into a
- * device of the same kind; 0, or -1 with err starting with the device name. */
+/* Snapshots. refusal: why this device cannot be snapshotted, or NULL. save: the record and
+ * the device's extra state (*extra malloc'd or NULL, s->extra_len its length; the caller
+ * frees it), 0, or -1 with err. state_check: a record's own consistency (strings terminated,
+ * counts and lengths within bounds), before anything trusts it; NULL or what is wrong.
+ * restore: the record and its extra_len bytes of extra state into a device of the same kind;
+ * 0, or -1 with err starting with the device name. */
 const char *sm_virtio_mmio_snapshot_refusal(sm_virtio_mmio *t);
-int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, char *err, size_t err_len);
+int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, uint8_t **extra, char *err,
+                        size_t err_len);
 const char *sm_virtio_mmio_state_check(const sm_virtio_mmio_state *s);
-int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, char *err,
-                           size_t err_len);
+int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, const uint8_t *extra,
+                           char *err, size_t err_len);
 
 #endif

@@ -189,7 +189,7 @@ class NativeVm:
     def restore(cls, path: str | os.PathLike, *, start: bool = True, balloon: bool = False,
                 balloon_deflate_on_oom: bool = False, balloon_stats_interval_s: int = 0,
                 volumes: Sequence[tuple] = (), vsock_uds_path: str | os.PathLike | None = None,
-                vsock_guest_cid: int = 3) -> NativeVm:
+                vsock_guest_cid: int = 3, mounts: Sequence[tuple] = ()) -> NativeVm:
         """A VM from a snapshot directory written by :meth:`snapshot`. Guest RAM is a
         copy-on-write mapping of its memory.bin, so VMs restored from one snapshot share the
         unmodified pages. ``start=False`` leaves it created; :meth:`start` runs it.
@@ -197,9 +197,12 @@ class NativeVm:
         The device keywords mean what they mean for ``NativeVm(...)`` and give the host side of
         the snapshot's devices: the same devices in the same order, the same balloon flags,
         volumes of the same size, read-only flag and serial (each restore its own copy of the
-        file), a vsock socket path of its own. A restored vsock has no connections and tells
-        the guest so with a transport reset event. A different device list, or a damaged,
-        truncated or other-version snapshot raises NativeCoreError saying "snapshot" and why."""
+        file), a vsock socket path of its own, mounts with the same tags and read-only flags
+        (any host directory: the guest's node ids and open files are found again by their
+        paths beneath it; one whose file is gone answers ESTALE). A restored vsock has no
+        connections and tells the guest so with a transport reset event. A different device
+        list, or a damaged, truncated or other-version snapshot raises NativeCoreError saying
+        "snapshot" and why."""
         ffi, lib = _load()
         self = cls.__new__(cls)
         self._ffi, self._lib = ffi, lib
@@ -209,7 +212,7 @@ class NativeVm:
                           cmdline=None, balloon=balloon, balloon_deflate_on_oom=balloon_deflate_on_oom,
                           balloon_stats_interval_s=balloon_stats_interval_s, volumes=volumes,
                           vsock_uds_path=vsock_uds_path, vsock_guest_cid=vsock_guest_cid,
-                          strict_unhandled_exits=False, mounts=())
+                          strict_unhandled_exits=False, mounts=mounts)
         out = ffi.new("sm_vm **")
         err = ffi.new("char[512]")
         rc = lib.sm_vm_restore(os.fsencode(path), cfg, int(bool(start)), out, err, 512)
@@ -225,8 +228,8 @@ class NativeVm:
     def snapshot(self, path: str | os.PathLike) -> None:
         """Write a snapshot (path/state.bin + sparse path/memory.bin; the directory is created).
         A running VM is paused for the copy and resumed after. Virtio devices are saved with
-        it (transport, queues, balloon and disk state; vsock connections are not kept); a VM
-        with a virtio-fs mount is refused with the reason and nothing is written."""
+        it (transport, queues, balloon and disk state, each virtio-fs share's FUSE session as
+        paths beneath the share; vsock connections are not kept)."""
         self.raise_if_failed()
         self._check(self._lib.sm_vm_snapshot(self._handle(), os.fsencode(path)), "snapshot")
 
