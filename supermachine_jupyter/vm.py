@@ -569,8 +569,9 @@ class Vm:
 
         Returns a :class:`~supermachine_jupyter.snapshots.Snapshot`;
         ``Image.from_snapshot(path).start()`` starts new VMs from it on the same engine
-        (QEMU or the native core). VMs with virtio-fs mounts cannot be snapshotted (each
-        engine says why)."""
+        (QEMU or the native core). virtio-fs mounts: the native core carries them (a
+        restore re-attaches them and the guest's open files on them); QEMU refuses and says
+        why."""
         self._check_running()
         from .snapshots.write import write_snapshot
         return write_snapshot(self, path, overwrite=overwrite)

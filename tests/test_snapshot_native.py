@@ -198,16 +198,34 @@ def test_a_volume_file_outside_the_snapshot_is_refused(probe_image, tmp_path):
         Image.from_snapshot(snap.path).start()
 
 
-def test_vm_with_mounts_cannot_be_snapshotted(probe_image, tmp_path):
-    shared = tmp_path / "shared"
+def test_vm_with_mounts_snapshots_and_restores_with_them_reattached(probe_image, tmp_path):
+    """The native engine carries mounts across a snapshot: a restore re-attaches the
+    snapshot's host folders (or the ones its config gives, same tags and guest paths), a
+    restore config with other mounts is refused, and a host folder that is gone is named."""
+    from supermachine_jupyter.config import MountSpec
+    shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
     shared.mkdir()
+    elsewhere.mkdir()
     with probe_image.start(NATIVE.with_virtiofs(str(shared), "share", "/mnt/share"),
                            name="nfssrc") as vm:
-        with pytest.raises(SnapshotError, match="virtio-fs") as info:
-            vm.snapshot(tmp_path / "nope")
-        assert "snapshot" in str(info.value) and "native core" in str(info.value)
         assert count(vm) == 1
-    assert not (tmp_path / "nope").exists()
+        snap = vm.snapshot(tmp_path / "withmount")
+    assert snap.header["config"]["mounts"][0]["host_path"] == str(shared)
+    with Image.from_snapshot(snap.path).start(name="nfs1") as same:
+        assert count(same) == 2                                   # the snapshot's memory
+        assert [m.spec for m in same.mounts()] == [MountSpec(str(shared), "share", "/mnt/share")]
+        assert same.instance.vm.device("virtio-fs0")["virtio_device_id"] == 26
+    moved = VmConfig(mounts=[MountSpec(str(elsewhere), "share", "/mnt/share")])
+    with Image.from_snapshot(snap.path).start(moved, name="nfs2") as other:
+        assert count(other) == 2
+        assert [m.spec.host_path for m in other.mounts()] == [str(elsewhere)]
+    renamed = VmConfig(mounts=[MountSpec(str(elsewhere), "other", "/mnt/share")])
+    with pytest.raises(SnapshotError, match="mounts differ from the snapshot's"):
+        Image.from_snapshot(snap.path).start(renamed)
+    shared.rmdir()
+    with pytest.raises(SnapshotError, match=f"mount 'share' re-attaches host folder {shared}, "
+                                            "which is not a directory here"):
+        Image.from_snapshot(snap.path).start()
 
 
 def test_pre_booted_snapshot_cache_on_the_native_engine(probe_image, tmp_path, monkeypatch):

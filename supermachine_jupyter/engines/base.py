@@ -194,8 +194,9 @@ class EngineInstance(abc.ABC):
 
     # -- snapshots (engines override what they support; see snapshot.py) ------------------
     #: Why this engine cannot carry virtio-fs mounts across a snapshot (the one place each
-    #: engine says it): "… cannot be snapshotted: <this>".
-    mounts_not_snapshotted_because: str = "this engine cannot snapshot them"
+    #: engine says it): "… cannot be snapshotted: <this>"; None for an engine that carries
+    #: them (its restores re-attach the mounts and the guest's open files on them).
+    mounts_not_snapshotted_because: str | None = "this engine cannot snapshot them"
 
     def snapshot_to(self, directory: Path, while_paused: "Callable[[], None] | None" = None,
                     timeout: float = 300.0) -> "Callable[[], dict]":
@@ -204,7 +205,7 @@ class EngineInstance(abc.ABC):
         ``while_paused`` (volume copies), resume it. Returns a function that finishes the
         files (it may run in another thread, after the VM has moved on) and returns what the
         snapshot header records about the engine (``engine_state``)."""
-        if self.spec.config.mounts:
+        if self.spec.config.mounts and self.mounts_not_snapshotted_because is not None:
             raise EngineError("snapshot: this VM has virtio-fs mounts, so it cannot be "
                               f"snapshotted: {self.mounts_not_snapshotted_because} (use "
                               "volumes instead)")

@@ -22,7 +22,8 @@ and the engine's own files. QEMU (``engine_state.qemu_version``):
 The native core (``engine_state.core_version``; format in ``native/src/snapshot.h``):
 
     state.bin               vCPUs, irqchip, PIT, clock, UART and every virtio-mmio device
-                            (transport, queue indexes, device state), versioned, checksummed
+                            (transport, queue indexes, device state, virtio-fs sessions),
+                            versioned, checksummed
     memory.bin              guest RAM as a sparse file, mapped ``MAP_PRIVATE`` by restores
 
 ``header`` is three lines: ``SUPERMACHINE-SNAPSHOT <format version>``, one line of JSON (the
@@ -40,9 +41,16 @@ What a restored VM gets:
   run directory (QEMU: qcow2; native: a sparse per-VM copy): the guest's filesystem matches
   its memory, restores never see each other's writes, and the original volume file (which
   the source VM may have changed since) is never touched. Writes end with the VM.
-* **host mounts** (virtio-fs) cannot be carried, so a VM with mounts cannot be snapshotted
-  (a clear error says why): QEMU 7.2's ``vhost-user-fs`` device is not migratable, and the
-  native core's FUSE node ids and open files name host file descriptors.
+* its **host mounts** (virtio-fs), on the native core: each is re-attached to the snapshot's
+  host folder, or to the one the restore config gives (same tag, guest path and read-only
+  flag; ``restored_config``), and a folder that is gone is an error naming it. The core saves
+  the guest's FUSE session (node ids and open files as paths relative to the mount) and
+  resolves it again beneath that folder with a live lookup's confinement: the guest's open
+  files and working directory carry on, a file gone by then answers ``ESTALE``, a tampered
+  path refuses the restore (``native/src/devices/virtio_fs.h``). The share's contents are the
+  host's, not the snapshot's. QEMU refuses to snapshot a VM with mounts (a clear error says
+  why: QEMU 7.2's ``vhost-user-fs`` device is not migratable); each engine says which it does
+  (``EngineInstance.mounts_not_snapshotted_because``).
 * on the native core, **vsock connections** are reset (the guest gets a transport-reset
   event, as on Firecracker); the agent keeps listening and the host connects anew.
 * after the agent answers, the host sets the guest's **hostname** to the new VM's name,

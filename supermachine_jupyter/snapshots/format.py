@@ -239,6 +239,13 @@ def _check_fields(fields: dict, where: str) -> None:
         want(volume, "serial", str, f"volumes[{i}].serial")
 
 
+def _mount_shape(mount: object) -> tuple:
+    """What a restore keeps of a mount: all but its host folder, which it may move."""
+    if not isinstance(mount, dict):
+        return (mount,)
+    return (mount.get("tag"), mount.get("guest_path"), bool(mount.get("read_only")))
+
+
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """A snapshot directory whose header has been checked. ``Snapshot.open(path)``."""
@@ -338,8 +345,10 @@ class Snapshot:
 
     def restored_config(self, config: VmConfig) -> VmConfig:
         """The config of a VM restored with ``config``: the snapshot's hardware (memory,
-        vCPUs, balloon, volumes) with the caller's name, run directory and timeout.
-        A ``config`` that asks for different hardware is refused."""
+        vCPUs, balloon, volumes, mounts) with the caller's name, run directory and timeout.
+        Mounts are re-attached to the same host folders, or to the ones ``config.mounts``
+        gives (same tags, guest paths and read-only flags). A ``config`` that asks for
+        different hardware is refused; so is a mount whose host folder is gone."""
         from traitlets import TraitError
 
         from ..config import VmConfig
@@ -355,14 +364,29 @@ class Snapshot:
             conflicts.append("balloon=True (the snapshot has no balloon)")
         if config.volumes and [v.to_dict() for v in config.volumes] != saved.get("volumes"):
             conflicts.append("volumes differ from the snapshot's")
-        if config.mounts:
-            conflicts.append("mounts (snapshots cannot carry virtio-fs mounts)")
+        saved_mounts = saved.get("mounts") or []
+        if config.mounts and [_mount_shape(m.to_dict()) for m in config.mounts] != \
+                [_mount_shape(m) for m in saved_mounts]:
+            conflicts.append("mounts differ from the snapshot's (a restore may move a mount to "
+                             "another host folder; its tag, guest path and read-only flag stay)")
         if conflicts:
             raise SnapshotError(
                 f"snapshot {self.path} cannot be restored with {'; '.join(conflicts)}: a "
                 "restore keeps the snapshot's hardware and engine (leave those fields unset)")
         saved.update(name=config.name, restore_timeout=config.restore_timeout,
                      vsock_mux_dir=config.vsock_mux_dir, engine=self.engine, assets=None)
+        if config.mounts:
+            saved["mounts"] = [m.to_dict() for m in config.mounts]
+        else:
+            for mount in saved_mounts:
+                folder = mount.get("host_path") if isinstance(mount, dict) else None
+                if not isinstance(folder, str) or not os.path.isdir(folder):
+                    tag = mount.get("tag") if isinstance(mount, dict) else "?"
+                    raise SnapshotError(
+                        f"snapshot {self.path}: its mount {tag!r} re-attaches host folder "
+                        f"{folder}, which is not a directory here: create it, or give the "
+                        "mount with another folder in the restore config (VmConfig(mounts="
+                        "[MountSpec(<folder>, <same tag>, <same guest path>)]))")
         saved_volumes = saved.get("volumes")
         if not isinstance(saved_volumes, list) or len(saved_volumes) != len(self.header["volumes"]) \
                 or not all(isinstance(v, dict) for v in saved_volumes):

@@ -49,18 +49,20 @@ class NativeInstance(EngineInstance):
         self._pump = None
         # The same device set for a boot and a restore: the core checks a restore's devices
         # against the snapshot's, and the guest already has drivers bound to these.
+        # A restore's mounts are re-attached: the core finds the guest's node ids and open
+        # files again by their paths beneath each mount's host folder.
         devices = {"balloon": bool(spec.config.balloon), "balloon_deflate_on_oom": True,
                    "balloon_stats_interval_s": 1,
                    "volumes": [(v.path, v.spec.read_only, v.serial) for v in spec.volumes],
-                   "vsock_uds_path": self.vsock_path, "vsock_guest_cid": 3}
+                   "vsock_uds_path": self.vsock_path, "vsock_guest_cid": 3,
+                   "mounts": [(m.host_path, m.tag, m.read_only) for m in spec.config.mounts]}
         if restore_from is not None:
             self.vm = NativeVm.restore(restore_from, start=False, **devices)
             return
         kernel = spec.vmlinux if spec.vmlinux and Path(spec.vmlinux).exists() else spec.kernel
         cmdline = f"{spec.cmdline} sm.agent=vsock:{self._agent_port}"
-        mounts = [(m.host_path, m.tag, m.read_only) for m in spec.config.mounts]
         self.vm = NativeVm(kernel, memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                           initrd=spec.initrd, cmdline=cmdline, mounts=mounts, **devices)
+                           initrd=spec.initrd, cmdline=cmdline, **devices)
         self.resume()
 
     def resume(self) -> None:
@@ -80,10 +82,10 @@ class NativeInstance(EngineInstance):
         self._pump.start()
 
     # -- the snapshot_to template's steps (EngineInstance.snapshot_to) ---------------------
-    # The core writes state.bin (vCPUs, irqchip, clock, UART, virtio devices) and memory.bin
-    # (guest RAM, sparse) while the guest is paused; ``finish`` flushes guest RAM to disk.
-    mounts_not_snapshotted_because = ("the guest's FUSE node ids and open files name host "
-                                      "file descriptors of the native core")
+    # The core writes state.bin (vCPUs, irqchip, clock, UART, virtio devices, each mount's
+    # FUSE session as paths beneath its folder) and memory.bin (guest RAM, sparse) while the
+    # guest is paused; ``finish`` flushes guest RAM to disk.
+    mounts_not_snapshotted_because = None
 
     def _guest_running(self) -> bool:
         return self.vm.state == "running"
