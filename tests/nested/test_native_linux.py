@@ -584,6 +584,71 @@ def test_two_restores_are_independent_and_a_restore_can_be_snapshotted(snapshot_
         assert again.run("cat /root/who /root/mark").stdout == "a\nbefore-snapshot\n"
 
 
+HOLDER_SCRIPT = """cd /mnt/m/sub
+exec 3< log.txt 4>> log.txt 5< /mnt/m/gone.txt 6< /mnt/m/read.txt
+read first <&3
+echo "$first" > /root/first
+while [ ! -e /root/go ]; do sleep 0.2; done
+echo "after restore" >&4
+cat <&6 > /root/read-through-old-fd
+cat <&5 > /root/gone-read 2> /root/gone-err; echo $? > /root/gone-rc
+ls > /root/ls-of-cwd
+echo done > /root/done
+"""
+
+
+@pytest.fixture(scope="module")
+def snapshot_with_mount(image, workdir):
+    """A snapshot of a VM with a read-write mount on /mnt/m, taken while a guest process has
+    its working directory in the share and holds files on it open (fds 3-6: a read, an
+    append, a file the host will delete, a file it will rewrite), waiting for /root/go. The
+    VM is started asking for the pre-booted cache, which a VM with mounts must not use."""
+    host = workdir / "mshare"
+    (host / "sub").mkdir(parents=True)
+    (host / "sub" / "log.txt").write_text("line one\n")
+    (host / "gone.txt").write_text("deleted before the restore\n")
+    (host / "read.txt").write_text("HOST-ORIGINAL\n")
+    path = workdir / "snaps" / "with-mount"
+    path.parent.mkdir(exist_ok=True)
+    config = NATIVE.with_memory_mib(256).with_virtiofs(str(host), "mshare", "/mnt/m")
+    with start_native(image, config, name="nested-mount-src", snapshot_cache=True) as vm:
+        assert vm.restored_from is None          # booted: the pre-booted cache has no mounts
+        vm.write_file("/root/holder.sh", HOLDER_SCRIPT)
+        assert vm.run("setsid sh /root/holder.sh </dev/null >/dev/null 2>&1 &").ok
+        assert wait_for(lambda: vm.run("cat /root/first").stdout == "line one\n", 60)
+        vm.snapshot(path)
+    return path, host
+
+
+def test_restore_of_a_snapshot_with_a_mount_carries_open_files_and_cwd(snapshot_with_mount):
+    from supermachine_jupyter import Image
+    path, host = snapshot_with_mount
+    # The host changes the share while the snapshot sits on disk.
+    (host / "gone.txt").unlink()
+    (host / "sub" / "new-on-host.txt").write_text("made after the snapshot\n")
+    (host / "read.txt").write_text("HOST-RESTORED\n")       # same inode, same length
+    with Image.from_snapshot(path).start(NATIVE, name="nested-mount-restored") as vm:
+        assert [m.spec.host_path for m in vm.mounts()] == [str(host)]
+        assert vm.run("touch /root/go").ok
+        assert wait_for(lambda: vm.run("cat /root/done").stdout == "done\n", 60), \
+            vm.run("ls /root; cat /root/gone-err").stdout
+        # the held append fd reached the host; the held read fd reads the host's file now
+        assert (host / "sub" / "log.txt").read_text() == "line one\nafter restore\n"
+        assert vm.run("cat /root/read-through-old-fd").stdout == "HOST-RESTORED\n"
+        # the file deleted on the host: an error through the held fd, not a failed restore
+        assert vm.run("cat /root/gone-rc").stdout.strip() != "0"
+        assert "Stale file handle" in vm.run("cat /root/gone-err").stdout
+        # the working directory is still the share's sub: it lists what the host made since
+        assert vm.run("cat /root/ls-of-cwd").stdout.split() == ["log.txt", "new-on-host.txt"]
+        # new reads and writes through the mount
+        assert vm.run("echo via-mount > /mnt/m/sub/after.txt && cat /mnt/m/read.txt").stdout \
+            == "HOST-RESTORED\n"
+        assert (host / "sub" / "after.txt").read_text() == "via-mount\n"
+        counters = vm.instance.vm.device("virtio-fs0")["counters"]
+    assert counters["gone_at_restore"] == 2, counters    # gone.txt's node id and its fd
+    assert counters["stale_answers"] >= 1 and counters["escape_refusals"] == 0, counters
+
+
 def _ipython():
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.testing.globalipapp import start_ipython
