@@ -818,3 +818,29 @@ def test_fs_restore_with_another_share_refused(native, fs_snapshot, tmp_path, ch
         else:
             fs_restore(native, snap, tmp_path / "no-such-folder" if change == "missing_folder" else share,
                        read_only=change == "read_only", tag="other" if change == "tag" else "hostshare")
+
+
+def test_fs_session_too_large_refuses_the_snapshot(native, tmp_path):
+    """1000 node ids of ~1.2 KiB paths are more than the 1 MiB of session a snapshot keeps per
+    share: the snapshot is refused with the reason and what to do, nothing is written, and
+    the guest runs on."""
+    share = tmp_path / "share"
+    deep = share.joinpath(*["d" * 200] * 5)
+    deep.mkdir(parents=True)
+    for i in range(1000):
+        (deep / (f"f{i:04d}" + "x" * 145)).touch()
+    vm = native.NativeVm(native.probe_path("fs"), cmdline="snap=1 many=1000",
+                         mounts=[(share, "hostshare", False)], strict_unhandled_exits=True)
+    try:
+        run_to_snapshot_point(vm, "fs")
+        assert "held 1000 deep names" in vm.console_output().decode()
+        with pytest.raises(native.NativeCoreError,
+                           match=r"snapshot: virtio-fs0: the guest's FUSE session .* is larger "
+                                 r"than the 1048576 bytes a snapshot keeps per share: .*drop_caches"):
+            vm.snapshot(tmp_path / "s")
+        assert vm.state == "running"
+        assert not (tmp_path / "s" / "state.bin").exists()
+        assert not (tmp_path / "s" / "memory.bin").exists()
+        continue_to_ok(vm, "fs")
+    finally:
+        vm.close()

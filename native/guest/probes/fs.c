@@ -13,7 +13,8 @@
  * With snap=1 it instead holds a FUSE session (node ids of hello.txt, sub, sub/deep.txt,
  * gone.txt, inside_link; handles on hello.txt, sub/deep.txt (append), gone.txt and the
  * directory sub), stops at a snapshot point, then uses every one of them again and reports
- * each answer ("after <what> -> <rc>"): the host restores it and checks the answers. */
+ * each answer ("after <what> -> <rc>"): the host restores it and checks the answers. With
+ * snap=1 many=<n> it holds n node ids of long paths instead (a session too large to keep). */
 #include "probe.h"
 
 #define VIRTIO_ID_FS 26
@@ -654,6 +655,44 @@ static void after(const char *what, int rc)
     report(what, rc);
 }
 
+/* snap=1 many=<n>: node ids of n files with long paths (DEEP_LEVELS directories of
+ * DEEP_DIR_NAME_BYTES 'd's, then names "f<4 digits>" padded with 'x' to DEEP_FILE_NAME_BYTES)
+ * held at the snapshot point: a session larger than a snapshot keeps. */
+#define DEEP_LEVELS 5
+#define DEEP_DIR_NAME_BYTES 200
+#define DEEP_FILE_NAME_BYTES 150
+static int hold_many_names(uint64_t many)
+{
+    static char name[DEEP_DIR_NAME_BYTES + 1];
+    struct fuse_entry_out e;
+    uint64_t dir = FUSE_ROOT_ID;
+    memset(name, 'd', DEEP_DIR_NAME_BYTES);
+    name[DEEP_DIR_NAME_BYTES] = 0;
+    for (int i = 0; i < DEEP_LEVELS; i++) {
+        if (lookup(dir, name, &e))
+            return fail("lookup of a deep directory");
+        dir = e.nodeid;
+    }
+    memset(name, 'x', DEEP_FILE_NAME_BYTES);
+    name[DEEP_FILE_NAME_BYTES] = 0;
+    for (uint64_t i = 0; i < many; i++) {
+        name[0] = 'f';
+        name[1] = (char)('0' + i / 1000 % 10);
+        name[2] = (char)('0' + i / 100 % 10);
+        name[3] = (char)('0' + i / 10 % 10);
+        name[4] = (char)('0' + i % 10);
+        if (lookup(dir, name, &e))
+            return fail("lookup of a deep file");
+    }
+    put_str("held ");
+    put_dec(many);
+    put_line(" deep names");
+    if (probe_snapshot_point("fs"))
+        return fail("no byte from the host at the snapshot point");
+    put_line("PROBE fs OK");
+    return 0;
+}
+
 /* snap=1: a FUSE session held across a snapshot point, then used again (see the top). */
 static int snapshot_session(int ro)
 {
@@ -787,6 +826,8 @@ int probe_main(void)
     put_str(" max_write ");
     put_dec(io->max_write);
     put_char('\n');
+    if (cmdline_get_u64("snap", 0) && cmdline_get_u64("many", 0))
+        return hold_many_names(cmdline_get_u64("many", 0));
     if (cmdline_get_u64("snap", 0))
         return snapshot_session(ro);
 

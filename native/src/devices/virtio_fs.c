@@ -1499,6 +1499,7 @@ static size_t fs_save(void *dev, uint8_t *buf, size_t cap)
 static int fd_host_path(int fd, char *out, size_t cap)
 {
     char proc[FS_PROC_FD_PATH_BYTES];
+    errno = 0;
     ssize_t n = readlink(proc_path(proc, fd), out, cap - 1);
     if (n < 0 || (size_t)n >= cap - 1)
         return -1;
@@ -1523,8 +1524,8 @@ static int relative_path(int fd, const char *root_path, char *rel, uint32_t *len
     if (fstat(fd, &st) < 0 || st.st_nlink == 0)
         return 1;
     if (fd_host_path(fd, host, sizeof(host)) < 0) {
-        snprintf(err, err_len, "the host path of an open file is longer than %d bytes",
-                 SM_FS_MAX_SAVED_PATH_BYTES);
+        snprintf(err, err_len, "the host path of a file the guest holds cannot be read (%s)",
+                 errno ? strerror(errno) : "too long");
         return -1;
     }
     size_t root_len = strlen(root_path);
@@ -1605,7 +1606,8 @@ static int fs_save_extra(void *dev, uint8_t **out, size_t *out_len, char *err, s
     *out = NULL;
     *out_len = 0;
     if (fd_host_path(f->nodes[0].fd, root_path, sizeof(root_path)) < 0) {
-        snprintf(err, err_len, "the share's host path cannot be read: %s", strerror(errno));
+        snprintf(err, err_len, "the share's host path cannot be read (%s)",
+                 errno ? strerror(errno) : "too long");
         return -1;
     }
     for (uint32_t i = 1; i < SM_FS_MAX_NODES; i++) {
