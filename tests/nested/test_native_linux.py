@@ -649,6 +649,28 @@ def test_restore_of_a_snapshot_with_a_mount_carries_open_files_and_cwd(snapshot_
     assert counters["stale_answers"] >= 1 and counters["escape_refusals"] == 0, counters
 
 
+def test_restore_with_a_mount_moved_to_another_folder_and_a_restore_of_that(
+        snapshot_with_mount, tmp_path):
+    """The restore config may re-attach the mount to another host folder (same tag and guest
+    path): the guest then works on that folder only; a snapshot of that restore re-attaches
+    the moved folder by default."""
+    import shutil
+
+    from supermachine_jupyter import Image, MountSpec
+    path, host = snapshot_with_mount
+    moved = tmp_path / "moved"
+    shutil.copytree(host, moved)
+    config = NATIVE.replace(mounts=[MountSpec(str(moved), "mshare", "/mnt/m")])
+    with Image.from_snapshot(path).start(config, name="nested-mount-moved") as vm:
+        assert vm.run("cat /mnt/m/sub/log.txt | head -1; echo to-moved > /mnt/m/w.txt").stdout \
+            == "line one\n"
+        again = vm.snapshot(tmp_path / "of-moved")
+    assert (moved / "w.txt").read_text() == "to-moved\n" and not (host / "w.txt").exists()
+    assert again.header["config"]["mounts"][0]["host_path"] == str(moved)
+    with Image.from_snapshot(again.path).start(NATIVE, name="nested-mount-rr") as vm:
+        assert vm.run("cat /mnt/m/w.txt; cat /root/first").stdout == "to-moved\nline one\n"
+
+
 def _ipython():
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.testing.globalipapp import start_ipython
