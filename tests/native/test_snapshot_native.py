@@ -36,6 +36,7 @@ FILL_PAGES = 2048            # 8 MiB of patterned guest RAM in the snapshot
 MEMORY_MIB = 32
 HEADER = struct.Struct("<8sIIQIIQQII")  # sm_snapshot_header (native/src/snapshot.h)
 VERSION_OFFSET = 8
+PAYLOAD_OFFSET = 32
 CHECKSUM_OFFSET = 40
 FORMAT_VERSION = 4
 # sm_virtio_mmio_state (native/src/devices/virtio_mmio.h): one per device at the end of state.bin
@@ -430,6 +431,8 @@ def test_restore_with_other_devices_refused(native, balloon_snapshot, short_tmp,
     ("queue_outside_ram", r"snapshot restore: virtio-balloon: queue 1: .*outside guest RAM"),
     ("blob_length", r"snapshot layout is invalid.*device record 0: device state length above"),
     ("blob_length_for_device", r"snapshot restore: virtio-balloon: balloon state is 8 bytes"),
+    ("extra_length", r"snapshot layout is invalid.*extra state is 8 bytes, the payload has 0"),
+    ("extra_for_balloon", r"virtio-balloon: the snapshot has 8 bytes of extra state, the device keeps none"),
     ("unterminated_name", r"snapshot layout is invalid.*device record 0: device name is not NUL"),
     ("device_count", r"snapshot layout is invalid"),
     ("version_1", r"unsupported format version: version 1, this core reads version 4"),
@@ -444,6 +447,7 @@ def test_damaged_device_records_refused(native, balloon_snapshot, tmp_path, dama
         "queue_outside_ram": (queue + QUEUE_STATE_BYTES + 8, struct.pack("<Q", 1 << 40)),
         "blob_length": (RECORD_BLOB_LEN_OFFSET, struct.pack("<I", 10_000)),
         "blob_length_for_device": (RECORD_BLOB_LEN_OFFSET, struct.pack("<I", 8)),
+        "extra_length": (RECORD_EXTRA_LEN_OFFSET, struct.pack("<I", 8)),
         "unterminated_name": (0, b"A" * 32),
     }
     if damage == "truncated_record":
@@ -451,6 +455,12 @@ def test_damaged_device_records_refused(native, balloon_snapshot, tmp_path, dama
     elif damage in patches:
         field_offset, data = patches[damage]
         _patch(state_path, device_record_offset(state, 0) + field_offset, data)
+        reseal(state_path)
+    elif damage == "extra_for_balloon":   # a consistent file whose balloon claims extra state
+        payload = HEADER.unpack_from(state)[6]
+        state_path.write_bytes(state + bytes(8))
+        _patch(state_path, device_record_offset(state, 0) + RECORD_EXTRA_LEN_OFFSET, struct.pack("<I", 8))
+        _patch(state_path, PAYLOAD_OFFSET, struct.pack("<Q", payload + 8))
         reseal(state_path)
     elif damage == "device_count":
         _patch(state_path, 48, struct.pack("<I", 2))
