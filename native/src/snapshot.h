@@ -20,7 +20,8 @@
 #include "../include/supermachine.h"
 
 #define SM_SNAPSHOT_MAGIC "SMNSNAP"          /* 8 bytes with the NUL */
-#define SM_SNAPSHOT_FORMAT_VERSION 4u         /* 2: virtio device records; 3: 32 MSRs, virtio GSIs skip 8, 12; 4: extra device state */
+/* 2: virtio device records; 3: 32 MSRs, virtio GSIs skip 8, 12; 4: extra device state */
+#define SM_SNAPSHOT_FORMAT_VERSION 4u
 #define SM_SNAPSHOT_STATE_FILE "state.bin"
 #define SM_SNAPSHOT_MEMORY_FILE "memory.bin"
 #define SM_SNAPSHOT_MAX_MSRS 32
