@@ -24,8 +24,9 @@ unchanged:
   init's heartbeat file, and after :data:`HEARTBEAT_LOST_S` it is killed, its vCPUs' RIPs read
   on QEMU's monitor and named from L1's own kallsyms (saved by its first boot; nokaslr).
 
-Besides the guest image's reproducible cpio writer (``supermachine_jupyter.guest.assets``) it
-needs only Python, QEMU, ``apt-get``/``dpkg-deb`` and ``/bin/busybox``.
+Besides the guest image's reproducible cpio writer (``supermachine_jupyter.guest.assets``) and,
+for ``run``, the guest assets built on the host (:func:`guest_assets_prelude`) it needs only
+Python, QEMU, ``apt-get``/``dpkg-deb`` and ``/bin/busybox``.
 
 Command line::
 
@@ -484,8 +485,24 @@ def default_env() -> dict[str, str]:
     env.update(HOME=os.path.expanduser("~"),
                PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                TMPDIR="/tmp", XDG_CACHE_HOME="/tmp/l1-cache", PYTHONDONTWRITEBYTECODE="1",
+               # Jupyter's and IPython's folders: the host's are read-only in L1.
+               JUPYTER_RUNTIME_DIR="/tmp/l1-jupyter-runtime", IPYTHONDIR="/tmp/l1-ipython",
+               JUPYTER_DATA_DIR="/tmp/l1-jupyter-data",
                SUPERMACHINE_NESTED_L1="1", SUPERMACHINE_NESTED_RESULTS=RESULTS_IN_L1)
     return env
+
+
+def guest_assets_prelude(env: dict[str, str], progress: Progress = _quiet) -> str:
+    """Shell lines for ``run.sh`` that make the host's guest kernel and initramfs the ones the
+    command finds in L1 (``$XDG_CACHE_HOME/supermachine-jupyter``, a tmpfs there): L1 sees the
+    host root read-only and, at TCG speed, must never build a kernel itself. Builds the guest
+    on the host first if it is missing."""
+    from supermachine_jupyter import Image
+    image = Image.default(progress)
+    cache = f"{env['XDG_CACHE_HOME']}/supermachine-jupyter"
+    return "\n".join([f"mkdir -p {shlex.quote(cache)}",
+                      f"ln -s {shlex.quote(str(Path(image.kernel).parent))} {shlex.quote(cache)}/",
+                      f"ln -s {shlex.quote(str(image.initrd))} {shlex.quote(cache)}/"])
 
 
 def crash_lines(console: str) -> list[str]:
@@ -719,7 +736,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run needs a command")
     results = Path(args.results or tempfile.mkdtemp(prefix="nested-l1-"))
     results.mkdir(parents=True, exist_ok=True)
-    write_run_script(results, command, cwd=args.cwd, env=default_env())
+    env = default_env()
+    env["PYTHONUNBUFFERED"] = "1"          # the command's output as it comes, in output.log
+    write_run_script(results, command, cwd=args.cwd, env=env,
+                     prelude=guest_assets_prelude(env, say))
     run = run_l1(assets, results, timeout=args.timeout,
                  echo=None if args.quiet else (lambda line: print(line, flush=True)))
     boot = f"{run.boot_seconds:.1f} s" if run.boot_seconds is not None else "?"

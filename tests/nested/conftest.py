@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -168,7 +167,7 @@ class L1Tier:
                             f"{time.monotonic() - t0:.1f} s ({assets.package} {assets.version}, "
                             f"kernel {assets.kernel_release})")
         t0 = time.monotonic()
-        guest = self._host_prerequisites()
+        self._host_prerequisites()
         self.timings.append(f"host prerequisites (guest assets, native core): "
                             f"{time.monotonic() - t0:.1f} s")
         base = _new_run_dir()
@@ -177,7 +176,7 @@ class L1Tier:
         for attempt in (1, 2):
             results = base / f"boot{attempt}"
             results.mkdir()
-            self._write_run_script(tool, results, remaining, guest, attempt)
+            self._write_run_script(tool, results, remaining, attempt)
             self._say(f"booting L1 (attempt {attempt}) for {len(remaining)} tests; console: "
                       f"{results / 'console.log'}")
             run = tool.run_l1(assets, results, timeout=L1_TIMEOUT_S)
@@ -223,35 +222,29 @@ class L1Tier:
         self.error = ("no result, after two L1 boots: " + "; ".join(problems)
                       + f"\n--- L1 console (last lines) ---\n{self.runs[-1].console_tail(40)}")
 
-    def _host_prerequisites(self) -> dict:
+    def _host_prerequisites(self) -> None:
         """Build on the host what L1 cannot (its view of the host root is read-only): the
         native core when its sources are newer (as tests/native does), the guest assets."""
         from supermachine_jupyter import Image
         from tests.native.conftest import ensure_built
         ensure_built()
-        image = Image.default(self._say)
-        return {"kernel_dir": str(Path(image.kernel).parent), "initrd": str(image.initrd)}
+        Image.default(self._say)
 
-    def _write_run_script(self, tool, results: Path, nodeids: list[str], guest: dict,
-                          attempt: int) -> None:
+    def _write_run_script(self, tool, results: Path, nodeids: list[str], attempt: int) -> None:
         env = tool.default_env()
-        env.update(JUPYTER_RUNTIME_DIR="/tmp/l1-jupyter-runtime", IPYTHONDIR="/tmp/l1-ipython",
-                   JUPYTER_DATA_DIR="/tmp/l1-jupyter-data", PYTHONUNBUFFERED="1",
+        env.update(PYTHONUNBUFFERED="1",
                    SUPERMACHINE_NESTED_ATTEMPT=str(attempt),
                    # Only the plugins the tier uses: autoloading every installed one
                    # (hypothesis, anyio, ...) costs ~13 s of L1's TCG time per boot.
                    PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
         if _todo_enabled(self.config):
             env["SUPERMACHINE_NESTED_TODO"] = "1"
-        cache = f"{env['XDG_CACHE_HOME']}/supermachine-jupyter"
         prelude = "\n".join([
             # Jupyter's folders exist before any test, so the first VM that writes its registry
             # entry leaves nothing new in /tmp (the teardown tests compare /tmp before/after).
             f"mkdir -p {env['JUPYTER_RUNTIME_DIR']} {env['IPYTHONDIR']} {env['JUPYTER_DATA_DIR']}",
             # The guest kernel and initramfs built on the host, seen through the read-only share.
-            f"mkdir -p {shlex.quote(cache)}",
-            f"ln -s {shlex.quote(guest['kernel_dir'])} {shlex.quote(cache)}/",
-            f"ln -s {shlex.quote(guest['initrd'])} {shlex.quote(cache)}/"])
+            tool.guest_assets_prelude(env, self._say)])
         argv = [sys.executable, "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider",
                 "-v", "-rA",
                 f"--timeout={INNER_TEST_TIMEOUT_S}", "--timeout-method=thread",
