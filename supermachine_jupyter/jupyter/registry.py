@@ -570,5 +570,6 @@ def describe(vm_id: str) -> dict:
     return {**entry, **live, "uptime_s": max(0.0, time.time() - (entry.get("started_at") or 0))}
 
 
-__all__ = ["announce", "Announcement", "publish", "withdraw", "vm_id", "list_vms", "get", "request", "describe",
-           "registry_dir", "RegistryError", "VmNotFound", "REGISTRY_DIR_ENV", "OPS"]
+__all__ = ["announce", "Announcement", "publish", "withdraw", "vm_id", "list_vms", "get",
+           "request", "describe", "registry_dir", "RegistryError", "VmNotFound",
+           "REGISTRY_DIR_ENV", "OPS"]
