@@ -77,19 +77,20 @@ QEMU_INSTALL_HINT = ("install QEMU: `sudo apt-get install qemu-system-x86` (Debi
 
 
 def no_engine_message(kvm, native: tuple[bool, str]) -> str:
-    """One message for a machine where no engine can run a VM: QEMU is missing and the
-    native core cannot run, saying what to install or which group to join."""
+    """One message for a machine where no engine can run a VM (QEMU is missing and the
+    native core cannot run), saying what to install or which group to join."""
     if kvm.speed == "unusable":
-        fix = ("you cannot read and write /dev/kvm: join the kvm group (`sudo usermod -aG kvm "
-               "$USER`, then log in again) and the native core runs")
+        native_part = ("the native core needs /dev/kvm, which you cannot read and write: join "
+                       "the kvm group (`sudo usermod -aG kvm $USER`, then log in again); or ")
     elif kvm.speed == "absent":
-        fix = ("this machine has no /dev/kvm (enable virtualization in the firmware or the VM's "
-               "settings, and load kvm_intel or kvm_amd)")
+        native_part = ("the native core needs /dev/kvm, which this machine lacks (enable "
+                       "virtualization in the firmware or the VM's settings, and load kvm_intel "
+                       "or kvm_amd); or ")
     elif not native[0]:
-        fix = f"the native core cannot run: {native[1]}"
+        native_part = f"the native core cannot run ({native[1]}); "
     else:
-        fix = f"KVM is {kvm.speed} here ({kvm.reason}), too slow for the native core"
-    return f"no engine can run a VM here: QEMU is not installed ({QEMU_INSTALL_HINT}), and {fix}"
+        native_part = f"the native core needs KVM at hardware speed, and here it is {kvm.speed}; "
+    return f"no engine can run a VM here: QEMU is not installed, and {native_part}{QEMU_INSTALL_HINT}"
 
 
 def get(name: str):
