@@ -6,13 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages: QEMU, the guest's sources (kernel, busybox, musl) and the kernel build tools.
 # python3-venv, python3-dev: the venv (and `python -m build`'s isolated one) and the headers
-# the native core's cffi module compiles against.
+# the native core's cffi module compiles against; git: `make wheel` takes SOURCE_DATE_EPOCH from it.
 # libasan8/libubsan1: the sanitizer build of the native core that the tests run once.
 # nodejs: builds the JupyterLab extension (with the venv's jlpm; packages from the npm registry);
 # chromium + fonts-dejavu-core: the headless browser of the end-to-end UI test.
 APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc flex bison \
 	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1 \
-	nodejs chromium fonts-dejavu-core qemu-utils python3-venv python3-dev
+	nodejs chromium fonts-dejavu-core qemu-utils python3-venv python3-dev git
 
 .PHONY: all setup system-deps venv assets wheel demo test test-nested doctor bench bench-nested clean
 all: demo
