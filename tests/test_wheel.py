@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import supermachine_jupyter
 from supermachine_jupyter.guest import assets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,16 +138,15 @@ def test_wheel_is_manylinux_small_and_carries_everything(wheel):
                         wheel.name), wheel.name
     assert wheel.stat().st_size <= WHEEL_MAX_BYTES, f"{wheel.stat().st_size} bytes"
     names = set(zipfile.ZipFile(wheel).namelist())
+    data = f"supermachine_jupyter-{supermachine_jupyter.__version__}.data/data"
     for name in ["supermachine_jupyter/_native.abi3.so", "supermachine_jupyter/_probes/agent.elf",
                  "supermachine_jupyter/_guest/bzImage", "supermachine_jupyter/_guest/vmlinux",
                  "supermachine_jupyter/_guest/initramfs.cpio.gz",
                  "supermachine_jupyter/_guest/manifest.json",
                  "supermachine_jupyter/guest_src/kernel.config",
                  "supermachine_jupyter/guest_src/init",
-                 ("supermachine_jupyter-0.1.0.data/data/etc/jupyter/jupyter_server_config.d/"
-                  "supermachine_jupyter.json"),
-                 ("supermachine_jupyter-0.1.0.data/data/share/jupyter/labextensions/"
-                  "supermachine-jupyter/package.json")]:
+                 f"{data}/etc/jupyter/jupyter_server_config.d/supermachine_jupyter.json",
+                 f"{data}/share/jupyter/labextensions/supermachine-jupyter/package.json"]:
         assert name in names, name
     # The packaged guest is this recipe's build: the same bytes as the cache's.
     built = assets.build_assets()
