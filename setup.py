@@ -1,16 +1,104 @@
 """setuptools entry point: everything is in pyproject.toml except the cffi build of the
-native core (setuptools reads ``cffi_modules`` only from here) and the Jupyter data files
-(computed: the prebuilt labextension's file names carry content hashes)."""
+native core (setuptools reads ``cffi_modules`` only from here), the Jupyter data files
+(computed: the prebuilt labextension's file names carry content hashes) and the prebuilt
+guest a wheel carries (``build_py`` builds it by the recipe of ``supermachine_jupyter/guest/
+assets.py``, reusing the kernel cached in ~/.cache/supermachine-jupyter).
 
+A wheel is byte-reproducible: its timestamps come from ``SOURCE_DATE_EPOCH`` (the builder's;
+else the one an sdist recorded; else the last git commit's), the C objects carry no build
+directory, and the guest is built reproducibly (``assets.py``).
+"""
+
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE_BUILDER = os.path.join("native", "build_native.py")
+PACKAGE = "supermachine_jupyter"
+
+# -- Reproducibility ----------------------------------------------------------------------------
+EPOCH_ENV = "SOURCE_DATE_EPOCH"
+EPOCH_FILE = "SOURCE_DATE_EPOCH"     # written into the sdist, so it builds the same wheel
+
+
+def _default_source_date_epoch() -> str | None:
+    recorded = os.path.join(HERE, EPOCH_FILE)
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            return f.read().strip()
+    try:
+        return subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=HERE, check=True,
+                              capture_output=True, text=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if not os.environ.get(EPOCH_ENV):
+    epoch = _default_source_date_epoch()
+    if epoch:
+        os.environ[EPOCH_ENV] = epoch
+# Debug info names the directory it was built in (a temporary one for an sdist): map it away.
+os.environ["CFLAGS"] = f"{os.environ.get('CFLAGS', '')} -ffile-prefix-map={HERE}=.".strip()
+
+
+class sdist_with_epoch(sdist):
+    """Record the build's SOURCE_DATE_EPOCH in the sdist (see _default_source_date_epoch)."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        if os.environ.get(EPOCH_ENV):
+            with open(os.path.join(base_dir, EPOCH_FILE), "w") as f:
+                f.write(os.environ[EPOCH_ENV] + "\n")
+
+
+# -- The prebuilt guest -------------------------------------------------------------------------
+def _guest_recipe():
+    """``supermachine_jupyter/guest/assets.py``, loaded without the package's ``__init__``
+    (which needs the runtime dependencies, absent from the build environment)."""
+    names = [PACKAGE, f"{PACKAGE}.guest", f"{PACKAGE}.errors", f"{PACKAGE}.guest.assets"]
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names[:2]:
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(HERE, *name.split("."))]
+        sys.modules[name] = package
+    try:
+        return importlib.import_module(f"{PACKAGE}.guest.assets")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+class build_py_with_guest(build_py):
+    """Also put into the built package the guest (kernel and initramfs, in ``_guest/``) and
+    the guest sources (``guest_src/``, for ``assets --build``). Not for an editable install:
+    a clone builds its guest into the cache on first use."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        recipe = _guest_recipe()
+        built = Path(self.build_lib) / PACKAGE
+        for stale in (built / "guest_src", built / "_guest"):
+            shutil.rmtree(stale, ignore_errors=True)
+        recipe.copy_guest_sources(built / "guest_src")
+        manifest = recipe.package_guest(
+            built / "_guest", progress=lambda line: print(f"[guest] {line}", flush=True))
+        for name, entry in manifest["files"].items():
+            print(f"[guest] {name}: {entry['size'] // 1024} KiB", flush=True)
+
 
 # -- Jupyter data files -------------------------------------------------------------------------
 # The server extension is enabled by a config file in etc/jupyter/jupyter_server_config.d/;
@@ -63,6 +151,10 @@ def jupyter_data_files() -> list:
     return files
 
 
-setup(cffi_modules=[f"{NATIVE_BUILDER}:ffibuilder"]
+setup(cmdclass={"build_py": build_py_with_guest, "sdist": sdist_with_epoch},
+      cffi_modules=[f"{NATIVE_BUILDER}:ffibuilder"]
       if os.path.exists(os.path.join(HERE, NATIVE_BUILDER)) else [],
-      data_files=jupyter_data_files())
+      data_files=jupyter_data_files(),
+      # The native core is built against the stable ABI (cffi's _native.abi3.so): one wheel
+      # for every CPython from 3.11 on.
+      options={"bdist_wheel": {"py_limited_api": "cp311"}})

@@ -1,6 +1,8 @@
 """Command line: ``python -m supermachine_jupyter {assets,run,doctor}``.
 
-* ``assets``: build the guest kernel and initramfs when missing; print their paths.
+* ``assets [--build]``: print the guest kernel and initramfs VMs boot (a wheel's packaged
+  guest, or the build in the user cache; built when there is neither); ``--build`` builds
+  them from the guest sources into the cache (for a changed kernel config).
 * ``run 'SCRIPT'``: run a shell script in a new VM, stream its output, exit with its status.
   The VM is restored from the pre-booted snapshot when it can, as ``%%vm`` cells are
   (``--fresh`` boots one instead; ``SUPERMACHINE_SNAPSHOT_CACHE=0`` turns the cache off).
@@ -21,7 +23,7 @@ import time
 
 def cmd_assets(args: argparse.Namespace) -> int:
     from .guest.assets import main_assets
-    return main_assets()
+    return main_assets(["--build"] if args.build else [])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -137,7 +139,8 @@ def doctor_report(step: DoctorSteps | None = None) -> dict:
         "kvm": {"device": os.path.exists("/dev/kvm"), **kvm.to_dict()},
         "qemu": {"binary": qemu},
         "assets": ({"kernel": str(assets.kernel), "vmlinux": str(assets.vmlinux),
-                    "initrd": str(assets.initrd)} if assets else None),
+                    "initrd": str(assets.initrd), "origin": assets.origin}
+                   if assets else None),
     }
     with step("native core: can it load"):
         ok, why = native_available()
@@ -168,7 +171,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         f"supermachine_jupyter {report['version']}",
         f"/dev/kvm      {'present' if kvm['device'] else 'absent'}; {kvm_summary}",
         f"QEMU          {report['qemu']['binary'] or 'not found (apt-get install qemu-system-x86)'}",
-        f"guest assets  {report['assets']['kernel'] + ' + initramfs' if report['assets'] else 'not built (python -m supermachine_jupyter assets)'}",
+        f"guest assets  {report['assets']['kernel'] + ' + initramfs (' + report['assets']['origin'] + ')' if report['assets'] else 'not built (python -m supermachine_jupyter assets)'}",
         f"native core   {'available' if report['native']['available'] else 'unavailable'}: "
         f"{report['native']['detail']}",
         f"engine=auto   → {report['auto']['engine']}"
@@ -183,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m supermachine_jupyter",
                                      description="Run commands in supermachine microVMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("assets", help="build (when missing) and print the guest kernel and initramfs")
+    assets = sub.add_parser("assets", help="print the guest kernel and initramfs VMs boot "
+                                           "(building them when there are none)")
+    assets.add_argument("--build", action="store_true",
+                        help="build them from the guest sources into the user cache (needs "
+                             "the kernel build tools; for a changed kernel config)")
     run = sub.add_parser("run", help="run a shell script in a new VM (restored from the "
                                      "pre-booted snapshot when it can; --fresh boots one)")
     run.add_argument("script")

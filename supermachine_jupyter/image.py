@@ -1,7 +1,7 @@
 """``Image``: what a VM boots — a kernel and an initramfs with their baked defaults.
 
-``Image.default()`` is the embedded busybox guest (built on first use into the user cache,
-see ``assets.py``); ``Image.from_assets`` boots a kernel of your own; ``Image.from_snapshot``
+``Image.default()`` is the embedded busybox guest (a wheel's packaged one, or built on
+first use into the user cache, see ``assets.py``); ``Image.from_assets`` boots a kernel of your own; ``Image.from_snapshot``
 restores a snapshot. ``image.start(config)`` hands it to the one launcher (``launch.py``) and
 returns a running :class:`~supermachine_jupyter.vm.Vm` once the guest agent has answered.
 """
@@ -33,7 +33,8 @@ class Image:
 
     @classmethod
     def default(cls, progress: Progress = _silent) -> "Image":
-        """The embedded default image, building its kernel and initramfs when missing."""
+        """The embedded default image: the cache's build of the guest sources, else the
+        wheel's packaged guest, else built into the cache now (``assets.find_assets``)."""
         assets: GuestAssets = ensure_assets(progress)
         return cls(assets.kernel, assets.vmlinux, assets.initrd)
 

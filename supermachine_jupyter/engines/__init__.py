@@ -63,9 +63,34 @@ def choose_engine(requested: str = "auto", config=None) -> EngineChoice:
         auto_why = f"auto: KVM is {kvm.speed} here" if not kvm.hardware else f"auto: {why}"
     else:
         auto_why = "requested" if kvm.hardware else f"requested; KVM is {kvm.speed} here"
+    from .qemu.engine import qemu_binary
+    if qemu_binary() is None:
+        raise EngineError(no_engine_message(kvm, native_available()))
     if kvm.hardware:
         return EngineChoice("qemu", "kvm", f"{auto_why}; KVM at hardware speed")
     return EngineChoice("qemu", "tcg", f"{auto_why}, so TCG (software emulation)")
+
+
+#: What to install for QEMU, named the way users search for it.
+QEMU_INSTALL_HINT = ("install QEMU: `sudo apt-get install qemu-system-x86` (Debian, Ubuntu) or "
+                     "`sudo dnf install qemu-system-x86` (Fedora)")
+
+
+def no_engine_message(kvm, native: tuple[bool, str]) -> str:
+    """One message for a machine where no engine can run a VM (QEMU is missing and the
+    native core cannot run), saying what to install or which group to join."""
+    if kvm.speed == "unusable":
+        native_part = ("the native core needs /dev/kvm, which you cannot read and write: join "
+                       "the kvm group (`sudo usermod -aG kvm $USER`, then log in again); or ")
+    elif kvm.speed == "absent":
+        native_part = ("the native core needs /dev/kvm, which this machine lacks (enable "
+                       "virtualization in the firmware or the VM's settings, and load kvm_intel "
+                       "or kvm_amd); or ")
+    elif not native[0]:
+        native_part = f"the native core cannot run ({native[1]}); "
+    else:
+        native_part = f"the native core needs KVM at hardware speed, and here it is {kvm.speed}; "
+    return f"no engine can run a VM here: QEMU is not installed, and {native_part}{QEMU_INSTALL_HINT}"
 
 
 def get(name: str):

@@ -96,9 +96,12 @@ def kvm_status(refresh: bool = False) -> KvmStatus:
         except (ValueError, KeyError, TypeError):
             pass
     status = _calibrate()
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "status": status.to_dict()}))
-    os.replace(tmp, cache)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"key": key, "status": status.to_dict()}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass    # a read-only cache (shared, pre-filled): calibrate again next time
     return status
 
 

@@ -1,8 +1,20 @@
 """Guest assets: the kernel and the initramfs every VM boots, whatever the engine.
 
-Both are built on this machine from Debian packages and cached in the user cache dir
-(``$XDG_CACHE_HOME`` or ``~/.cache``, then ``supermachine-jupyter/``), keyed by a hash of
-their inputs, so a second build is a no-op:
+Where they come from, first match wins (:func:`find_assets`):
+
+1. a build from source in the user cache dir (``$XDG_CACHE_HOME`` or ``~/.cache``, then
+   ``supermachine-jupyter/``) made from the guest sources this package has: a clone's
+   ``native/guest``, or the wheel's copy ``supermachine_jupyter/guest_src`` (``python -m
+   supermachine_jupyter assets --build``, for people who change the kernel config);
+2. the packaged guest: a wheel carries the kernel and initramfs built at wheel-build time by
+   this same recipe (:func:`package_guest`) in ``supermachine_jupyter/_guest/``, used as is;
+3. otherwise (a clone) they are built into the cache on first use.
+
+The cache is only written to when something is built: a read-only cache that holds what it
+needs (a shared, pre-filled one) is used as is.
+
+Both are built on this machine from Debian packages, keyed by a hash of their inputs, so a
+second build is a no-op:
 
 * kernel: Debian's ``linux-source-6.1`` + ``native/guest/kernel.config`` merged onto
   ``make tinyconfig`` → ``bzImage`` (QEMU, native core) and ``vmlinux`` (PVH entry);
@@ -18,6 +30,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -25,8 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..errors import AssetError
 
@@ -46,22 +59,35 @@ def _quiet(_: str) -> None:
     pass
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]     # supermachine_jupyter/
+#: Where a wheel carries the prebuilt guest (written by :func:`package_guest` at build time).
+PACKAGED_GUEST_DIR = PACKAGE_DIR / "_guest"
+PACKAGED_GUEST_MANIFEST = "manifest.json"
+#: Where a wheel carries the guest sources (kernel fragment, init, agent) for ``--build``.
+PACKAGED_SOURCES_DIR = PACKAGE_DIR / "guest_src"
+#: What of ``native/guest`` the recipe reads (and the wheel copies into ``guest_src``).
+GUEST_SOURCE_PATTERNS = ("kernel.config", "init", "agent/*.c", "agent/*.h")
+
+
 def guest_source_dir() -> Path:
-    """Where ``native/guest`` (kernel fragment, init, agent source) lives."""
-    package = Path(__file__).resolve().parents[1]     # supermachine_jupyter/
-    for candidate in (package.parent / "native" / "guest", package / "guest_src"):
+    """Where ``native/guest`` (kernel fragment, init, agent source) lives: a clone's, else
+    the wheel's copy."""
+    for candidate in (PACKAGE_DIR.parent / "native" / "guest", PACKAGED_SOURCES_DIR):
         if (candidate / "kernel.config").is_file():
             return candidate
     raise AssetError(
-        f"guest sources not found next to {package}: install the package from a source checkout "
-        "(pip install -e .)"
+        f"guest sources not found next to {PACKAGE_DIR}: install the package from a wheel "
+        "or a source checkout (pip install -e .)"
     )
 
 
 def cache_dir() -> Path:
+    """The user cache dir of this package (created when it can be; a read-only one is fine
+    as long as nothing needs building)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = Path(base) / "supermachine-jupyter"
-    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -93,7 +119,7 @@ def _apt_install(packages: list[str], progress: Progress) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-q"],
                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise AssetError(f"`{' '.join(cmd)}` failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
@@ -153,8 +179,17 @@ def _check_config(config_text: str, wanted: dict[str, str]) -> list[str]:
 
 @contextlib.contextmanager
 def _build_lock(name: str, progress: Progress):
-    """One builder per cache entry across processes (parallel tests, two notebooks)."""
-    with open(cache_dir() / f"{name}.lock", "w") as lock:
+    """One builder per cache entry across processes (parallel tests, two notebooks). Taken
+    only to build: a cache that cannot be written to says so here."""
+    try:
+        lock = open(cache_dir() / f"{name}.lock", "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise AssetError(
+            f"the guest {name} is not in the cache {cache_dir()} and cannot be built there "
+            f"({exc.strerror}): point XDG_CACHE_HOME at a writable directory, or fill the "
+            "cache with `python -m supermachine_jupyter assets --build` as a user who can "
+            "write it") from exc
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,8 +198,19 @@ def _build_lock(name: str, progress: Progress):
         yield
 
 
+def _cached_kernel() -> KernelBuild | None:
+    out_dir = cache_dir() / f"kernel-{kernel_key()}"
+    bzimage, vmlinux = out_dir / "bzImage", out_dir / "vmlinux"
+    if bzimage.is_file() and vmlinux.is_file():
+        return KernelBuild(out_dir, bzimage, vmlinux, built_now=False, seconds=0.0)
+    return None
+
+
 def ensure_kernel(progress: Progress = _quiet, jobs: int | None = None) -> KernelBuild:
     """Return the cached kernel, building it first when the cache lacks it."""
+    cached = _cached_kernel()          # no lock to read: the cache may be read-only
+    if cached is not None:
+        return cached
     with _build_lock("kernel", progress):
         # Work trees of builds that were killed midway (we hold the lock: none is running).
         for stale in cache_dir().glob("kernel-build-*"):
@@ -173,17 +219,16 @@ def ensure_kernel(progress: Progress = _quiet, jobs: int | None = None) -> Kerne
 
 
 def _ensure_kernel_locked(progress: Progress, jobs: int | None) -> KernelBuild:
+    cached = _cached_kernel()          # built by another process while we waited
+    if cached is not None:
+        return cached
+    _apt_install(KERNEL_BUILD_PACKAGES, progress)
+    # The source package version is part of the key: look again after installing it.
+    cached = _cached_kernel()
+    if cached is not None:
+        return cached
     out_dir = cache_dir() / f"kernel-{kernel_key()}"
     bzimage, vmlinux = out_dir / "bzImage", out_dir / "vmlinux"
-    if bzimage.is_file() and vmlinux.is_file():
-        return KernelBuild(out_dir, bzimage, vmlinux, built_now=False, seconds=0.0)
-
-    _apt_install(KERNEL_BUILD_PACKAGES, progress)
-    key = kernel_key()  # the source package version is part of the key: recompute after install
-    out_dir = cache_dir() / f"kernel-{key}"
-    bzimage, vmlinux = out_dir / "bzImage", out_dir / "vmlinux"
-    if bzimage.is_file() and vmlinux.is_file():
-        return KernelBuild(out_dir, bzimage, vmlinux, built_now=False, seconds=0.0)
 
     started = time.monotonic()
     fragment_path = guest_source_dir() / "kernel.config"
@@ -230,7 +275,7 @@ REPRODUCIBLE_KBUILD_ENV = {"KBUILD_BUILD_TIMESTAMP": "2024-01-01 00:00:00 UTC",
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None,
          env: dict[str, str] | None = None) -> None:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False,
                             env={**os.environ, **env} if env else None)
     if result.returncode != 0:
         tail = (result.stdout + result.stderr)[-3000:]
@@ -342,8 +387,16 @@ class InitramfsBuild:
     built_now: bool
 
 
+def _cached_initramfs() -> InitramfsBuild | None:
+    path = cache_dir() / f"initramfs-{initramfs_key()}.cpio.gz"
+    return InitramfsBuild(path, built_now=False) if path.is_file() else None
+
+
 def ensure_initramfs(progress: Progress = _quiet) -> InitramfsBuild:
     """Return the cached initramfs, building agent + archive first when missing."""
+    cached = _cached_initramfs()       # no lock to read: the cache may be read-only
+    if cached is not None:
+        return cached
     _apt_install(AGENT_BUILD_PACKAGES, progress)
     with _build_lock("initramfs", progress):
         return _ensure_initramfs_locked(progress)
@@ -369,42 +422,124 @@ def _ensure_initramfs_locked(progress: Progress) -> InitramfsBuild:
 @dataclasses.dataclass(frozen=True)
 class GuestAssets:
     """Paths of a ready guest: what every engine boots."""
-    kernel: Path       # bzImage
-    vmlinux: Path      # PVH-capable ELF of the same build
+    kernel: Path       # bzImage (QEMU microvm)
+    vmlinux: Path      # PVH-capable ELF of the same build (the native core enters it directly)
     initrd: Path
+    origin: str = "cache"   # "cache" (built from source here) or "packaged" (the wheel's)
 
 
 def ensure_assets(progress: Progress = _quiet) -> GuestAssets:
+    """The guest to boot (:func:`find_assets`), building it into the cache when there is
+    none."""
+    found = find_assets()
+    if found is not None:
+        return found
+    return build_assets(progress)
+
+
+def build_assets(progress: Progress = _quiet) -> GuestAssets:
+    """Build kernel and initramfs from the guest sources into the cache (each only when the
+    cache lacks it)."""
     kernel = ensure_kernel(progress)
     initrd = ensure_initramfs(progress)
     return GuestAssets(kernel.bzimage, kernel.vmlinux, initrd.path)
 
 
 def find_assets() -> GuestAssets | None:
-    """The cached assets if both are built, without building anything."""
+    """The guest to boot without building anything: the cache's build of this package's
+    guest sources, else the packaged guest, else None."""
     try:
-        kdir = cache_dir() / f"kernel-{kernel_key()}"
-        initrd = cache_dir() / f"initramfs-{initramfs_key()}.cpio.gz"
+        kernel, initrd = _cached_kernel(), _cached_initramfs()
     except (AssetError, OSError):
+        kernel = initrd = None
+    if kernel is not None and initrd is not None:
+        return GuestAssets(kernel.bzimage, kernel.vmlinux, initrd.path)
+    return packaged_assets()
+
+
+# ---------------------------------------------------------------------------------------------
+# The packaged guest (what a wheel carries)
+# ---------------------------------------------------------------------------------------------
+
+#: The files of a packaged guest: name in ``_guest/`` → where the recipe leaves it.
+PACKAGED_FILES = ("bzImage", "vmlinux", "initramfs.cpio.gz")
+
+
+def packaged_assets(directory: Path = PACKAGED_GUEST_DIR) -> GuestAssets | None:
+    """The guest a wheel carries, when this install has one (a clone has none)."""
+    try:
+        manifest = json.loads((directory / PACKAGED_GUEST_MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
-    if (kdir / "bzImage").is_file() and (kdir / "vmlinux").is_file() and initrd.is_file():
-        return GuestAssets(kdir / "bzImage", kdir / "vmlinux", initrd)
-    return None
+    files = {name: directory / name for name in PACKAGED_FILES}
+    sizes = manifest.get("files", {})
+    for name, path in files.items():
+        # A truncated or swapped file would boot into an obscure failure: say it here.
+        if not path.is_file() or path.stat().st_size != sizes.get(name, {}).get("size"):
+            raise AssetError(f"the packaged guest in {directory} is damaged ({name} is missing "
+                             "or has the wrong size): reinstall the package")
+    return GuestAssets(files["bzImage"], files["vmlinux"], files["initramfs.cpio.gz"],
+                       origin="packaged")
+
+
+def package_guest(destination: Path, progress: Progress = _quiet) -> dict:
+    """Build the guest by this recipe (reusing the cache) and copy it into ``destination``
+    with a manifest: what a wheel carries. Byte-reproducible: the same inputs give the same
+    files and the same manifest (no times, no paths of this machine)."""
+    kernel = ensure_kernel(progress)
+    initrd = ensure_initramfs(progress)
+    destination.mkdir(parents=True, exist_ok=True)
+    sources = {"bzImage": kernel.bzimage, "vmlinux": kernel.vmlinux,
+               "initramfs.cpio.gz": initrd.path}
+    files = {}
+    for name, source in sources.items():
+        target = destination / name
+        shutil.copyfile(source, target)
+        target.chmod(0o644)
+        data = target.read_bytes()
+        files[name] = {"size": len(data), "sha256": _sha256([data])}
+    manifest = {
+        "kernel_key": kernel_key(), "initramfs_key": initramfs_key(),
+        "kernel_source": _debian_package_version(KERNEL_SOURCE_PACKAGE),
+        "busybox": _debian_package_version(BUSYBOX_PACKAGE),
+        "musl": _debian_package_version("musl-tools"),
+        "files": files,
+    }
+    (destination / PACKAGED_GUEST_MANIFEST).write_text(
+        json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+def copy_guest_sources(destination: Path) -> list[Path]:
+    """Copy what the recipe reads of ``native/guest`` into ``destination`` (the wheel's
+    ``guest_src``), so that ``assets --build`` works from a wheel too."""
+    source = guest_source_dir()
+    copied = []
+    for pattern in GUEST_SOURCE_PATTERNS:
+        for path in sorted(source.glob(pattern)):
+            target = destination / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            target.chmod(0o755 if path.name == "init" else 0o644)
+            copied.append(target)
+    return copied
 
 
 def main_assets(argv: list[str] | None = None) -> int:
-    """``python -m supermachine_jupyter assets``: build what is missing, print the paths."""
+    """``python -m supermachine_jupyter assets [--build]``: print the guest that VMs boot
+    (building it only when there is none); ``--build`` builds from source into the cache
+    (a no-op when the cache has this build), which VMs then prefer."""
+    build = "--build" in (argv or [])
+
     def say(line: str) -> None:
         print(f"[assets] {line}", file=sys.stderr, flush=True)
     try:
-        kernel = ensure_kernel(say)
-        if kernel.built_now:
-            say(f"kernel built in {kernel.seconds:.0f} s")
-        initrd = ensure_initramfs(say)
+        found = build_assets(say) if build else ensure_assets(say)
     except AssetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"kernel  {kernel.bzimage} ({kernel.bzimage.stat().st_size // 1024} KiB)")
-    print(f"vmlinux {kernel.vmlinux} ({kernel.vmlinux.stat().st_size // 1024} KiB)")
-    print(f"initrd  {initrd.path} ({initrd.path.stat().st_size // 1024} KiB)")
+    say(f"using the {'packaged guest' if found.origin == 'packaged' else 'build in the cache'}")
+    print(f"kernel  {found.kernel} ({found.kernel.stat().st_size // 1024} KiB)")
+    print(f"vmlinux {found.vmlinux} ({found.vmlinux.stat().st_size // 1024} KiB)")
+    print(f"initrd  {found.initrd} ({found.initrd.stat().st_size // 1024} KiB)")
     return 0

@@ -208,7 +208,10 @@ def remade_since(path: Path, when: float) -> bool:
 
 def _snapshot_in_background(vm: Vm, path: Path, began: float) -> None:
     """Pause-and-save now, finish in a thread; skipped when another process is making it."""
-    lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115 - held by the thread
+    try:
+        lock = open(path.with_name(path.name + ".lock"), "w")  # noqa: SIM115 - held by the thread
+    except OSError:
+        return          # a read-only cache (shared, pre-filled): it keeps what it has
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -12,7 +12,8 @@ from .format import Snapshot, SnapshotError
 def snapshots_dir() -> Path:
     from ..guest.assets import cache_dir
     path = cache_dir() / "snapshots"
-    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):      # a read-only cache: read what it holds
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -17,6 +17,10 @@
  * Everything is static data (no page-table loop): on an instruction-emulating KVM every
  * guest instruction costs microseconds. */
 
+/* Name this object: without it the assembler names it after gcc's random temporary file,
+ * and the probe ELF (shipped in the wheel) differs from build to build. */
+	.file "pvh_entry.S"
+
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 #define CODE64_SELECTOR 0x08
 #define DATA_SELECTOR 0x10
