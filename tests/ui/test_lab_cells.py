@@ -142,8 +142,8 @@ def test_interrupt_ends_the_cell_and_keeps_the_named_vm(lab, browser, tmp_path):
         after = _vms(lab)["demo"]
         assert (after["id"], after["pid"], after["started_at"]) == \
             (before["id"], before["pid"], before["started_at"])
-        assert after["uptime_s"] > before["uptime_s"] + 2, (before["uptime_s"],
-                                                            after["uptime_s"])
+        # The interrupt can take well under 2 s from the first sample: growing is the point.
+        assert after["uptime_s"] > before["uptime_s"], (before["uptime_s"], after["uptime_s"])
         assert engine_pids("qemu-system", parent=after["pid"]) == engines
         assert f"pid {before['pid']}" in card.locator(".sm-VmCard-owner").inner_text()
         _screenshot(page, tmp_path, "lab-interrupt.png")
