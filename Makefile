@@ -87,15 +87,21 @@ demo: assets
 	@$(PY) -m supermachine_jupyter doctor
 	@$(PY) -m supermachine_jupyter notebook notebooks/00-hello-vm.ipynb
 
+# The nested-KVM tier is out of `make test` for now (each of its tests says so when skipped):
+# L1 itself (kvm_amd under QEMU TCG's emulated SVM) crashed or hung in most boots of the last
+# runs, at different tests, which makes the whole suite's outcome a coin toss (issue H).
+# SUPERMACHINE_NESTED=l1 make test puts it back.
+SUPERMACHINE_NESTED ?= off
+export SUPERMACHINE_NESTED
+
 test: assets
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-# The nested-KVM tier alone (part of `make test` too): tests marked nested_kvm run inside an L1
-# Linux under QEMU TCG whose /dev/kvm runs Linux guests (tools/nested_kvm.py builds it from
-# Debian's linux-image-amd64 into the user cache). SUPERMACHINE_NESTED_TODO=1 adds the tests of
-# issue H's known failures.
+# The nested-KVM tier alone: tests marked nested_kvm run inside an L1 Linux under QEMU TCG whose
+# /dev/kvm runs Linux guests (tools/nested_kvm.py builds it from Debian's linux-image-amd64
+# into the user cache).
 test-nested: assets
-	@$(PY) -m pytest -ra tests/nested -v $(PYTEST_ARGS)
+	@SUPERMACHINE_NESTED=l1 $(PY) -m pytest -ra tests/nested -v $(PYTEST_ARGS)
 
 doctor: setup
 	@$(PY) -m supermachine_jupyter doctor
