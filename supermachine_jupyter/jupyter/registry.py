@@ -354,13 +354,18 @@ def _new_entry(vm: Vm | Booting) -> _Published | None:
     except Exception as exc:  # noqa: BLE001
         log.warning("cannot publish VM %s in the registry: %s", vm.name, exc)
         return None
+    return entry if _write_entry(entry) else None
+
+
+def _write_entry(entry: _Published) -> bool:
+    """(Re)write ``entry``'s JSON file; on failure close the entry, log, and return False."""
     try:
         _atomic_write_json(entry.json_path, entry.entry())
     except Exception as exc:  # noqa: BLE001
         entry.close()
-        log.warning("cannot publish VM %s in the registry: %s", vm.name, exc)
-        return None
-    return entry
+        log.warning("cannot publish VM %s in the registry: %s", entry.vm.name, exc)
+        return False
+    return True
 
 
 class Announcement:
@@ -406,12 +411,8 @@ def publish(vm: "Vm", announcement: Announcement | None = None) -> str | None:
             return _published[id(vm)].id
     entry = announcement._take() if announcement is not None else None
     if entry is not None:
-        entry.vm = vm
-        try:
-            _atomic_write_json(entry.json_path, entry.entry())
-        except Exception as exc:  # noqa: BLE001
-            entry.close()
-            log.warning("cannot publish VM %s in the registry: %s", vm.name, exc)
+        entry.vm = vm                   # the booting entry becomes the VM's, same id
+        if not _write_entry(entry):
             return None
     else:
         entry = _new_entry(vm)
