@@ -45,3 +45,32 @@ def start_vm(guest_image):
 def shared_vm(start_vm):
     """One running VM shared by the whole session: do not leave state behind in it."""
     return start_vm()
+
+
+def _oci_registry(tmp_path_factory, name: str, **auth):
+    from .oci_registry import Registry, missing_tools
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"the OCI tests need {', '.join(missing)} (make system-deps installs them)")
+    registry = Registry(tmp_path_factory.mktemp(name), **auth).start().with_test_images()
+    return registry
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """Debian's docker-registry on 127.0.0.1 (plain HTTP) serving the test images of
+    tests/oci_registry.py: ``.ref("busybox" | "multi" | "arm64only" | "python")`` builds and
+    pushes one on first use and returns its reference; ``.requests()`` is the access log."""
+    registry = _oci_registry(tmp_path_factory, "oci-registry")
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def oci_auth_registry(tmp_path_factory):
+    """Like ``oci_registry``, with htpasswd basic auth (``.user`` / ``.password``;
+    ``.write_authfile(path)`` writes an auth.json)."""
+    registry = _oci_registry(tmp_path_factory, "oci-auth-registry", user="tester",
+                             password="s3cret-pw")
+    yield registry
+    registry.stop()

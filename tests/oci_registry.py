@@ -2,8 +2,8 @@
 
 ``Registry`` runs Debian's ``docker-registry`` on 127.0.0.1 (a random free port, storage and
 config in a temporary directory, optionally htpasswd basic auth) and keeps its access log, so a
-test can tell whether a pull talked to it. ``push_test_images`` builds with ``umoci`` and pushes
-with ``skopeo``:
+test can tell whether a pull talked to it. Its test images (``with_test_images()``; each
+built with ``umoci`` and pushed with ``skopeo`` on first ``ref(name)``):
 
 - ``busybox``: busybox-static, a non-root user ``app`` (uid 1000) owning /home/app, a hard link,
   a setuid file, and a second layer that deletes ``/etc/deleted-by-layer-2`` (a whiteout); its
@@ -15,7 +15,8 @@ with ``skopeo``:
   everything that went into it, so only the first run of a machine builds it).
 
 The conftest fixtures ``oci_registry`` / ``oci_auth_registry`` (session-scoped) hand these out:
-``reg.ref("busybox")`` is the pullable reference, ``reg.requests()`` the access log so far.
+``reg.ref("busybox")`` is the pullable reference (plain HTTP: pull with ``tls_verify=False`` or
+``SUPERMACHINE_OCI_TLS_VERIFY=0``), ``reg.requests()`` the access log so far.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Registry:
         self.log_path = self.workdir / "registry.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.images: TestImages | None = None   # set by with_test_images()
 
     @property
     def url(self) -> str:
@@ -85,6 +87,10 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     def ref(self, name: str, tag: str = "latest") -> str:
+        """The reference of test image ``name`` (built and pushed on first use; see
+        ``TEST_IMAGES``), or of any ``name`` when this registry has no test images."""
+        if self.images is not None and name in TEST_IMAGES:
+            self.images.ensure(name)
         return f"{self.url}/{name}:{tag}"
 
     def _config(self) -> str:
@@ -134,6 +140,10 @@ class Registry:
                 time.sleep(0.1)
             self.stop()
         raise RuntimeError(f"docker-registry did not start; its log:\n{self.log_text()[-2000:]}")
+
+    def with_test_images(self, **kwargs) -> Registry:
+        self.images = TestImages(self, self.workdir / "images", **kwargs)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -271,7 +281,7 @@ def python_rootfs_tar(cache_root: Path, progress=print) -> Path:
     if out.exists():
         return out
     cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp = out.with_name(f"{out.stem}.tmp-{os.getpid()}.tar")   # mmdebstrap: format by suffix
     started = time.monotonic()
     progress(f"building the Python test image with mmdebstrap into {out} (once per machine)")
     mode = [] if os.geteuid() == 0 else ["--mode=unshare"]
@@ -280,6 +290,8 @@ def python_rootfs_tar(cache_root: Path, progress=print) -> Path:
               "--include=" + ",".join(PYTHON_PACKAGES), PYTHON_SUITE, str(tmp)])
         os.replace(tmp, out)
     finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     progress(f"built {out.name}: {out.stat().st_size / 2**20:.1f} MiB in "
@@ -329,20 +341,40 @@ def push_multi_platform(registry: Registry, workdir: Path, name: str = "multi") 
                           "application/vnd.oci.image.index.v1+json")
 
 
-def push_test_images(registry: Registry, workdir: Path, *, python: bool = True,
-                     cache_root: Path | None = None, progress=print) -> None:
-    """Build and push every test image (see the module doc) to ``registry``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    layout = workdir / "layout"
-    build_busybox_layout(workdir, layout, tag="busybox")
-    push(registry, layout, "busybox", "busybox")
-    build_busybox_layout(workdir, layout, arch="arm64", tag="arm64only", whiteout=False)
-    push(registry, layout, "arm64only", "arm64only")
-    push_multi_platform(registry, workdir)
-    if python:
-        tar = python_rootfs_tar(cache_root or default_test_cache(), progress)
-        build_python_layout(workdir, layout, tar, tag="python")
-        push(registry, layout, "python", "python")
+TEST_IMAGES = ("busybox", "arm64only", "multi", "python")
+
+
+class TestImages:
+    """Builds and pushes each test image to ``registry`` on first ``ref(name)``, so a test
+    that needs only busybox does not pay for the Python image."""
+
+    def __init__(self, registry: Registry, workdir: Path, *, cache_root: Path | None = None,
+                 progress=print):
+        self.registry, self.workdir = registry, workdir
+        self.cache_root, self.progress = cache_root, progress
+        self.pushed: set[str] = set()
+
+    def ensure(self, name: str) -> None:
+        if name in self.pushed:
+            return
+        if name not in TEST_IMAGES:
+            raise KeyError(f"no test image {name!r}: one of {TEST_IMAGES}")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        layout = self.workdir / "layout"
+        if name == "busybox":
+            build_busybox_layout(self.workdir, layout, tag="busybox")
+            push(self.registry, layout, "busybox", "busybox")
+        elif name == "arm64only":
+            build_busybox_layout(self.workdir, layout, arch="arm64", tag="arm64only",
+                                 whiteout=False)
+            push(self.registry, layout, "arm64only", "arm64only")
+        elif name == "multi":
+            push_multi_platform(self.registry, self.workdir)
+        elif name == "python":
+            tar = python_rootfs_tar(self.cache_root or default_test_cache(), self.progress)
+            build_python_layout(self.workdir, layout, tar, tag="python")
+            push(self.registry, layout, "python", "python")
+        self.pushed.add(name)
 
 
 def default_test_cache() -> Path:

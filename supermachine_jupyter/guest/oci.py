@@ -95,6 +95,10 @@ class ImageRef:
             raise OciError(f"image reference {text!r} is empty: give one like "
                            "'python:3.12-slim' or 'registry.example:5000/team/app@sha256:…'")
         m = _REF_RE.match(text)
+        first, slash, _ = text.partition("/")
+        if m is not None and slash and not ("." in first or ":" in first or first == "localhost") \
+                and first != first.lower():
+            m = None                # no registry host, so a path component: lowercase only
         if m is None:
             raise OciError(
                 f"{text!r} is not a valid image reference: expected "
@@ -373,11 +377,26 @@ class _Store:
         return self._lock(digest.replace(":", "-"))
 
     def workdir(self) -> Path:
-        """A fresh build directory beside the entries (same file system: rename is atomic)."""
-        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        """A fresh build directory beside the entries (same file system: rename is atomic).
+        Build directories of processes that died (SIGKILL, power loss) are swept first."""
+        for stale in self.root.glob(".tmp-*-*"):
+            pid = stale.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.root))
 
     def commit(self, built: Path, digest: str) -> None:
         os.rename(built, self._dir(digest))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -426,6 +445,8 @@ def _build(store: _Store, parsed: ImageRef, digest: str, manifest: dict, skopeo:
             _write_atomic(entry / "image.json", json.dumps(
                 {"digest": digest, "ref": ref, **config}, indent=1))
             store.commit(entry, digest)
+        except _DiskFull as exc:
+            raise _disk_full(ref, store.root, str(exc)) from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(ref, store.root, str(exc)) from exc
@@ -436,6 +457,10 @@ def _build(store: _Store, parsed: ImageRef, digest: str, manifest: dict, skopeo:
     loaded = store.entry(ref, digest)
     assert loaded is not None
     return loaded
+
+
+class _DiskFull(Exception):
+    """A tool ran out of space; _build turns it into the OciError that names the cache."""
 
 
 def _disk_full(ref: str, where: Path, detail: str) -> OciError:
@@ -452,7 +477,7 @@ def _run(argv: list[str], *, cwd: Path, ref: str, what: str,
         detail = (done.stderr or done.stdout).strip()
         if "no space left on device" in detail.lower() or "could not allocate block" \
                 in detail.lower():
-            raise _disk_full(ref, cwd.parent, detail)
+            raise _DiskFull(detail)
         raise OciError(f"image {ref!r}: {what} failed ({argv[0]} exit {done.returncode}): "
                        f"{detail[-800:]}")
 
@@ -586,5 +611,5 @@ def _mkfs(rootfs: Path, out: Path, fs_bytes: int, inodes: int,
     if done.returncode != 0 or errors:
         detail = "\n".join(errors[-5:]) or done.stderr[-500:]
         if "no space" in detail.lower():
-            raise _disk_full(ref, out.parent, detail)
+            raise _DiskFull(detail)
         raise OciError(f"image {ref!r}: setting file owners in the ext4 image failed: {detail}")
