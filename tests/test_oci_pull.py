@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from supermachine_jupyter.errors import VmError
-from supermachine_jupyter.guest.oci import OciError, pull
+from supermachine_jupyter.guest.oci import ImageRef, OciError, pull
 
 from .oci_registry import BUSYBOX_CONFIG, push
 
@@ -279,6 +279,18 @@ def test_bad_reference_syntax(ref, cache):
         pull(ref, tls_verify=False, cache_dir=cache)
     assert repr(ref) in str(info.value)
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("ref,name,tag,digest", [
+    ("python:3.12-slim", "python", "3.12-slim", None),
+    ("alpine", "alpine", None, None),
+    ("localhost:5000/a/b-c_d.e:v1.0", "localhost:5000/a/b-c_d.e", "v1.0", None),
+    ("[::1]:5000/app@sha256:" + "a" * 64, "[::1]:5000/app", None, "sha256:" + "a" * 64),
+    ("Registry.Example/x:T", "Registry.Example/x", "T", None),
+])
+def test_reference_syntax_accepted(ref, name, tag, digest):
+    parsed = ImageRef.parse(ref)
+    assert (parsed.name, parsed.tag, parsed.digest) == (name, tag, digest)
 
 
 def test_bad_pull_policy(oci_registry, cache):

@@ -51,6 +51,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -198,7 +199,9 @@ class _Skopeo:
         return opts
 
     def inspect_raw(self, transport: str) -> tuple[bytes, str]:
-        done = subprocess.run(["skopeo", "inspect", "--raw", *self._opts(""), "--", transport],
+        # a registry that swallows packets would hang a resolve (a copy may take long)
+        done = subprocess.run(["skopeo", "--command-timeout", "120s", "inspect", "--raw",
+                               *self._opts(""), "--", transport],
                               check=False, capture_output=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise self.error(done.stderr.decode(errors="replace"))
@@ -273,7 +276,8 @@ class _Skopeo:
                             f"credentials for it ({detail})")
         if any(s in low for s in ("connection refused", "no such host", "i/o timeout",
                                   "network is unreachable", "no route to host", "dial tcp",
-                                  "tls handshake timeout", "connection reset")):
+                                  "tls handshake timeout", "connection reset",
+                                  "deadline exceeded")):
             return OciError(f"image {ref!r}: the registry is unreachable: check the network, "
                             "the registry's name and port, or configure a mirror in "
                             f"registries.conf ({detail})")
@@ -379,11 +383,24 @@ class _Store:
     def workdir(self) -> Path:
         """A fresh build directory beside the entries (same file system: rename is atomic).
         Build directories of processes that died (SIGKILL, power loss) are swept first."""
-        for stale in self.root.glob(".tmp-*-*"):
+        for stale in [*self.root.glob(".tmp-*-*"), *self.root.glob(".trash-*-*")]:
             pid = stale.name.split("-")[1]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=self.root))
+
+    def discard(self, work: Path) -> None:
+        """Delete a finished build directory in a background thread (an unpacked rootfs takes
+        a while to delete): renamed to ``.trash-PID-*`` first so it is never taken for a
+        build in progress; one left by a process that exited is swept by the next build."""
+        trash = work.with_name(".trash-" + work.name[len(".tmp-"):])
+        try:
+            os.rename(work, trash)
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+            return
+        threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True},
+                         name="oci-trash", daemon=True).start()
 
     def commit(self, built: Path, digest: str) -> None:
         os.rename(built, self._dir(digest))
@@ -440,7 +457,6 @@ def _build(store: _Store, parsed: ImageRef, digest: str, manifest: dict, skopeo:
             fs_bytes = _fs_size(size)
             progress(f"{ref}: converting to ext4 ({fs_bytes // 2**20} MiB)")
             _mkfs(rootfs, entry / "rootfs.ext4", fs_bytes, size.inodes, owners, ref)
-            shutil.rmtree(work / "bundle")
             (entry / "rootfs.ext4").chmod(0o444)
             _write_atomic(entry / "image.json", json.dumps(
                 {"digest": digest, "ref": ref, **config}, indent=1))
@@ -452,8 +468,10 @@ def _build(store: _Store, parsed: ImageRef, digest: str, manifest: dict, skopeo:
                 raise _disk_full(ref, store.root, str(exc)) from exc
             raise OciError(f"image {ref!r}: converting it failed: {exc}") from exc
         progress(f"{ref}: ready in {time.monotonic() - started:.1f} s ({digest})")
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        raise
+    store.discard(work)          # the unpacked tree: deleted off the caller's critical path
     loaded = store.entry(ref, digest)
     assert loaded is not None
     return loaded
