@@ -505,3 +505,27 @@ def test_python_image(oci_registry, cache):
     usr_bin = ext4_ls(image.rootfs, "/usr/bin")
     assert "python3" in usr_bin
     assert ext4_cat(image.rootfs, "/usr/lib/python3.11/os.py").startswith(b'r"""OS routines')
+
+
+def test_registries_conf_mirror_serves_a_short_name(oci_registry, cache, tmp_path, monkeypatch):
+    """`busybox:latest` is docker.io/library/busybox; a registries.conf mirror for docker.io
+    (here: the loopback registry) is where skopeo fetches it from."""
+    reg = oci_registry
+    reg.ref("busybox")
+    push(reg, reg.images.workdir / "layout", "busybox", "library/busybox", dest_tag="mirrored")
+    conf = tmp_path / "registries.conf"
+    conf.write_text(textwrap.dedent(f"""
+        [[registry]]
+        prefix = "docker.io"
+        location = "docker.io"
+        [[registry.mirror]]
+        location = "{reg.url}"
+        insecure = true
+    """))
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    monkeypatch.delenv("SUPERMACHINE_OCI_TLS_VERIFY", raising=False)
+    before = len(reg.requests())
+    image = pull("busybox:mirrored", cache_dir=cache)
+    assert any("/v2/library/busybox/manifests/" in line for line in reg.requests()[before:])
+    assert ext4_cat(image.rootfs, "/home/app/notes.txt") == b"owned by app\n"
+    assert image.ref == "busybox:mirrored"

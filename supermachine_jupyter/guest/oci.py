@@ -22,9 +22,10 @@ The steps, each done by the tool made for it:
 
 **Short names**: a reference with no registry (``python:3.12-slim``, ``alpine``) goes through
 skopeo's ``docker://`` normalisation: ``docker.io/library/python:3.12-slim``. The docker
-transport does not consult ``unqualified-search-registries``; a ``[[registry]]`` entry for
-``docker.io`` with a ``mirror`` in ``registries.conf`` does apply. A missing tag means
-``latest``.
+transport does not consult ``unqualified-search-registries`` nor short-name aliases; a
+``[[registry]]`` entry for ``docker.io`` with a ``[[registry.mirror]]`` in registries.conf does
+apply (a machine without internet access pulls short names from its mirror). A missing tag
+means ``latest``.
 
 **Cache** (``$SUPERMACHINE_OCI_CACHE``, default ``<user cache>/supermachine-jupyter/oci``):
 ``sha256-<hex>/rootfs.ext4`` + ``image.json`` per manifest digest, and ``refs.json`` mapping
@@ -132,7 +133,7 @@ def _env_tls_verify() -> bool | None:
 
 def pull(ref: str, *, pull: str = "missing", progress: Callable[[str], None] = lambda _: None,
          auth_file: Path | None = None, tls_verify: bool | None = None,
-         cache_dir: Path | None = None) -> ImageRootfs:
+         cache_dir: Path | None = None, registries_conf: Path | None = None) -> ImageRootfs:
     """Return image ``ref`` (linux/amd64) as a cached read-only ext4 rootfs, pulling and
     converting it when needed.
 
@@ -142,7 +143,10 @@ def pull(ref: str, *, pull: str = "missing", progress: Callable[[str], None] = l
     and per layer. ``auth_file``: a containers-auth.json / docker config.json (else skopeo's
     usual lookup). ``tls_verify=False`` talks plain HTTP / skips certificate checks (default:
     ``$SUPERMACHINE_OCI_TLS_VERIFY``, then registries.conf). ``cache_dir``: default
-    :func:`cache_root`. Raises :class:`OciError` saying what went wrong and what to do.
+    :func:`cache_root`. ``registries_conf``: a registries.conf to use instead of
+    /etc/containers/registries.conf and ~/.config/containers/registries.conf (default:
+    ``$CONTAINERS_REGISTRIES_CONF``, which podman and buildah honour and skopeo 1.9 does not).
+    Raises :class:`OciError` saying what went wrong and what to do.
     """
     parsed = ImageRef.parse(ref)
     if pull not in PULL_POLICIES:
@@ -152,6 +156,11 @@ def pull(ref: str, *, pull: str = "missing", progress: Callable[[str], None] = l
                        "path of an auth.json (`skopeo login --authfile PATH REGISTRY` writes one)")
     if tls_verify is None:
         tls_verify = _env_tls_verify()
+    if registries_conf is None and os.environ.get("CONTAINERS_REGISTRIES_CONF"):
+        registries_conf = Path(os.environ["CONTAINERS_REGISTRIES_CONF"])
+    if registries_conf is not None and not Path(registries_conf).is_file():
+        raise OciError(f"the registries.conf {registries_conf} for image {ref!r} does not "
+                       "exist: fix the path (or unset CONTAINERS_REGISTRIES_CONF)")
     store = _Store(Path(os.path.abspath(cache_dir if cache_dir is not None else cache_root())))
 
     if pull != "always":
@@ -164,7 +173,7 @@ def pull(ref: str, *, pull: str = "missing", progress: Callable[[str], None] = l
                            "forbids fetching it: pull it once with pull='missing' (or "
                            "`%%vm --image` without --pull never)")
     _need_tools(ref)
-    skopeo = _Skopeo(ref, auth_file, tls_verify)
+    skopeo = _Skopeo(ref, auth_file, tls_verify, registries_conf)
     progress(f"{ref}: resolving")
     digest, manifest = skopeo.resolve(parsed)
     with store.locked(digest):
@@ -187,8 +196,11 @@ def _need_tools(ref: str) -> None:
 class _Skopeo:
     """skopeo invocations for one image, and skopeo's errors turned into :class:`OciError`."""
 
-    def __init__(self, ref: str, auth_file: Path | None, tls_verify: bool | None):
+    def __init__(self, ref: str, auth_file: Path | None, tls_verify: bool | None,
+                 registries_conf: Path | None = None):
         self.ref, self.auth_file, self.tls_verify = ref, auth_file, tls_verify
+        self.global_opts = ([f"--registries-conf={os.fspath(registries_conf)}"]
+                            if registries_conf is not None else [])
 
     def _opts(self, prefix: str) -> list[str]:
         opts = []
@@ -200,7 +212,8 @@ class _Skopeo:
 
     def inspect_raw(self, transport: str) -> tuple[bytes, str]:
         # a registry that swallows packets would hang a resolve (a copy may take long)
-        done = subprocess.run(["skopeo", "--command-timeout", "120s", "inspect", "--raw",
+        done = subprocess.run(["skopeo", *self.global_opts, "--command-timeout", "120s",
+                               "inspect", "--raw",
                                *self._opts(""), "--", transport],
                               check=False, capture_output=True, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
@@ -234,7 +247,7 @@ class _Skopeo:
              layers: dict[str, int], progress: Callable[[str], None]) -> None:
         """``skopeo copy`` the image pinned to ``digest`` into ``cwd/layout``, relaying its
         per-blob lines as progress."""
-        argv = ["skopeo", "copy", "--override-os", PLATFORM[0], "--override-arch", PLATFORM[1],
+        argv = ["skopeo", *self.global_opts, "copy", "--override-os", PLATFORM[0], "--override-arch", PLATFORM[1],
                 *self._opts("src-"), "--", parsed.docker(digest), f"oci:{layout}:image"]
         with tempfile.TemporaryFile() as stderr, subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=stderr,
                                       stdin=subprocess.DEVNULL, text=True) as proc:
