@@ -151,6 +151,10 @@ def test_digest_reference(oci_registry, cache):
     second = pull(by_digest, tls_verify=False, cache_dir=cache, pull="always")
     assert (second.digest, second.rootfs) == (first.digest, first.rootfs)
     assert second.ref == by_digest
+    before = len(oci_registry.requests())
+    pinned = f"{oci_registry.url}/another-name@{first.digest}"   # pinned: the digest is enough
+    assert pull(pinned, tls_verify=False, cache_dir=cache, pull="never").rootfs == first.rootfs
+    assert oci_registry.requests()[before:] == []
 
 
 # --- cache and pull policies ---------------------------------------------------------------
@@ -222,6 +226,8 @@ def test_concurrent_pulls_of_one_image_convert_it_once(oci_registry, cache):
     assert len(results) == 1, outputs
     conversions = sum(out.count("converting to ext4") for out in outputs)
     assert conversions == 1, outputs
+    reused = sum(("already converted" in out) or (": cached" in out) for out in outputs)
+    assert reused == 1, outputs
     assert_cache_clean(cache)
 
 

@@ -165,13 +165,14 @@ def pull(ref: str, *, pull: str = "missing", progress: Callable[[str], None] = l
 
     if pull != "always":
         cached = store.lookup(ref)
+        if cached is None and parsed.digest:      # pinned: cached under any name will do
+            cached = store.entry(ref, parsed.digest)
         if cached is not None:
             progress(f"{ref}: cached ({cached.digest})")
             return cached
         if pull == "never":
             raise OciError(f"image {ref!r} is not in the cache {store.root} and pull='never' "
-                           "forbids fetching it: pull it once with pull='missing' (or "
-                           "`%%vm --image` without --pull never)")
+                           "forbids fetching it: pull it once with pull='missing'")
     _need_tools(ref)
     skopeo = _Skopeo(ref, auth_file, tls_verify, registries_conf)
     progress(f"{ref}: resolving")
@@ -375,7 +376,13 @@ class _Store:
             if refs.get(ref) == digest:
                 return
             refs[ref] = digest
-            _write_atomic(self.root / "refs.json", json.dumps(refs, indent=1, sort_keys=True))
+            try:
+                _write_atomic(self.root / "refs.json", json.dumps(refs, indent=1,
+                                                                  sort_keys=True))
+            except OSError as exc:
+                raise OciError(f"image {ref!r} is cached, but the cache's index "
+                               f"{self.root / 'refs.json'} cannot be written ({exc.strerror}): "
+                               "free space there or fix its permissions") from exc
 
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
