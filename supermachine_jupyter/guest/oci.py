@@ -7,13 +7,16 @@ The steps, each done by the tool made for it:
    digest of its linux/amd64 entry). skopeo does the registry work: auth from
    ``--authfile``/``auth_file`` or its usual lookup (``$REGISTRY_AUTH_FILE``,
    ``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.docker/config.json``), mirrors and
-   ``insecure`` registries from ``registries.conf``, TLS.
+   ``insecure`` registries from ``registries.conf`` (or ``registries_conf=`` /
+   ``$CONTAINERS_REGISTRIES_CONF``), TLS.
 2. **pull** with ``skopeo copy docker://NAME@DIGEST oci:LAYOUT`` (by digest, so skopeo checks
    every blob and the manifest against what was resolved), relaying skopeo's
    "Copying blob" lines as per-layer progress with the sizes from the manifest.
-3. **unpack** with ``umoci unpack --rootless`` (layers in order, whiteouts, hard links, modes;
-   no root needed). Without root, umoci keeps each file's owner from the image in the
-   ``user.rootlesscontainers`` xattr (absent: root) and the files on disk are the caller's.
+3. **unpack** with ``umoci unpack --rootless`` (layers in order, whiteouts, hard links, modes
+   incl. setuid; no root needed, and as root it creates no root-owned setuid files or device
+   nodes on the host: devices become empty files, the guest mounts devtmpfs on /dev). umoci
+   writes the files as the caller and keeps each one's owner in the image in the
+   ``user.rootlesscontainers`` xattr (absent: root). The build dir is 0700.
 4. **convert** with ``mkfs.ext4 -d`` into a journal-less ext4 file (sparse: headroom costs no
    disk), then ``debugfs -w`` sets every inode whose owner on disk is not the image's to the
    image's uid/gid (mkfs.ext4 -d copies the host owner; e2fsprogs 1.47.0 has neither an
