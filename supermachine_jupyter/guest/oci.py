@@ -13,10 +13,10 @@ The steps, each done by the tool made for it:
    every blob and the manifest against what was resolved), relaying skopeo's
    "Copying blob" lines as per-layer progress with the sizes from the manifest.
 3. **unpack** with ``umoci unpack --rootless`` (layers in order, whiteouts, hard links, modes
-   incl. setuid; no root needed, and as root it creates no root-owned setuid files or device
-   nodes on the host: devices become empty files, the guest mounts devtmpfs on /dev). umoci
-   writes the files as the caller and keeps each one's owner in the image in the
-   ``user.rootlesscontainers`` xattr (absent: root). The build dir is 0700.
+   incl. setuid; no root needed; device nodes become empty files, the guest mounts devtmpfs on
+   /dev). umoci writes the files as the caller and keeps each one's owner in the image in the
+   ``user.rootlesscontainers`` xattr (absent: root). The tree (setuid files included) lives
+   only in the 0700 build dir until the ext4 file is made.
 4. **convert** with ``mkfs.ext4 -d`` into a journal-less ext4 file (sparse: headroom costs no
    disk), then ``debugfs -w`` sets every inode whose owner on disk is not the image's to the
    image's uid/gid (mkfs.ext4 -d copies the host owner; e2fsprogs 1.47.0 has neither an
