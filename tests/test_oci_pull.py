@@ -511,6 +511,8 @@ def test_python_image(oci_registry, cache):
     usr_bin = ext4_ls(image.rootfs, "/usr/bin")
     assert "python3" in usr_bin
     assert ext4_cat(image.rootfs, "/usr/lib/python3.11/os.py").startswith(b'r"""OS routines')
+    assert ext4_cat(image.rootfs, "/etc/passwd").startswith(b"root:x:0:0:")
+    assert ext4_ls(image.rootfs, "/")["root"][1] == 0o40700
 
 
 def test_registries_conf_mirror_serves_a_short_name(oci_registry, cache, tmp_path, monkeypatch):
