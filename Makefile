@@ -10,9 +10,11 @@ PY := $(VENV)/bin/python
 # libasan8/libubsan1: the sanitizer build of the native core that the tests run once.
 # nodejs: builds the JupyterLab extension (with the venv's jlpm; packages from the npm registry);
 # chromium + fonts-dejavu-core: the headless browser of the end-to-end UI test.
+# mmdebstrap: the tests' Python image for OCI boots (--variant=extract: apt and dpkg-deb only;
+# mkfs.ext4 -d from e2fsprogs turns it into the image's root file system).
 APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc flex bison \
 	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1 \
-	nodejs chromium fonts-dejavu-core qemu-utils python3-venv python3-dev git
+	nodejs chromium fonts-dejavu-core qemu-utils python3-venv python3-dev git mmdebstrap
 
 .PHONY: all setup system-deps venv assets wheel demo test test-nested doctor bench bench-nested clean
 all: demo
