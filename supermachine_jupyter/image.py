@@ -58,7 +58,7 @@ class Image:
         (``pull="missing" | "always" | "never"``; see ``guest.oci.pull``), booted with the
         default kernel and agent. Commands run with the image's ``Env``, ``WorkingDir`` and
         ``User``; ``Vm.run_image_command()`` starts its ``Entrypoint`` + ``Cmd``."""
-        from .guest import oci     # skopeo/umoci machinery: only for those who use images
+        from .guest import oci  # skopeo/umoci machinery: only for those who use images
         rootfs = oci.pull(ref, pull=pull, progress=progress, auth_file=auth_file,
                           tls_verify=tls_verify)
         return cls.from_rootfs(rootfs, progress=progress)

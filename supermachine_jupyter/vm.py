@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import shutil
 import shlex
+import shutil
 import signal as _signal
 import threading
 import time

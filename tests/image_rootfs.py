@@ -83,9 +83,8 @@ def _cached(name: str, key_inputs: list[str], build_tree) -> Path:
 def _image(ref: str, path: Path, **overrides) -> ImageRootfs:
     # Stands in for the manifest digest: the same file gives the same "digest".
     digest = "sha256:" + hashlib.sha256(path.name.encode()).hexdigest()
-    fields = dict(ref=ref, digest=digest, rootfs=path, env=ENV, working_dir=WORKING_DIR,
-                  user=USER)
-    fields.update(overrides)
+    fields = {"ref": ref, "digest": digest, "rootfs": path, "env": ENV,
+              "working_dir": WORKING_DIR, "user": USER, **overrides}
     return ImageRootfs(**fields)
 
 
