@@ -231,7 +231,34 @@ def test_vm_image_cells_with_python_restore_and_named_vms(ip_with_images, capsys
                       "open('/home/alice/note', 'w').write('kept across cells')\n")
     ip.run_cell_magic("vm", "--name keep1 python3", "print(open('/home/alice/note').read())\n")
     assert "kept across cells" in capsys.readouterr().out
+    assert f"image    {ref} (sha256:" in repr(ip.run_line_magic("vm", "info keep1"))
     assert ip.pulls == [(ref, "missing")] * 3
     from IPython.core.error import UsageError
     with pytest.raises(UsageError, match="--image no/such: image no/such: not found"):
         ip.run_cell_magic("vm", "--image no/such", "true")
+
+
+def test_image_repr_names_ref_and_short_digest():
+    image = Image.from_rootfs(busybox_rootfs())
+    digest = image.rootfs.digest
+    assert repr(image).startswith(f"Image(oci='test/busybox:latest', digest={digest[:19]},")
+    assert digest[19:] not in repr(image)
+
+
+def test_snapshot_record_of_the_rootfs_checks_the_very_file(tmp_path):
+    """What a snapshot keeps of an image's disk: a record naming the file, refused at
+    restore when the file is another file system now (made again: new UUID) or malformed."""
+    from supermachine_jupyter.devices import rootfs
+    copy = tmp_path / "image.ext4"
+    shutil.copyfile(busybox_rootfs().rootfs, copy)
+    image = busybox_rootfs(rootfs=copy)
+    record = rootfs.to_record(image)
+    assert rootfs.check_record(record) is None
+    assert rootfs.from_record(record, "snap") == image
+    with open(copy, "r+b") as f:          # the ext4 UUID, as another mkfs run would make it
+        f.seek(1024 + 0x68)
+        f.write(b"\x42" * 16)
+    with pytest.raises(ImageError, match="has changed since .*make the snapshot again"):
+        rootfs.from_record(record, "snap")
+    assert "rootfs.env" in rootfs.check_record({**record, "env": "PATH=/bin"})
+    assert "rootfs.size" in rootfs.check_record({**record, "size": True})

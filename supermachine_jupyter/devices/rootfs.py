@@ -92,7 +92,8 @@ def to_record(image: ImageRootfs) -> dict:
     """The snapshot header's ``rootfs`` entry: the image (by digest), where its file is, and
     the file's identity. The file itself stays in the image cache."""
     record = dataclasses.asdict(image)
-    record["rootfs"] = str(image.rootfs)
+    record.update(rootfs=str(image.rootfs), env=list(image.env),   # as JSON keeps them
+                  entrypoint=list(image.entrypoint), cmd=list(image.cmd))
     record.update(identity(Path(image.rootfs)))
     return record
 

@@ -815,6 +815,10 @@ class VmInfo:
                          + (", balloon" if vm.config.balloon else "")),
                 ("engine", f"{vm.engine}/{vm.accel}: {vm.engine_reason}"),
                 ("started", f"{clock(vm.started_at)}, {how} in {vm.boot_seconds:.2f} s")]
+        if vm.image is not None:
+            from ..devices.rootfs import short_digest
+            image = f"{vm.image.ref} ({short_digest(vm.image.digest)}), {vm.image.rootfs}"
+            rows.append(("image", image))
         for volume in vm.config.volumes:
             rows.append(("volume", f"{volume.host_path} → {volume.guest_path}"
                                    + (" (read-only)" if volume.read_only else "")))

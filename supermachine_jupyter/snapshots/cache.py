@@ -150,7 +150,8 @@ def default_snapshot(image: Image, config: VmConfig,
 
 def _prune_stale_defaults(current: Snapshot) -> None:
     """Delete cached default snapshots of the same engine made with other kernels, initramfs
-    or engine versions (running VMs restored from them keep their open files)."""
+    or engine versions, and those of OCI images whose root file system left the image cache
+    (running VMs restored from them keep their open files)."""
     h = current.header
     mark = (h["kernel_sha256"], h["initrd_sha256"], *_made_by(h))
     for entry in current.path.parent.glob(".default-*.partial"):
@@ -164,8 +165,10 @@ def _prune_stale_defaults(current: Snapshot) -> None:
             lines = (entry / HEADER_FILE).read_bytes().split(b"\n")
             other = json.loads(lines[1])
             theirs = (other["kernel_sha256"], other["initrd_sha256"], *_made_by(other))
-            if theirs == mark or theirs[2] != mark[2]:     # current, or another engine's
-                continue
+            image_gone = isinstance(other.get("rootfs"), dict) and \
+                not os.path.exists(str(other["rootfs"].get("rootfs")))
+            if not image_gone and (theirs == mark or theirs[2] != mark[2]):
+                continue            # current (or an image's whose file is still cached)
         except (OSError, IndexError, ValueError, KeyError, TypeError, EngineError):
             pass
         shutil.rmtree(entry, ignore_errors=True)
