@@ -3,6 +3,8 @@ registry → skopeo → umoci → ext4) is merged: a directory tree turned into 
 ``mkfs.ext4 -d`` and wrapped in an :class:`ImageRootfs`, as ``oci.pull`` would return it.
 
 * ``busybox_rootfs()``: Debian's static busybox and its applet links (a few MiB);
+* ``toolless_rootfs()``: no programs at all (as a distroless image without a shell): only
+  what the host's own steps may use is the initramfs's busybox in ``/.supermachine``;
 * ``python_rootfs()``: ``mmdebstrap --variant=extract`` of python3-minimal, dash and coreutils
   from this machine's apt sources (~45 MiB, ~25 s to build).
 
@@ -102,6 +104,11 @@ def busybox_rootfs(**overrides) -> ImageRootfs:
 
     path = _cached("busybox", [hashlib.sha256(busybox.read_bytes()).hexdigest()], build)
     return _image("test/busybox:latest", path, **overrides)
+
+
+def toolless_rootfs(**overrides) -> ImageRootfs:
+    path = _cached("toolless", [], lambda tree: tree.mkdir())
+    return _image("test/toolless:latest", path, **overrides)
 
 
 def python_rootfs(**overrides) -> ImageRootfs:

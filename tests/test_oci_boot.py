@@ -25,7 +25,8 @@ from supermachine_jupyter.config import MountSpec, VmConfig, VolumeSpec
 from supermachine_jupyter.errors import ImageError, SnapshotError, VmError
 from supermachine_jupyter.image import Image
 from supermachine_jupyter.snapshots import cache, store
-from tests.image_rootfs import busybox_rootfs, python_rootfs
+from supermachine_jupyter.devices.rootfs import GUEST_BUSYBOX
+from tests.image_rootfs import busybox_rootfs, python_rootfs, toolless_rootfs
 
 if shutil.which("qemu-system-x86_64") is None:
     pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
@@ -155,22 +156,26 @@ def test_corrupt_ext4_fails_the_boot_saying_so(tmp_path):
 
 def test_second_start_restores_the_per_digest_snapshot(tmp_path, monkeypatch):
     """The pre-booted snapshot of an image references its rootfs file (never copies it), a
-    restore gets a fresh writable layer, and a restore whose rootfs file is gone is refused
+    restore gets a fresh writable layer and is made the guest's own (hostname, clock) even in
+    an image without a single program, and a restore whose rootfs file is gone is refused
     naming it."""
     monkeypatch.setattr(store, "snapshots_dir", lambda: tmp_path / "snaps")
     (tmp_path / "snaps").mkdir()
-    copy = tmp_path / "busybox.ext4"
-    shutil.copyfile(busybox_rootfs().rootfs, copy)
-    image = Image.from_rootfs(busybox_rootfs(rootfs=copy))
+    copy = tmp_path / "toolless.ext4"
+    shutil.copyfile(toolless_rootfs().rootfs, copy)
+    image = Image.from_rootfs(toolless_rootfs(rootfs=copy))
     config = VmConfig(engine="qemu")
+    sh = [GUEST_BUSYBOX, "sh", "-c"]       # the image has no shell: the initramfs's busybox
     with image.start(config, name="first", snapshot_cache=True) as first:
         assert first.restored_from is None
-        assert first.run("echo mine > /etc/mark", user="root").exit_code == 0
+        assert first.run(argv=[*sh, "echo mine > /etc/mark"], user="root").exit_code == 0
+        with pytest.raises(VmError, match="exec /bin/sh: No such file or directory"):
+            first.run("true")                # really no shell in it
     assert cache.wait_for_background(timeout=60)
     with image.start(config, name="second", snapshot_cache=True) as second:
         assert second.restored_from is not None
         assert "restored_from=" in repr(second)
-        out = lines(second.run("cat /etc/mark 2>&1; id -un; pwd; hostname"))
+        out = lines(second.run(argv=[*sh, "cat /etc/mark 2>&1; id -un; pwd; hostname"]))
         assert out[0].endswith("No such file or directory") and out[1:] == [
             "alice", "/srv/app", "second"]
     snapshot_dir = second.restored_from
@@ -181,7 +186,7 @@ def test_second_start_restores_the_per_digest_snapshot(tmp_path, monkeypatch):
     assert header["rootfs"]["digest"] == image.rootfs.digest
     assert not any(f.name.startswith("volume") for f in snapshot_dir.iterdir())
     copy.unlink()
-    with pytest.raises(SnapshotError, match=r"busybox\.ext4 does not exist"):
+    with pytest.raises(SnapshotError, match=r"toolless\.ext4 does not exist"):
         Image.from_snapshot(snapshot_dir).start(VmConfig())
 
 
