@@ -3,8 +3,9 @@
 ``Image.default()`` is the embedded busybox guest (a wheel's packaged one, or built on
 first use into the user cache, see ``assets.py``); ``Image.from_assets`` boots a kernel of your
 own; ``Image.from_snapshot`` restores a snapshot; ``Image.from_oci("python:3.12-slim")`` boots
-an OCI image's root file system with our kernel and agent (``guest/oci.py`` pulls it). ``image.start(config)`` hands it to the one launcher (``launch.py``) and
-returns a running :class:`~supermachine_jupyter.vm.Vm` once the guest agent has answered.
+an OCI image's root file system with our kernel and agent (``guest/oci.py`` pulls it).
+``image.start(config)`` hands it to the one launcher (``launch.py``) and returns a running
+:class:`~supermachine_jupyter.vm.Vm` once the guest agent has answered.
 """
 
 from __future__ import annotations
