@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 # nodejs: builds the JupyterLab extension (with the venv's jlpm; packages from the npm registry);
 # chromium + fonts-dejavu-core: the headless browser of the end-to-end UI test.
 # skopeo + umoci (+ e2fsprogs' mkfs.ext4 -d and debugfs): OCI images into ext4 rootfs files;
-# docker-registry + mmdebstrap: the tests' loopback registry and their Python image.
+# docker-registry + mmdebstrap: the tests' loopback registry and their
+# Python image (mmdebstrap --variant=extract: apt and dpkg-deb only).
 APT_PACKAGES := qemu-system-x86 busybox-static musl-tools linux-source-6.1 bc flex bison \
 	libelf-dev make gcc xz-utils cpio e2fsprogs ca-certificates libasan8 libubsan1 \
 	nodejs chromium fonts-dejavu-core qemu-utils python3-venv python3-dev git \

@@ -6,6 +6,8 @@
 * ``run 'SCRIPT'``: run a shell script in a new VM, stream its output, exit with its status.
   The VM is restored from the pre-booted snapshot when it can, as ``%%vm`` cells are
   (``--fresh`` boots one instead; ``SUPERMACHINE_SNAPSHOT_CACHE=0`` turns the cache off).
+  ``--image REF`` boots an OCI image instead (as ``%%vm --image REF``); ``--interpreter
+  python3`` runs the script with that guest program, the script on its stdin.
 * ``doctor [--json]``: what this machine offers (KVM, QEMU, assets) and which engine ``auto``
   picks, and why; each check is announced on stderr as it runs (they take seconds).
 * ``notebook PATH``: execute a notebook headless and print each cell's output (``make demo``).
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -42,12 +45,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = VmConfig(memory_mib=args.memory, vcpus=args.vcpus, engine=args.engine)
     # The cache policy is the caller's (snapshots/cache.py): the magic's, unless --fresh.
-    image = Image.default(say)
+    image = (Image.from_oci(args.image, pull=args.pull, progress=say) if args.image
+             else Image.default(say))
+    # As %%vm INTERPRETER: the program runs with the script on its stdin.
+    command = ({"argv": shlex.split(args.interpreter), "stdin": args.script.encode()}
+               if args.interpreter else {"script": args.script})
     with image.start(config, progress=say, snapshot_cache=False if args.fresh else None) as vm:
         how = "restored" if vm.restored_from else "booted"
         say(f"{vm.name} {how} in {vm.boot_seconds:.2f} s")
         # Output is streamed, not kept: Vm.run does timeout and Ctrl-C (vm.wait_command).
-        result = vm.run(args.script, timeout=args.timeout, on_stdout=write(sys.stdout.buffer),
+        result = vm.run(**command, timeout=args.timeout, on_stdout=write(sys.stdout.buffer),
                         on_stderr=write(sys.stderr.buffer), max_output_bytes=0,
                         raise_interrupt=False)
     if result.interrupted:
@@ -201,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", default="auto", choices=["auto", "native", "qemu"])
     run.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     run.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    run.add_argument("--image", metavar="REF",
+                     help="boot the OCI image REF (e.g. python:3.12-slim) instead of the "
+                          "busybox guest; its Env, WorkingDir and User apply")
+    run.add_argument("--pull", choices=["missing", "always", "never"], default="missing",
+                     help="with --image: when to ask the registry (default: missing)")
+    run.add_argument("--interpreter", metavar="PROGRAM",
+                     help="run SCRIPT with this guest program (e.g. python3), SCRIPT on its "
+                          "stdin, as %%%%vm INTERPRETER does; default: /bin/sh -c SCRIPT")
     doctor = sub.add_parser("doctor", help="what this machine can run, and which engine auto picks")
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

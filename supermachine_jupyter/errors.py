@@ -43,3 +43,8 @@ class SnapshotTimeoutError(SnapshotError):
 
 class SnapshotNotSupportedError(SnapshotError, NotImplementedError):
     """The engine cannot snapshot or restore."""
+
+
+class ImageError(VmError):
+    """An OCI image could not be pulled, converted or booted (its root file system is
+    missing or damaged); the message names the image and what to do."""

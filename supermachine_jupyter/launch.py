@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .config import VmConfig
-from .devices import mounts, volumes
+from .devices import mounts, rootfs, volumes
 from .devices.volumes import PreparedVolume
 from .engines import choose_engine, get, start_engine
 from .engines.base import LaunchSpec
-from .errors import AgentError, EngineError, VmError
-from .guest.agent import AgentClient
+from .errors import AgentError, EngineError, ImageError, VmError
+from .guest.agent import AgentClient, ErrorCode, RemoteError
 from .guest.console import ConsoleBuffer
 from .jupyter import registry
 from .snapshots.format import Snapshot, SnapshotError, SnapshotTimeoutError
@@ -148,7 +148,9 @@ def boot(image: "Image", config: VmConfig, *, name: str | None = None,
     choice = choose_engine(config.engine, config)
     memory = config.memory_mib or image.default_memory_mib
     vcpus = config.vcpus or image.default_vcpus
+    image_root = image.rootfs
     cmdline = " ".join(filter(None, [BASE_CMDLINE, f"sm.hostname={name}",
+                                     rootfs.cmdline() if image_root is not None else "",
                                      volumes.cmdline(list(config.volumes)),
                                      mounts.cmdline(list(config.mounts))]))
     if len(cmdline) > MAX_CMDLINE_BYTES:
@@ -159,11 +161,14 @@ def boot(image: "Image", config: VmConfig, *, name: str | None = None,
     for volume in prepared:
         if volume.formatted_now:
             progress(f"formatted volume {volume.path} ({volume.size_mib} MiB, ext4)")
+    if image_root is not None:       # the image's disk: one more read-only volume, last
+        prepared += (rootfs.volume(image_root),)
 
     def spec(run_dir: Path) -> LaunchSpec:
         return LaunchSpec(name=name, memory_mib=memory, vcpus=vcpus, kernel=kernel,
                           vmlinux=vmlinux, initrd=initrd, cmdline=cmdline, config=config,
-                          run_dir=run_dir, console=ConsoleBuffer(), volumes=prepared)
+                          run_dir=run_dir, console=ConsoleBuffer(), volumes=prepared,
+                          rootfs=image_root)
 
     def start(spec: LaunchSpec, mark) -> "EngineInstance":
         # One short line: why this engine was chosen is in %vm info and doctor.
@@ -248,6 +253,14 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
     snapshot.verify_state()
     name = vm_name(name, config)
     h = snapshot.header
+    # An image's root file system is not in the snapshot: the very file it booted must
+    # still be in the image cache (checked here, before any engine starts).
+    image_root = None
+    if h.get("rootfs") is not None:
+        try:
+            image_root = rootfs.from_record(h["rootfs"], str(snapshot.path))
+        except ImageError as exc:
+            raise SnapshotError(str(exc)) from exc
 
     # Guest RAM and volume digests are checked while the engine starts and loads the state;
     # the guest only runs once they match.
@@ -267,7 +280,9 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
             name=name, memory_mib=snapshot.memory_mib, vcpus=snapshot.vcpus,
             kernel=Path(h["kernel"]), vmlinux=Path(h["kernel"]), initrd=Path(h["initrd"]),
             cmdline=h["cmdline"], config=effective, run_dir=run_dir, console=console,
-            volumes=tuple(_restored_volumes(snapshot, effective, run_dir)))
+            volumes=tuple(_restored_volumes(snapshot, effective, run_dir))
+            + ((rootfs.volume(image_root),) if image_root is not None else ()),
+            rootfs=image_root)
 
     def start(spec: LaunchSpec, mark: Callable[[str], None]):
         mark("header_checked")
@@ -319,9 +334,16 @@ def restore(snapshot: Snapshot, config: VmConfig | None = None, *, name: str | N
 def _refresh_guest(agent, name: str, timeout: float) -> None:
     """Make a restored guest its own: hostname, fresh entropy (mixed into the pool, which the
     kernel reseeds from within seconds of an early-uptime restore), the current time (busybox
-    ``date -s``: whole seconds)."""
+    ``date -s``: whole seconds; the initramfs's busybox, which an OCI image need not have)."""
     ends = time.monotonic() + timeout
-    clock = agent.exec(["date", "-s", f"@{int(time.time())}"])
+    clock = agent.exec([rootfs.GUEST_BUSYBOX, "date", "-s", f"@{int(time.time())}"])
     agent.write_file("/proc/sys/kernel/hostname", name.encode(), timeout=timeout)
     agent.write_file("/dev/urandom", os.urandom(64), timeout=max(ends - time.monotonic(), 0.01))
-    clock.wait(timeout=max(ends - time.monotonic(), 0.01))
+    try:
+        clock.wait(timeout=max(ends - time.monotonic(), 0.01))
+    except RemoteError as exc:
+        if exc.code != ErrorCode.EXEC_FAILED:
+            raise
+        # A snapshot made before the initramfs had /.supermachine: its busybox is on PATH.
+        agent.exec(["date", "-s", f"@{int(time.time())}"]).wait(
+            timeout=max(ends - time.monotonic(), 0.01))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import shlex
 import shutil
 import signal as _signal
 import threading
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
     from .config import VmConfig
     from .engines.base import EngineInstance, LaunchSpec
+    from .guest.rootfs import ImageRootfs
 
 #: How an interrupted command is stopped: (signal, seconds to wait for it to end).
 INTERRUPT_ESCALATION = ((_signal.SIGINT, 1.0), (_signal.SIGTERM, 1.0), (_signal.SIGKILL, 0.8))
@@ -85,6 +87,10 @@ class ExecResult:
                         if getattr(self, flag))
         return (f"ExecResult({status}, duration={self.duration:.3f}s{extra}, "
                 f"stdout={_clip(self.stdout)!r}, stderr={_clip(self.stderr)!r})")
+
+
+def _shell_quote(text: str) -> str:
+    return shlex.quote(text)
 
 
 def _clip(text: str, limit: int = 60) -> str:
@@ -307,6 +313,12 @@ class Vm:
         return self._failure
 
     @property
+    def image(self) -> "ImageRootfs | None":
+        """The OCI image this VM runs (its ref, digest and config), or None for the default
+        busybox guest."""
+        return self._spec.rootfs
+
+    @property
     def instance(self) -> "EngineInstance":
         return self._instance
 
@@ -316,6 +328,11 @@ class Vm:
 
     def __repr__(self) -> str:
         extra = f" failure={self._failure!r}" if self._failure else ""
+        if self.image is not None:
+            from .devices.rootfs import short_digest
+            extra = f" image={self.image.ref}@{short_digest(self.image.digest)}" + extra
+        if self.restored_from is not None:
+            extra = f" restored_from={str(self.restored_from)!r}" + extra
         return (f"<Vm {self.name!r} engine={self.engine}/{self.accel} state={self._state} "
                 f"memory={self.memory_mib}MiB vcpus={self.vcpus} ({self.engine_reason}){extra}>")
 
@@ -436,16 +453,59 @@ class Vm:
     # -- commands ----------------------------------------------------------------------
     def exec(self, script: str | None = None, *, argv: list[str] | None = None,
              env: dict[str, str] | None = None, cwd: str | None = None,
-             stdin: bool | bytes = False) -> ExecProcess:
+             stdin: bool | bytes = False, user: str | None = None) -> ExecProcess:
         """Start a command and return it while it runs: iterate it for ``Output`` events and
-        the final ``Exit``, or call ``.wait(on_stdout=..., on_stderr=...)``."""
+        the final ``Exit``, or call ``.wait(on_stdout=..., on_stderr=...)``.
+
+        In a VM of an OCI image the image's config is the default: its ``Env`` under
+        ``env`` (``env`` wins), its ``WorkingDir`` when ``cwd`` is None, its ``User`` when
+        ``user`` is None (``user``: ``"name"``, ``"uid"``, ``"name:group"``, ``"uid:gid"``,
+        looked up in the guest's /etc/passwd and /etc/group; ``"root"`` or ``"0"`` to
+        override an image's user)."""
         self._check_running()
         if script is None and argv is None:
             raise ValueError("exec needs a script or argv")
+        env, cwd, user = self._image_defaults(env, cwd, user)
         try:
-            return self._agent.exec(argv, script=script, env=env, cwd=cwd, stdin=stdin)
+            return self._agent.exec(argv, script=script, env=env, cwd=cwd, stdin=stdin,
+                                    user=user)
         except AgentError as exc:
             raise self._explain(exc) from exc
+
+    def _image_defaults(self, env, cwd, user):
+        image = self.image
+        if image is None:
+            return env, cwd, user
+        merged = dict(item.split("=", 1) for item in image.env if "=" in item)
+        merged.update(env or {})
+        return (merged, cwd if cwd is not None else (image.working_dir or "/"),
+                user if user is not None else (image.user or None))
+
+    def run_image_command(self, *, log_path: str = "/tmp/image-command.log",
+                          env: dict[str, str] | None = None,
+                          extra_args: list[str] | None = None) -> ExecProcess:
+        """Start the image's ``Entrypoint`` + ``Cmd`` (+ ``extra_args``) as its service would
+        start: in the background, with the image's Env, WorkingDir and User, its output
+        appended to ``log_path`` in the guest **and** streamed by the returned handle (iterate
+        it, ``.wait()``, or ``stop_command(handle)``). The command lives until it exits, the
+        handle is stopped, or the VM stops; other commands run beside it meanwhile.
+
+        Raises ``VmError`` when the VM runs no OCI image or the image has neither
+        Entrypoint nor Cmd."""
+        image = self.image
+        if image is None:
+            raise VmError(f"VM {self.name!r} runs the default guest, not an OCI image: "
+                          "run_image_command needs a VM of Image.from_oci(…)")
+        argv = [*image.entrypoint, *image.cmd, *(extra_args or [])]
+        if not argv:
+            raise VmError(f"image {image.ref} has neither Entrypoint nor Cmd: nothing to run "
+                          "(use vm.exec(argv=[…]) instead)")
+        # The initramfs's busybox tees the output into the log: the image needs no shell.
+        from .devices.rootfs import GUEST_BUSYBOX
+        script = ('set -o pipefail; "$0" "$@" 2>&1 | '
+                  f"{GUEST_BUSYBOX} tee -a {_shell_quote(log_path)}")
+        wrapper = [GUEST_BUSYBOX, "sh", "-c", script, *argv]
+        return self.exec(argv=wrapper, env=env)
 
     def stream(self, script: str, **kwargs) -> Iterator[Output | Exit]:
         """Iterate over a command's output events (a generator over ``exec``)."""
@@ -458,13 +518,17 @@ class Vm:
             if proc.exit is None:
                 stop_command(proc)
 
-    def run(self, script: str, timeout: float | None = None, env: dict[str, str] | None = None,
+    def run(self, script: str | None = None, timeout: float | None = None,
+            env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: bytes | None = None,
             on_stdout: Callable[[bytes], object] | None = None,
             on_stderr: Callable[[bytes], object] | None = None,
             max_output_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES,
-            raise_interrupt: bool = True) -> ExecResult:
-        """Run a shell script in the guest and wait for it (details: :func:`wait_command`).
+            raise_interrupt: bool = True, user: str | None = None,
+            argv: list[str] | None = None) -> ExecResult:
+        """Run a shell script (``/bin/sh -c script``), or a program (``argv``), in the guest
+        and wait for it (details: :func:`wait_command`). ``user``, and in a VM of an OCI image
+        its defaults: see :meth:`exec`.
 
         On ``timeout`` (seconds) the command's process group is killed and the result, with
         ``timed_out=True``, comes back within ``timeout + KILL_GRACE_SECONDS`` even if
@@ -476,7 +540,8 @@ class Vm:
         the result comes back with ``interrupted=True`` instead.
         """
         started = time.monotonic()
-        proc = self.exec(script, env=env, cwd=cwd, stdin=stdin if stdin is not None else False)
+        proc = self.exec(script, argv=argv, env=env, cwd=cwd,
+                         stdin=stdin if stdin is not None else False, user=user)
         try:
             return wait_command(proc, timeout, on_stdout=on_stdout, on_stderr=on_stderr,
                                 max_output_bytes=max_output_bytes,
@@ -560,7 +625,7 @@ class Vm:
         from .devices.volumes import usage
         return [{"host_path": str(v.path), "guest_path": v.spec.guest_path,
                  "serial": v.serial, "read_only": v.spec.read_only, **usage(v.path)}
-                for v in self._spec.volumes]
+                for v in self._spec.data_volumes]
 
     # -- snapshots ---------------------------------------------------------------------
     def snapshot(self, path, *, overwrite: bool = False):

@@ -123,3 +123,18 @@ def test_forged_hellos_and_stray_errors_stay_bounded(pair):
 
 def test_frames_header_is_sixteen_bytes():
     assert len(encode_frame(FrameType.PING, 0)) == HEADER_BYTES
+
+
+def test_exec_user_is_sent_only_when_given():
+    """EXEC flags bit 1 and the user string (PROTOCOL.md): absent without a user, so an agent
+    that predates them still takes every other EXEC."""
+    from supermachine_jupyter.guest.agent import encode_exec, pack_str, u32
+    plain = encode_exec(["id"], None, None, None, False)
+    assert plain.endswith(u32(0))
+    assert encode_exec(["id"], None, None, None, True, user="") == plain[:-4] + u32(1)
+    assert encode_exec(["id"], None, None, None, True, user="alice:staff") == \
+        plain[:-4] + u32(3) + pack_str("alice:staff")
+    with pytest.raises(ValueError, match="NUL"):
+        encode_exec(["id"], None, None, None, False, user="ro\0ot")
+    with pytest.raises(ValueError, match="longer than 255 bytes"):
+        encode_exec(["id"], None, None, None, False, user="u" * 256)

@@ -37,6 +37,13 @@ def test_run_fresh_boots():
     assert "booted in" in fresh.stderr and "restored" not in fresh.stderr, fresh.stderr
 
 
+def test_run_with_an_interpreter_gets_the_script_on_its_stdin():
+    # As %%vm INTERPRETER: the program (here sh with arguments of its own) reads the script.
+    result = cli("run", "--interpreter", "sh -s -- one two", 'echo "got $1 $2"; exit 4')
+    assert result.returncode == 4, result.stderr
+    assert result.stdout == "got one two\n"
+
+
 def test_doctor_announces_each_check_while_it_runs():
     proc = subprocess.Popen([sys.executable, "-m", "supermachine_jupyter", "doctor", "--json"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

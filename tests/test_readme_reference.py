@@ -5,7 +5,7 @@
   ``VmConfig.field_help()`` word for word); the value objects' signatures below it.
 * "Magics": one row per option of the ``%%vm`` parser (IPython's ``@magic_arguments`` stores
   the argparse parser on the decorated method as ``VmMagics.vm.parser``), with its argument
-  spelled as the parser spells it; every ``%vm`` sub-command and every ``%config VmMagics``
+  spelled as the parser spells it (and the interpreter, its one positional); every ``%vm`` sub-command and every ``%config VmMagics``
   setting is named.
 * Every example: each fenced block says its language, and every ``python`` and ``ipython``
   block runs verbatim, in README order, as notebook cells of one real IPython shell (real VMs),
@@ -191,7 +191,12 @@ def _vm_options() -> dict[str, argparse.Action]:
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        assert action.option_strings, f"%%vm has a positional argument {action.dest!r}"
+        if not action.option_strings:
+            # The one positional, the interpreter after the options: README's row spells it
+            # as the parser's metavar ("INTERPRETER [ARGS]").
+            assert action.dest == "interpreter", f"%%vm has a positional {action.dest!r}"
+            options[action.metavar.split()[0]] = action
+            continue
         options[max(action.option_strings, key=len)] = action
     return options
 
@@ -222,7 +227,10 @@ def test_vm_option_argument_is_spelled_as_the_parser_does(option_rows, option):
     documented = option_rows.get(option)
     if documented is None:
         pytest.fail(f"{option} is not in README's %%vm options table")
-    if action.nargs == 0:
+    if not action.option_strings:
+        assert documented == " ".join(action.metavar.split()[1:]), \
+            f"{option}: README {documented!r}, parser {action.metavar!r}"
+    elif action.nargs == 0:
         assert documented == "", f"{option} takes no argument, README shows {documented!r}"
     elif action.choices:
         assert documented.split("|") == [str(c) for c in action.choices], \

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..devices.mounts import MountStatus
     from ..devices.volumes import PreparedVolume
     from ..guest.agent import AgentClient
+    from ..guest.rootfs import ImageRootfs
 
 #: The agent's virtio-serial port name (QEMU) and vsock port (native core).
 AGENT_PORT_NAME = "sm.agent"
@@ -46,6 +47,14 @@ class LaunchSpec:
     run_dir: Path                # private directory for this VM's sockets and files
     console: ConsoleBuffer
     volumes: tuple["PreparedVolume", ...] = ()   # formatted files, in VmConfig order
+    #: the OCI image booted (None: the initramfs's own busybox guest). Engines never look at
+    #: it: its disk is the last of ``volumes`` (read-only), its boot a kernel command line key.
+    rootfs: "ImageRootfs | None" = None
+
+    @property
+    def data_volumes(self) -> tuple["PreparedVolume", ...]:
+        """The VmConfig's volumes: ``volumes`` without the image's root file system."""
+        return self.volumes[:len(self.volumes) - 1] if self.rootfs is not None else self.volumes
 
 
 @dataclasses.dataclass(frozen=True)

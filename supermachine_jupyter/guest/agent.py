@@ -107,19 +107,31 @@ def pack_strv(values: list[str]) -> bytes:
     return u32(len(values)) + b"".join(pack_str(v) for v in values)
 
 
+#: EXEC flags (PROTOCOL.md): keep stdin open for STDIN frames; a ``str user`` follows.
+EXEC_KEEP_STDIN = 1
+EXEC_AS_USER = 2
+MAX_USER_BYTES = 255
+
+
 def encode_exec(argv: list[str] | None, script: str | None, env: dict[str, str] | None,
-                cwd: str | None, keep_stdin: bool) -> bytes:
+                cwd: str | None, keep_stdin: bool, user: str | None = None) -> bytes:
+    """An EXEC payload; ``user`` (name, uid, ``name:group``, ``uid:gid``; None or "": the
+    agent's own, root) is sent only when given, so an agent without user support still
+    takes every other EXEC."""
     if (argv is None) == (script is None):
         raise ValueError("exec needs exactly one of argv or script")
     mode, words = (0, list(argv)) if argv is not None else (1, [script])
     if not words:
         raise ValueError("argv must not be empty")
     env_list = [f"{k}={v}" for k, v in (env or {}).items()]
-    for item in [*words, *env_list, cwd or ""]:
+    for item in [*words, *env_list, cwd or "", user or ""]:
         if "\0" in item:
             raise ValueError(f"NUL byte in exec argument {item!r}")
+    if user and len(user.encode()) > MAX_USER_BYTES:
+        raise ValueError(f"exec user {user[:40]!r}… is longer than {MAX_USER_BYTES} bytes")
+    flags = (EXEC_KEEP_STDIN if keep_stdin else 0) | (EXEC_AS_USER if user else 0)
     return (u32(mode) + pack_strv(words) + pack_strv(env_list) + pack_str(cwd or "")
-            + u32(1 if keep_stdin else 0))
+            + u32(flags) + (pack_str(user) if user else b""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,9 +538,10 @@ class AgentClient:
     # -- requests ------------------------------------------------------------------------
     def exec(self, argv: list[str] | None = None, *, script: str | None = None,
              env: dict[str, str] | None = None, cwd: str | None = None,
-             stdin: bool | bytes = False) -> ExecProcess:
-        """Start a command; ``stdin=True`` keeps stdin open, bytes are sent then closed."""
-        payload = encode_exec(argv, script, env, cwd, keep_stdin=stdin is not False)
+             stdin: bool | bytes = False, user: str | None = None) -> ExecProcess:
+        """Start a command; ``stdin=True`` keeps stdin open, bytes are sent then closed;
+        ``user`` runs it as that user of the guest's /etc/passwd (see ``encode_exec``)."""
+        payload = encode_exec(argv, script, env, cwd, keep_stdin=stdin is not False, user=user)
         stream = self._open_stream("exec")
         proc = ExecProcess(self, stream, keep_stdin=stdin is not False)
         self._send(FrameType.EXEC, stream.id, payload)

@@ -221,6 +221,14 @@ class _StreamWriter:
         target.flush()
 
 
+def cell_command(cell: str, interpreter: list[str] | None) -> dict:
+    """``Vm.run`` arguments for a cell: ``/bin/sh -c`` the cell, or the interpreter's argv
+    with the cell on its stdin (IPython's ``%%script`` does the same)."""
+    if not interpreter:
+        return {"script": cell}
+    return {"argv": list(interpreter), "stdin": cell.encode()}
+
+
 def _parse_volume(text: str) -> VolumeSpec:
     parts = text.split(":")
     usage = f"--volume {text!r}: expected HOST:GUEST[:SIZE_MIB][:ro|rw]"
@@ -297,6 +305,16 @@ class VmMagics(Magics):
             self._image = Image.default(progress)
         return self._image
 
+    def oci_image(self, ref: str, pull: str, progress: Callable[[str], None]):
+        """``Image.from_oci(ref)``: pulled when not cached (``pull``); an image that cannot
+        be had is a UsageError naming it and why."""
+        from ..errors import ImageError
+        from ..image import Image
+        try:
+            return Image.from_oci(ref, pull=pull, progress=progress)
+        except ImageError as exc:
+            raise UsageError(f"--image {ref}: {exc}") from None
+
     def _cell_changes(self, args: argparse.Namespace, base: VmConfig) -> dict:
         """The config fields this cell's options set, on top of ``base``."""
         changes: dict = {}
@@ -332,7 +350,8 @@ class VmMagics(Magics):
         return base.replace(**changes) if changes else base
 
     def _get_or_start(self, config: VmConfig, progress: _Progress,
-                      from_snapshot: str | None = None) -> tuple[Vm, bool, str, bool]:
+                      from_snapshot: str | None = None, image_ref: str | None = None,
+                      pull: str = "missing") -> tuple[Vm, bool, str, bool]:
         """The VM for this cell: a running named VM, or a new one (booted, restored from the
         default image's pre-booted snapshot, or from a named snapshot). Returns
         (vm, new, note, note_is_a_warning)."""
@@ -345,6 +364,9 @@ class VmMagics(Magics):
                 differs = [f for f in ("memory_mib", "vcpus", "balloon", "volumes", "mounts", "engine")
                            if getattr(config, f) != getattr(existing.config, f)
                            and getattr(config, f) not in (None, [], False, "auto")]
+                running_ref = existing.image.ref if existing.image is not None else None
+                if image_ref and image_ref != running_ref:
+                    differs.append(f"image {image_ref}")
                 if differs:
                     note = (f"{name} was already running: {', '.join(differs)} from this cell "
                             f"not applied (%vm stop {name} to restart it)")
@@ -364,7 +386,14 @@ class VmMagics(Magics):
         else:
             # A config with its own kernel never needs the default image (building it would
             # cost a kernel build on a fresh machine).
-            image = Image.from_assets(config.assets) if config.assets else self.image(progress)
+            if image_ref is None and existing is not None and existing.image is not None:
+                image_ref = existing.image.ref      # a lost named VM comes back as it was
+            if image_ref:
+                image = self.oci_image(image_ref, pull, progress)
+            elif config.assets:
+                image = Image.from_assets(config.assets)
+            else:
+                image = self.image(progress)
             vm = image.start(config, progress=progress,
                                             boot_timeout=self.boot_timeout,
                                             snapshot_cache=None if self.snapshot_cache else False)
@@ -406,6 +435,13 @@ class VmMagics(Magics):
     @argument("--config", metavar="VAR",
               help="start from the VmConfig in the notebook variable VAR (the options here "
                    "override it)")
+    @argument("--image", metavar="REF",
+              help="boot the OCI image REF (e.g. python:3.12-slim) instead of the busybox "
+                   "guest: pulled once and cached by digest; its Env, WorkingDir and User "
+                   "apply to the cell; later unnamed cells restore its pre-booted snapshot")
+    @argument("--pull", choices=["missing", "always", "never"], default="missing",
+              help="with --image: pull when not cached (missing, the default), always check "
+                   "the registry, or never (cache only)")
     @argument("--from", dest="from_snapshot", metavar="NAME",
               help="start the VM from snapshot NAME (made with --snapshot) instead of booting")
     @argument_group("the command")
@@ -433,12 +469,21 @@ class VmMagics(Magics):
     @argument("--verbose", action="store_true",
               help="every start-up step, and the engine and why it was chosen on the "
                    "status line")
+    @argument("interpreter", nargs=argparse.REMAINDER, metavar="INTERPRETER [ARGS]",
+              help=_h("run the cell with this program of the guest, the cell on its stdin (as "
+                      "%%script does), e.g. python3; default: sh. Goes after the options"))
     @cell_magic
     def vm(self, line: str, cell: str):
         """Run the cell's shell script inside a microVM: a small Linux guest (busybox, no
         network) with its own kernel, memory and filesystem.
 
-        The script runs as root under /bin/sh. Output streams into the cell as it is
+        The script runs as root under /bin/sh; with an INTERPRETER after the options
+        (``%%vm --image python:3.12-slim python3``) that program runs instead, with the cell
+        on its standard input, as ``%%script`` does: the cell body is the program, so it cannot
+        read input of its own from stdin (a cell has none to give anyway), and no file is left
+        in the guest. With --image REF the VM boots that OCI image (its root file system under
+        a writable layer that lives as long as the VM; --name keeps it, and its files, for
+        later cells) and the cell runs with the image's Env, WorkingDir and User. Output streams into the cell as it is
         produced; a last line gives the exit status, how long the command ran and, for a
         new VM, how long the VM took to start. A new VM has 256 MiB and 1 vCPU unless told
         otherwise, and is restored from a cached pre-booted snapshot when it can (no
@@ -465,7 +510,13 @@ class VmMagics(Magics):
         except (TraitError, snapshots.SnapshotError) as exc:
             raise UsageError(str(exc)) from None
         progress = _Progress(self.show_progress and not args.quiet, args.verbose)
-        vm, new, note, warning = self._get_or_start(config, progress, args.from_snapshot)
+        if args.image and args.from_snapshot:
+            raise UsageError("--image and --from cannot be used together: a snapshot already "
+                             "holds its image")
+        if args.interpreter and not args.interpreter[0].strip():
+            raise UsageError("the interpreter after the options is empty")
+        vm, new, note, warning = self._get_or_start(config, progress, args.from_snapshot,
+                                                    image_ref=args.image, pull=args.pull)
         self._last_vm = vm
         progress.done()
         keep = bool(config.name)
@@ -485,10 +536,11 @@ class VmMagics(Magics):
             started_by="restored" if vm.restored_from else "booted", warning=warning,
             details=_engine_details(vm) if args.verbose else "")
         if args.bg:
-            self._start_background(vm, keep, cell, timeout, out, err, dashboard, args.quiet)
+            self._start_background(vm, keep, cell, timeout, out, err, dashboard, args.quiet,
+                                   interpreter=args.interpreter)
             return
         try:
-            result = self._run_cell(vm, cell, timeout, out, err)
+            result = self._run_cell(vm, cell, timeout, out, err, interpreter=args.interpreter)
             if args.snapshot:
                 snap = vm.snapshot(snapshots.named_snapshot_path(args.snapshot), overwrite=True)
                 print(f"saved {vm.name} as snapshot {args.snapshot!r} ({snap.path})")
@@ -520,11 +572,12 @@ class VmMagics(Magics):
                                      "returns before its command ends")
 
     def _run_cell(self, vm: Vm, script: str, timeout: float | None,
-                  out: _StreamWriter, err: _StreamWriter) -> ExecResult:
+                  out: _StreamWriter, err: _StreamWriter,
+                  interpreter: list[str] | None = None) -> ExecResult:
         # Vm.run owns deadline, kill on timeout and the Ctrl-C escalation (vm.wait_command);
         # here an interrupt ends the cell with the command's result, not a traceback.
-        result = vm.run(script, timeout=timeout, on_stdout=out, on_stderr=err,
-                        max_output_bytes=out._keep_bytes, raise_interrupt=False)
+        result = vm.run(**cell_command(script, interpreter), timeout=timeout, on_stdout=out,
+                        on_stderr=err, max_output_bytes=out._keep_bytes, raise_interrupt=False)
         if result.interrupted:
             sys.stderr.write(f"\n^C interrupted: guest command stopped ({result.describe()}); "
                              f"VM {vm.name} {'kept' if vm.config.name else 'stopped'}\n")
@@ -532,7 +585,7 @@ class VmMagics(Magics):
 
     def _start_background(self, vm: Vm, keep: bool, script: str, timeout: float | None,
                           out: _StreamWriter, err: _StreamWriter, dashboard,
-                          quiet: bool) -> BackgroundRun:
+                          quiet: bool, interpreter: list[str] | None = None) -> BackgroundRun:
         """``--bg``: run ``script`` on a thread. An unnamed VM is listed under its own name
         while the command runs (so ``%vm stop NAME``/``--all`` and kernel shutdown end it)
         and stopped when the command ends."""
@@ -550,7 +603,8 @@ class VmMagics(Magics):
                 vm.stop()
                 _say_ended_with_cell(dashboard, vm)
 
-        job = BackgroundRun(vm, script, timeout, out, err, on_end=finished)
+        job = BackgroundRun(vm, script, timeout, out, err, on_end=finished,
+                            interpreter=interpreter)
         self.jobs.append(job)
         if self.show_progress and not quiet:
             where = [f"stdout → {out._variable}" if out._variable else "",
@@ -687,7 +741,8 @@ class BackgroundRun:
     whose variables are stream readers, the variables are plain strings that grow."""
 
     def __init__(self, vm: Vm, script: str, timeout: float | None, out: _StreamWriter,
-                 err: _StreamWriter, on_end: Callable[[BackgroundRun], None]):
+                 err: _StreamWriter, on_end: Callable[[BackgroundRun], None],
+                 interpreter: list[str] | None = None):
         self.vm_name = vm.name
         self.started_at = time.time()
         self.out_variable, self.err_variable = out._variable, err._variable
@@ -697,7 +752,8 @@ class BackgroundRun:
 
         def run() -> None:
             try:
-                self.result = vm.run(script, timeout=timeout, on_stdout=out, on_stderr=err,
+                self.result = vm.run(**cell_command(script, interpreter), timeout=timeout,
+                                     on_stdout=out, on_stderr=err,
                                      max_output_bytes=out._keep_bytes)
             except Exception as exc:  # noqa: BLE001 - kept for %vm jobs, the thread ends
                 self.error = str(exc)
@@ -759,6 +815,10 @@ class VmInfo:
                          + (", balloon" if vm.config.balloon else "")),
                 ("engine", f"{vm.engine}/{vm.accel}: {vm.engine_reason}"),
                 ("started", f"{clock(vm.started_at)}, {how} in {vm.boot_seconds:.2f} s")]
+        if vm.image is not None:
+            from ..devices.rootfs import short_digest
+            image = f"{vm.image.ref} ({short_digest(vm.image.digest)}), {vm.image.rootfs}"
+            rows.append(("image", image))
         for volume in vm.config.volumes:
             rows.append(("volume", f"{volume.host_path} → {volume.guest_path}"
                                    + (" (read-only)" if volume.read_only else "")))

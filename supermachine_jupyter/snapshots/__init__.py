@@ -11,6 +11,10 @@ A snapshot is a directory::
     header                  versioned, checksummed header (see below)
     volume<i>.img           the data volumes as they were at the snapshot (sparse copies)
 
+A VM of an OCI image keeps its image's root file system where it is (the image cache): the
+header's ``rootfs`` entry names the image (ref, digest, config) and its ext4 file with the
+file's size and superblock digest, and a restore refuses a file that is gone or differs
+(``devices/rootfs.py``). Its writable layer is tmpfs, so it is in guest RAM, in the snapshot.
 and the engine's own files. QEMU (``engine_state.qemu_version``):
 
     qemu-state.migration    QEMU's migration stream: vCPU, irqchip, timers and device state

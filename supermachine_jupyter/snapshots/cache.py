@@ -1,8 +1,10 @@
-"""The pre-booted snapshot cache: a VM of the default image, booted once and snapshotted, so
-that later VMs of the same hardware restore (~0.15 s) instead of booting (~1.4 s).
+"""The pre-booted snapshot cache: a VM of the default image (or of an OCI image), booted once
+and snapshotted, so that later VMs of the same hardware restore (~0.15 s) instead of booting
+(~1.4 s).
 
 Keyed by everything that shapes it (kernel and initramfs hashes, memory, vCPUs, balloon,
-engine with its version and accelerator, format version). ``start_with_cache(image, config)``
+engine with its version and accelerator, format version, and an OCI image's manifest digest:
+one snapshot per image). ``start_with_cache(image, config)``
 uses it when the config allows (:func:`cacheable`: no volumes, no mounts, the image's own
 kernel): the first start boots and snapshots the fresh VM before handing it over, later
 starts restore. :func:`default_snapshot` makes or returns it synchronously. The caller
@@ -101,6 +103,11 @@ def default_snapshot_key(image: Image, config: VmConfig) -> str:
         "vcpus": config.vcpus or image.default_vcpus, "balloon": bool(config.balloon),
         "cmdline": BASE_CMDLINE,
     }
+    rootfs = getattr(image, "rootfs", None)
+    if rootfs is not None:
+        # One pre-booted snapshot per OCI image: its RAM holds that image's mounted file
+        # system (the file is referenced, not copied; restores check it is the same file).
+        parts["image"] = rootfs.digest
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,7 +150,8 @@ def default_snapshot(image: Image, config: VmConfig,
 
 def _prune_stale_defaults(current: Snapshot) -> None:
     """Delete cached default snapshots of the same engine made with other kernels, initramfs
-    or engine versions (running VMs restored from them keep their open files)."""
+    or engine versions, and those of OCI images whose root file system left the image cache
+    (running VMs restored from them keep their open files)."""
     h = current.header
     mark = (h["kernel_sha256"], h["initrd_sha256"], *_made_by(h))
     for entry in current.path.parent.glob(".default-*.partial"):
@@ -157,8 +165,10 @@ def _prune_stale_defaults(current: Snapshot) -> None:
             lines = (entry / HEADER_FILE).read_bytes().split(b"\n")
             other = json.loads(lines[1])
             theirs = (other["kernel_sha256"], other["initrd_sha256"], *_made_by(other))
-            if theirs == mark or theirs[2] != mark[2]:     # current, or another engine's
-                continue
+            image_gone = isinstance(other.get("rootfs"), dict) and \
+                not os.path.exists(str(other["rootfs"].get("rootfs")))
+            if not image_gone and (theirs == mark or theirs[2] != mark[2]):
+                continue            # current (or an image's whose file is still cached)
         except (OSError, IndexError, ValueError, KeyError, TypeError, EngineError):
             pass
         shutil.rmtree(entry, ignore_errors=True)

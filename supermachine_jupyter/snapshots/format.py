@@ -230,6 +230,11 @@ def _check_fields(fields: dict, where: str) -> None:
     if "balloon_target_mib" in fields and want(fields, "balloon_target_mib", int,
                                               "balloon_target_mib") < 0:
         raise corrupt("gives a negative balloon size")
+    if fields.get("rootfs") is not None:
+        from ..devices.rootfs import check_record
+        problem = check_record(fields["rootfs"])
+        if problem is not None:
+            raise corrupt(problem)
     for i, volume in enumerate(fields["volumes"]):
         if not isinstance(volume, dict):
             raise corrupt(f"volumes[{i}] is not an object")

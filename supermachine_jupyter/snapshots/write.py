@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..devices import rootfs
 from ..devices.volumes import VolumeError
 from ..errors import EngineError
 from .format import (
@@ -52,8 +53,10 @@ def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
 
+    # The data volumes are copied; an OCI image's root file system (read-only, the last
+    # volume) is not: the header records which file it is (devices/rootfs.py).
     def copy_volumes() -> None:
-        for i in range(len(spec.volumes)):
+        for i in range(len(spec.data_volumes)):
             instance.copy_volume(i, tmp / f"volume{i}.img")
 
     progress(f"saving {vm.name} to {path}…")
@@ -89,7 +92,8 @@ def begin_snapshot(vm: Vm, path: str | os.PathLike, overwrite: bool = False,
         "volumes": [{"index": i, "file": f"volume{i}.img", "serial": v.serial,
                      "guest_path": v.spec.guest_path, "read_only": v.spec.read_only,
                      "host_path": str(v.spec.host_path)}
-                    for i, v in enumerate(spec.volumes)],
+                    for i, v in enumerate(spec.data_volumes)],
+        "rootfs": rootfs.to_record(spec.rootfs) if spec.rootfs is not None else None,
     }
     name = vm.name
 

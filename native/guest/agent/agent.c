@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include "dispatch.h"
 #include "protocol.h"
+#include "users.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -294,9 +295,9 @@ static char **get_strv(struct sm_cursor *c, uint32_t max, size_t extra, uint32_t
 
 static void handle_exec(const struct sm_header *h, struct sm_cursor *c)
 {
-    uint32_t mode, argc = 0, envc = 0, flags, cwd_len;
-    const uint8_t *cwd_p;
-    char **argv = NULL, **env = NULL, *cwd = NULL;
+    uint32_t mode, argc = 0, envc = 0, flags, cwd_len, user_len = 0;
+    const uint8_t *cwd_p, *user_p = NULL;
+    char **argv = NULL, **env = NULL, *cwd = NULL, *user = NULL;
     int in_pipe[2] = { -1, -1 }, out_pipe[2] = { -1, -1 }, err_pipe[2] = { -1, -1 };
     int status_pipe[2] = { -1, -1 };
 
@@ -305,7 +306,9 @@ static void handle_exec(const struct sm_header *h, struct sm_cursor *c)
     if (!sm_get_u32(c, &mode) || mode > 1 || !(argv = get_strv(c, 4096, 2, &argc))
         || argc == 0 || (mode == 1 && argc != 1)
         || !(env = get_strv(c, 4096, 1, &envc)) || !sm_get_str(c, &cwd_p, &cwd_len)
-        || !(cwd = dup_str(cwd_p, cwd_len)) || !sm_get_u32(c, &flags) || flags > 1
+        || !(cwd = dup_str(cwd_p, cwd_len)) || !sm_get_u32(c, &flags) || flags > 3
+        || ((flags & 2) && (!sm_get_str(c, &user_p, &user_len) || user_len == 0
+                            || user_len > 255 || !(user = dup_str(user_p, user_len))))
         || !sm_at_end(c)) {
         send_error(h->stream, SM_E_BAD_PAYLOAD, "malformed EXEC payload");
         goto out;
@@ -345,6 +348,27 @@ static void handle_exec(const struct sm_header *h, struct sm_cursor *c)
         dup2(out_pipe[1], 1);
         dup2(err_pipe[1], 2);
         const char *stage = "chdir";
+        if (user) {
+            /* The user is resolved here, in the child: the image's files could make a
+             * lookup slow, and the agent's loop must never wait on them. */
+            struct sm_user who;
+            char why[240];
+            if (sm_resolve_user(user, &who, why, sizeof why) < 0) {
+                char text[256];
+                int n = snprintf(text, sizeof text, "u%s", why);
+                (void)!write(status_pipe[1], text, (size_t)(n < (int)sizeof text ? n : (int)sizeof text - 1));
+                _exit(127);
+            }
+            if (*who.home)
+                setenv("HOME", who.home, 1);   /* the request's env may still set its own */
+            if (sm_become_user(&who) < 0) {
+                char text[256];
+                int n = snprintf(text, sizeof text, "ucannot become user '%s' (uid %u, gid %u): %s",
+                                 user, (unsigned)who.uid, (unsigned)who.gid, strerror(errno));
+                (void)!write(status_pipe[1], text, (size_t)(n < (int)sizeof text ? n : (int)sizeof text - 1));
+                _exit(127);
+            }
+        }
         if (chdir(*cwd ? cwd : "/") == 0) {
             stage = "exec";
             /* The base PATH comes first so that the command's own PATH (if any) wins. */
@@ -361,12 +385,18 @@ static void handle_exec(const struct sm_header *h, struct sm_cursor *c)
     }
     /* The child reports a failed chdir/exec through status_pipe; EOF means exec succeeded. */
     close_fd(&status_pipe[1]);
-    char msg[8];
+    char msg[256];
     ssize_t got;
     do {
         got = read(status_pipe[0], msg, sizeof msg);
     } while (got < 0 && errno == EINTR);
-    if (got == (ssize_t)sizeof msg) {
+    if (got > 1 && msg[0] == 'u') {
+        send_error(h->stream, SM_E_EXEC_FAILED, "%.*s", (int)got - 1, msg + 1);
+        waitpid(pid, NULL, 0);
+        free_stream(s);
+        goto close_pipes;
+    }
+    if (got == 8) {
         int err;
         memcpy(&err, msg + 1, sizeof err);
         send_error(h->stream, SM_E_EXEC_FAILED, "%s %s: %s", msg[0] == 'c' ? "chdir" : "exec",
@@ -397,6 +427,7 @@ out:
     free_strv(argv, 2);
     free_strv(env, 1);
     free(cwd);
+    free(user);
 }
 
 static void handle_stdin(const struct sm_header *h, struct sm_cursor *c)

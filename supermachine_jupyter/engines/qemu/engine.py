@@ -353,7 +353,8 @@ class QemuInstance(EngineInstance):
             helper_spec = dataclasses.replace(
                 spec, name=f"{spec.name}-snapshot", run_dir=helper_dir, console=ConsoleBuffer(),
                 volumes=tuple(dataclasses.replace(v, path=directory / f"volume{i}.img")
-                              for i, v in enumerate(spec.volumes)))
+                              for i, v in enumerate(spec.data_volumes))
+                + spec.volumes[len(spec.data_volumes):])   # not copied: attached where it is
             try:
                 helper = QemuInstance(helper_spec, self.accel, "snapshot helper",
                                       restore=QemuRestore(ram, share=True, volume_snapshot=True))
