@@ -73,7 +73,8 @@ WANTED_MODULES = ("irqbypass", "ccp", "kvm", "kvm_amd",
                   "virtio_pci", "9pnet", "9pnet_virtio", "netfs", "fscache", "9p")
 
 L1_MEMORY_MIB = 4096
-L1_VCPUS = 2
+#: SUPERMACHINE_L1_VCPUS overrides it (experiments on L1's own stability)
+L1_VCPUS = int(os.environ.get("SUPERMACHINE_L1_VCPUS", "2"))
 #: panic=-1 + QEMU's -no-reboot: a panic ends QEMU at once; oops=panic, softlockup_panic and
 #: panic_on_rcu_stall: an oops or a stuck CPU in L1 (e.g. kvm_amd under the emulated SVM) is a
 #: crash we see and retry, not a hang; nokaslr: L1's addresses read against System.map.
