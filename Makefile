@@ -87,13 +87,6 @@ demo: assets
 	@$(PY) -m supermachine_jupyter doctor
 	@$(PY) -m supermachine_jupyter notebook notebooks/00-hello-vm.ipynb
 
-# The nested-KVM tier is out of `make test` for now (each of its tests says so when skipped):
-# L1 itself (kvm_amd under QEMU TCG's emulated SVM) crashed or hung in most boots of the last
-# runs, at different tests, which makes the whole suite's outcome a coin toss (issue H).
-# SUPERMACHINE_NESTED=l1 make test puts it back.
-SUPERMACHINE_NESTED ?= off
-export SUPERMACHINE_NESTED
-
 test: assets
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
