@@ -12,9 +12,9 @@ unchanged:
   ships no ``modules.dep``: depmod builds that from the same field), and a busybox
   (``busybox-static``) initramfs whose ``/init`` is :data:`INIT_SCRIPT`. Cached in
   ``$XDG_CACHE_HOME/supermachine-jupyter/nested/l1-<kernel package version>-<recipe hash>/``.
-* **run** (:func:`run_l1`): ``qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2
-  -m 4096 -M q35``; the host's ``/`` shared read-only over virtio-9p, a results folder shared
-  read-write; the init loads the modules, mounts both, sets up /proc /sys /dev /tmp /run in
+* **run** (:func:`run_l1`): ``qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 1
+  -m 4096 -M q35`` (``-smp 2`` for the few tests that need two CPUs: see ``L1_VCPUS``); the
+  host's ``/`` shared read-only over virtio-9p, a results folder shared read-write; the init loads the modules, mounts both, sets up /proc /sys /dev /tmp /run in
   the host root, chroots into it and runs ``run.sh`` (written by the caller into the results
   folder), writes the exit status there and powers off. The serial console goes to
   ``console.log`` in the results folder, each line stamped with host seconds since the start.
@@ -73,7 +73,11 @@ WANTED_MODULES = ("irqbypass", "ccp", "kvm", "kvm_amd",
                   "virtio_pci", "9pnet", "9pnet_virtio", "netfs", "fscache", "9p")
 
 L1_MEMORY_MIB = 4096
-L1_VCPUS = 2
+#: L1's CPUs. One, unless a run asks for more: with two, L1 itself crashed (kvm_amd's vCPU
+#: thread overflowing its stack in an exception storm, see the tier's notes in
+#: tests/nested/conftest.py) or hung (CPUs spinning in exc_int3, text patching across CPUs) in
+#: most test-tier runs; with one, in none of N runs. SUPERMACHINE_L1_VCPUS overrides it.
+L1_VCPUS = int(os.environ.get("SUPERMACHINE_L1_VCPUS", "1"))
 #: panic=-1 + QEMU's -no-reboot: a panic ends QEMU at once; oops=panic, softlockup_panic and
 #: panic_on_rcu_stall: an oops or a stuck CPU in L1 (e.g. kvm_amd under the emulated SVM) is a
 #: crash we see and retry, not a hang; nokaslr: L1's addresses read against System.map.
@@ -449,10 +453,11 @@ class L1Run:
                 and self.info.get("npt") == "npt")
 
 
-def qemu_argv(assets: L1Assets, results: Path, cmdline: str = L1_CMDLINE) -> list[str]:
+def qemu_argv(assets: L1Assets, results: Path, cmdline: str = L1_CMDLINE,
+              vcpus: int = L1_VCPUS) -> list[str]:
     def escape(path: Path) -> str:  # QEMU option values: a comma is written twice
         return str(path).replace(",", ",,")
-    return [QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(L1_VCPUS),
+    return [QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(vcpus),
             "-m", str(L1_MEMORY_MIB), "-M", "q35", "-nodefaults", "-no-reboot",
             "-display", "none", "-serial", "stdio",
             "-monitor", f"unix:{escape(results / 'monitor.sock')},server=on,wait=off",
@@ -513,8 +518,9 @@ def crash_lines(console: str) -> list[str]:
 
 
 def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
-           echo: Callable[[str], None] | None = None) -> L1Run:
-    """Boot L1 once; the init runs ``results/run.sh`` (see :func:`write_run_script`)."""
+           echo: Callable[[str], None] | None = None, vcpus: int = L1_VCPUS) -> L1Run:
+    """Boot L1 once with ``vcpus`` CPUs; the init runs ``results/run.sh`` (see
+    :func:`write_run_script`)."""
     if shutil.which(QEMU) is None:
         raise L1Error(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
     if not (results / "run.sh").is_file():
@@ -525,7 +531,7 @@ def run_l1(assets: L1Assets, results: Path, *, timeout: float = 1800.0,
     kallsyms = assets.directory / "kallsyms"
     if not kallsyms.is_file():
         (results / "want-kallsyms").touch()
-    argv = qemu_argv(assets, results)
+    argv = qemu_argv(assets, results, vcpus=vcpus)
     (results / "qemu-argv.json").write_text(json.dumps(argv))
     started = time.monotonic()
     marks: dict[str, float] = {}
@@ -716,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--results", help="results folder (default: a new temporary one)")
     run.add_argument("--timeout", type=float, default=1800.0)
     run.add_argument("--quiet", action="store_true", help="do not echo L1's console")
+    run.add_argument("--cpus", type=int, default=L1_VCPUS,
+                     help=f"L1's CPUs (default {L1_VCPUS}: see L1_VCPUS)")
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
@@ -740,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONUNBUFFERED"] = "1"          # the command's output as it comes, in output.log
     write_run_script(results, command, cwd=args.cwd, env=env,
                      prelude=guest_assets_prelude(env, say))
-    run = run_l1(assets, results, timeout=args.timeout,
+    run = run_l1(assets, results, timeout=args.timeout, vcpus=args.cpus,
                  echo=None if args.quiet else (lambda line: print(line, flush=True)))
     boot = f"{run.boot_seconds:.1f} s" if run.boot_seconds is not None else "?"
     say(f"L1 run: {run.wall_seconds:.1f} s wall, boot → command {boot}, status {run.status}, "

@@ -5,10 +5,13 @@ CPU can (``tools/nested_kvm.py``, DESIGN.md). So, in the host's pytest run:
 
 * every collected test marked ``nested_kvm`` (or ``nested_kvm_todo``) is replaced by a stand-in
   item with the same node id, markers and keywords (``-k``/``-m`` select as usual);
-* the first stand-in to run boots L1 once for the whole session: it builds (or finds) the
+* the first stand-in to run boots L1 for the whole session: it builds (or finds) the
   cached L1, makes sure the guest assets and the native core are built on the host (the host
-  root is read-only in L1), and runs one inner ``pytest`` over all the selected node ids in
-  the host's own root and venv, chrooted inside L1;
+  root is read-only in L1), and runs one inner ``pytest`` over the selected node ids in
+  the host's own root and venv, chrooted inside L1 — once per L1 size: L1 has one CPU, and
+  the few tests marked ``l1_cpus(2)`` (a 2-vCPU guest: VmConfig caps vcpus at the host's
+  CPUs) run in a second L1 with two. With two CPUs, L1 itself crashed or hung in most runs of
+  the whole tier (``tools/nested_kvm.py``, ``L1_VCPUS``), so as little as possible runs there;
 * each stand-in then passes, fails or skips as its inner test did, with the inner report and
   output. If L1 cannot be built or booted, each stand-in fails saying why. If L1 itself
   crashes or hangs (its kvm_amd under emulated SVM has been seen to panic), the tests it did not
@@ -79,6 +82,12 @@ def _marked(item) -> str | None:
     return None
 
 
+def _l1_cpus(item) -> int:
+    """The CPUs the L1 running ``item`` needs: ``@pytest.mark.l1_cpus(n)``, else one."""
+    marker = item.get_closest_marker("l1_cpus")
+    return int(marker.args[0]) if marker is not None else 1
+
+
 def _todo_enabled(config) -> bool:
     if os.environ.get("SUPERMACHINE_NESTED_TODO", "").strip().lower() in ("1", "yes", "true"):
         return True
@@ -134,11 +143,12 @@ class L1Tier:
     def __init__(self, config):
         self.config = config
         self.nodeids: list[str] = []
+        self.groups: dict[int, list[str]] = {}     # L1 CPUs → the node ids run with that many
         self.results: dict[str, list[dict]] | None = None
-        self.started: dict[str, int] = {}      # node id → attempt in which it started
+        self.started: dict[str, tuple[int, int]] = {}  # node id → (L1 CPUs, boot) it started in
         self.error: str | None = None
-        self.l1_down = False
         self.final_errors: dict[str, str] = {}     # node id → why it has no result
+        self.not_run: dict[str, str] = {}          # node id → why L1 never ran it
         self.timings: list[str] = []
         self.runs: list = []
         self.tier_seconds = 0.0
@@ -179,22 +189,28 @@ class L1Tier:
         self.timings.append(f"host prerequisites (guest assets, native core): "
                             f"{time.monotonic() - t0:.1f} s")
         base = _new_run_dir()
-        remaining = list(self.nodeids)
+        for cpus, nodeids in sorted(self.groups.items()):
+            self._run_group(tool, assets, base, cpus, nodeids)
+
+    def _run_group(self, tool, assets, base: Path, cpus: int, nodeids: list[str]) -> None:
+        """Run ``nodeids`` in L1 booted with ``cpus`` CPUs, booting it again (up to
+        ``L1_BOOTS`` in all) for the tests an L1 crash or hang left without a result."""
+        remaining = list(nodeids)
         problems: list[str] = []
         for attempt in range(1, L1_BOOTS + 1):
-            results = base / f"boot{attempt}"
+            results = base / f"cpus{cpus}-boot{attempt}"
             results.mkdir()
             self._write_run_script(tool, results, remaining, attempt)
-            self._say(f"booting L1 (attempt {attempt}) for {len(remaining)} tests; console: "
-                      f"{results / 'console.log'}")
-            run = tool.run_l1(assets, results, timeout=L1_TIMEOUT_S)
+            self._say(f"booting L1 ({cpus} CPU, attempt {attempt}) for {len(remaining)} tests; "
+                      f"console: {results / 'console.log'}")
+            run = tool.run_l1(assets, results, timeout=L1_TIMEOUT_S, vcpus=cpus)
             self.runs.append(run)
             boot = f"{run.boot_seconds:.1f} s" if run.boot_seconds is not None else "n/a"
             inner = f"{run.command_seconds:.1f} s" if run.command_seconds is not None else "n/a"
-            self.timings.append(f"L1 boot {attempt}: QEMU start → command {boot}, inner pytest "
-                                f"{inner}, wall {run.wall_seconds:.1f} s, status {run.status}, "
-                                f"kvm ready {run.kvm_ready} ({results})")
-            self._collect(results / "reports.jsonl", attempt)
+            self.timings.append(f"L1 ({cpus} CPU) boot {attempt}: QEMU start → command {boot}, "
+                                f"inner pytest {inner}, wall {run.wall_seconds:.1f} s, status "
+                                f"{run.status}, kvm ready {run.kvm_ready} ({results})")
+            self._collect(results / "reports.jsonl", (cpus, attempt))
             if run.boot_seconds is not None and not run.kvm_ready:
                 raise NestedOutcome(f"L1 booted but has no usable KVM: {run.info} "
                                     f"(console: {run.console_log})")
@@ -202,17 +218,17 @@ class L1Tier:
             if not remaining:
                 return
             if run.crash is not None:
-                # L1 itself crashed: what it did not finish runs again (once).
+                # L1 itself crashed: what it did not finish runs in the next boot.
                 problems.append(f"boot {attempt}: {run.crash}")
-                self.timings.append(f"L1 boot {attempt} crashed: {run.crash}")
+                self.timings.append(f"L1 ({cpus} CPU) boot {attempt} crashed: {run.crash}")
                 self._say(f"L1 crashed ({run.crash}); {len(remaining)} tests left"
                           + ("; booting it again" if attempt < L1_BOOTS else ""))
                 continue
-            died_in = [n for n in remaining if self.started.get(n) == attempt]
+            died_in = [n for n in remaining if self.started.get(n) == (cpus, attempt)]
             if not died_in:
-                self.error = (f"the inner pytest in L1 ended with status {run.status} before "
-                              f"running this test; its output:\n"
-                              f"{_tail(results / 'output.log', 60)}")
+                why = (f"the inner pytest in L1 ended with status {run.status} before running "
+                       f"this test; its output:\n{_tail(results / 'output.log', 60)}")
+                self.final_errors.update((n, why) for n in remaining)
                 return
             # The inner pytest died inside a test (pytest-timeout's thread method ends the
             # process when a test hangs in C code, after dumping every thread's stack): that
@@ -229,10 +245,12 @@ class L1Tier:
                 return
         # Every boot ended with L1 itself crashing or hanging: the tests left are not run, and
         # say so (the tier's infrastructure failed, not the code under test).
-        self.l1_down = len(problems) == L1_BOOTS and all(p.split(": ", 1)[1].startswith("L1 ")
-                                                         for p in problems)
-        self.error = (f"no result, after {L1_BOOTS} L1 boots: " + "; ".join(problems)
-                      + f"\n--- L1 console (last lines) ---\n{self.runs[-1].console_tail(40)}")
+        l1_down = len(problems) == L1_BOOTS and all(p.split(": ", 1)[1].startswith("L1 ")
+                                                    for p in problems)
+        why = (f"no result, after {L1_BOOTS} L1 boots with {cpus} CPU: " + "; ".join(problems)
+               + f"\n--- L1 console (last lines) ---\n{self.runs[-1].console_tail(40)}")
+        for nodeid in remaining:
+            (self.not_run if l1_down else self.final_errors)[nodeid] = why
 
     def _host_prerequisites(self) -> None:
         """Build on the host what L1 cannot (its view of the host root is read-only): the
@@ -266,7 +284,7 @@ class L1Tier:
         tool.write_run_script(results, argv, cwd=str(self.config.rootpath), env=env,
                               prelude=prelude)
 
-    def _collect(self, jsonl: Path, attempt: int) -> None:
+    def _collect(self, jsonl: Path, attempt: tuple[int, int]) -> None:
         try:
             lines = jsonl.read_text().splitlines()
         except OSError:
@@ -299,11 +317,12 @@ class L1Tier:
                 else:
                     item.add_report_section("call", f"{title} (inside L1)", text)
         if not self._finished(nodeid):
-            why = self.final_errors.get(nodeid) or self.error \
+            why = self.final_errors.get(nodeid) or self.not_run.get(nodeid) or self.error \
                 or "L1 ran but reported nothing for this test"
             if nodeid in self.started:
-                why = f"it started in L1 boot {self.started[nodeid]} but did not finish: {why}"
-            if self.l1_down and nodeid not in self.final_errors:
+                cpus, boot = self.started[nodeid]
+                why = f"it started in L1 ({cpus} CPU) boot {boot} but did not finish: {why}"
+            if nodeid in self.not_run:
                 pytest.skip(f"[nested] NOT RUN: L1 itself (kvm_amd under QEMU's emulated SVM) "
                             f"crashed or hung in each of its {L1_BOOTS} boots; run "
                             f"`make test-nested` again. {why}")
@@ -361,9 +380,8 @@ def pytest_collection_modifyitems(session, config, items):
             continue
         if MODE == "off":
             item.add_marker(pytest.mark.skip(
-                reason=f"{ABOUT}; SUPERMACHINE_NESTED=off turned the tier off (`make test` "
-                       "does so for now: L1 itself crashes or hangs too often, issue H; "
-                       "`make test-nested` runs the tier)"))
+                reason=f"{ABOUT}; SUPERMACHINE_NESTED=off turned the tier off "
+                       "(unset it, or `make test-nested`, to run it)"))
             continue
         if marker == "nested_kvm_todo" and not todo:
             item.add_marker(pytest.mark.skip(
@@ -373,6 +391,7 @@ def pytest_collection_modifyitems(session, config, items):
         items[index] = NestedItem.from_parent(item.parent, name=item.name, original=item,
                                               tier=tier)
         tier.nodeids.append(item.nodeid)
+        tier.groups.setdefault(_l1_cpus(item), []).append(item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
