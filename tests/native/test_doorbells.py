@@ -43,7 +43,7 @@ def _checksum(out: str) -> str:
 
 
 def test_notifies_ring_the_doorbell_without_an_exit(native, disk):
-    out, c = _run_blk(native, disk)
+    _, c = _run_blk(native, disk)
     assert c["queue_notifications"] == BLK_FIRST_ROUND_NOTIFIES
     assert c["doorbell_notifications"] == BLK_FIRST_ROUND_NOTIFIES   # none took the exit
     assert c["stale_doorbells"] == 0
