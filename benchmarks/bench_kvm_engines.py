@@ -50,12 +50,32 @@ def guest_seconds_to_init(console: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
+VIRTIO_COUNTERS = ("queue_notifications", "doorbell_notifications", "interrupts_used_ring",
+                   "register_reads", "register_writes")
+
+
+def virtio_counters(vm) -> dict[str, int]:
+    """The native core's transport counters summed over its devices ({} under QEMU)."""
+    if vm.engine != "native":
+        return {}
+    totals = dict.fromkeys(VIRTIO_COUNTERS, 0)
+    for device in vm.instance.vm.devices():
+        for name in VIRTIO_COUNTERS:
+            totals[name] += device["counters"].get(name, 0)
+    return totals
+
+
 def warm_exec_seconds(vm, execs: int) -> float:
     samples = []
+    before = virtio_counters(vm)
     for _ in range(execs):
         began = time.monotonic()
         assert vm.run("true").ok
         samples.append(time.monotonic() - began)
+    if before:   # where the native round trips' exits go: per exec, every virtio device
+        after = virtio_counters(vm)
+        print("  per exec: " + ", ".join(f"{name} {(after[name] - before[name]) / execs:.1f}"
+                                         for name in VIRTIO_COUNTERS), flush=True)
     return statistics.median(samples)
 
 
