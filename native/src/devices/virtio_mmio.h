@@ -2,7 +2,9 @@
  * transport per device; the device (balloon, blk, vsock, fs) plugs in through sm_virtio_ops.
  * The transport is handed its interrupt line, guest memory and a reporter (device.h) when it
  * is created, and passes them on: a device reaches guest RAM through t->mem and interrupts
- * the guest through sm_virtio_mmio_signal_*_locked. */
+ * the guest through sm_virtio_mmio_signal_*_locked. The machine may also give the transport
+ * doorbells (sm_virtio_doorbells: queue notifies without a vCPU exit); the devices never see
+ * them: their queue_notify runs under the transport's lock whichever way the notify came. */
 #ifndef SM_VIRTIO_MMIO_H
 #define SM_VIRTIO_MMIO_H
 
