@@ -12,7 +12,10 @@ first in even rounds, QEMU first in odd ones), so drift on a noisy machine hits 
   console (a probe waiting on a missing device shows up here, whatever the host's speed);
 * **restore → first output**: ``Image.from_snapshot(p).start(config)`` of a snapshot taken
   once per engine before the rounds → the first byte of ``echo hi``;
-* **warm exec round trip**: median of ``--execs`` ``vm.run("true")`` on the booted VM;
+* **warm exec round trip**: median of ``--execs`` ``vm.run("true")`` on the booted VM; for
+  the native core also on a second VM booted with every virtio queue notify exiting to the
+  core (``SUPERMACHINE_NATIVE_QUEUE_NOTIFY_EXITS=1``: no KVM ioeventfds, the fallback path),
+  so one run shows what the ioeventfds gain;
 * **host memory per VM**: RSS and PSS of the booted VM after ``echo hi`` (QEMU: its process;
   the native core runs in this process: this process's growth while the VM runs).
 
@@ -23,6 +26,7 @@ targets. Inside L1 every figure runs at TCG speed: the ratios are what to read.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_snapshot import first_output, start_group, start_to_first_output
 from benchmarks.common import machine_line
 from supermachine_jupyter import Image, VmConfig
+from supermachine_jupyter.engines.native.binding import QUEUE_NOTIFY_EXITS_ENV
 
 ENGINES = ("native", "qemu")
 RUN_INIT = re.compile(r"\[\s*(\d+\.\d+)\] Run /init")
@@ -45,13 +50,49 @@ def guest_seconds_to_init(console: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
+VIRTIO_COUNTERS = ("queue_notifications", "doorbell_notifications", "interrupts_used_ring",
+                   "register_reads", "register_writes")
+
+
+def virtio_counters(vm) -> dict[str, int]:
+    """The native core's transport counters summed over its devices ({} under QEMU)."""
+    if vm.engine != "native":
+        return {}
+    totals = dict.fromkeys(VIRTIO_COUNTERS, 0)
+    for device in vm.instance.vm.devices():
+        for name in VIRTIO_COUNTERS:
+            totals[name] += device["counters"].get(name, 0)
+    return totals
+
+
 def warm_exec_seconds(vm, execs: int) -> float:
     samples = []
+    before = virtio_counters(vm)
     for _ in range(execs):
         began = time.monotonic()
         assert vm.run("true").ok
         samples.append(time.monotonic() - began)
+    if before:   # where the native round trips' exits go: per exec, every virtio device
+        after = virtio_counters(vm)
+        print("  per exec: " + ", ".join(f"{name} {(after[name] - before[name]) / execs:.1f}"
+                                         for name in VIRTIO_COUNTERS), flush=True)
     return statistics.median(samples)
+
+
+WARM_EXEC_NOTIFY_EXITS = "warm exec, every queue notify exiting (ms)"
+
+
+def warm_exec_with_notify_exits(config: VmConfig, execs: int) -> float:
+    """The native warm exec on a VM without ioeventfds (the core's fallback path)."""
+    os.environ[QUEUE_NOTIFY_EXITS_ENV] = "1"
+    try:
+        vm = Image.default().start(config)
+    finally:
+        del os.environ[QUEUE_NOTIFY_EXITS_ENV]
+    try:
+        return 1000 * warm_exec_seconds(vm, execs)
+    finally:
+        vm.stop()
 
 
 def one_round(engine: str, config: VmConfig, snapshot: Path, execs: int) -> dict:
@@ -63,6 +104,8 @@ def one_round(engine: str, config: VmConfig, snapshot: Path, execs: int) -> dict
         figures["warm exec round trip (ms)"] = 1000 * warm_exec_seconds(vm, execs)
     finally:
         vm.stop()
+    if engine == "native":
+        figures[WARM_EXEC_NOTIFY_EXITS] = warm_exec_with_notify_exits(config, execs)
     vms, memory = start_group(lambda _: Image.default().start(config), 1)
     for each in vms:
         each.stop()
@@ -128,7 +171,10 @@ def report(samples: dict, args) -> None:
     print("|---|---|---|---|---|")
     for name in samples["native"].keys() | samples["qemu"].keys():
         native = statistics.median(samples["native"].get(name) or [float("nan")])
-        qemu = statistics.median(samples["qemu"].get(name) or [float("nan")])
+        if name not in samples["qemu"]:
+            print(f"| {name} | {native:.3g} | — | — | |")
+            continue
+        qemu = statistics.median(samples["qemu"][name])
         print(f"| {name} | {native:.3g} | {qemu:.3g} | {native / qemu:.2f}× | "
               f"{TARGETS.get(name, '')} |")
     cold = statistics.median(samples["native"]["cold boot → first output (s)"])

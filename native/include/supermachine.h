@@ -96,6 +96,10 @@ typedef struct sm_vm_config {
     int strict_unhandled_exits;  /* nonzero: unhandled I/O or MMIO ends the VM */
     sm_fs_config fs[2];          /* SM_MAX_FS_DEVICES; devices "virtio-fs0", "virtio-fs1" */
     uint32_t n_fs;
+    /* nonzero: no KVM ioeventfds, every virtio queue notify exits to the VMM (the fallback
+     * when KVM lacks them; for tests and benchmarks). Counter "doorbell_notifications" says
+     * how many notifies took the ioeventfd path. */
+    int queue_notify_exits;
 } sm_vm_config;
 
 enum { SM_MAX_BLK_DEVICES = 8, SM_MAX_VCPUS = 32, SM_ERROR_MESSAGE_BYTES = 512 };

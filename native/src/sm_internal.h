@@ -70,6 +70,7 @@ struct sm_balloon;
 struct sm_blk;
 struct sm_vsock;
 struct sm_event_loop;
+struct sm_queue_doorbells;
 
 struct sm_vm {
     int kvm_fd;
@@ -81,6 +82,7 @@ struct sm_vm {
     struct kvm_cpuid2 *cpuid;
     sm_boot_state boot;
     int strict_unhandled_exits;
+    int queue_notify_exits;    /* no ioeventfd doorbells (sm_vm_config) */
 
     pthread_mutex_t lock;      /* state, exit info, last_error, pause protocol */
     pthread_cond_t cond;
@@ -98,6 +100,7 @@ struct sm_vm {
     int legacy_devices_ready;  /* i8042 and rtc initialised (their locks exist) */
     struct sm_event_loop *loop;
     struct sm_virtio_mmio *virtio[SM_MAX_VIRTIO_DEVICES];
+    struct sm_queue_doorbells *doorbells[SM_MAX_VIRTIO_DEVICES];   /* NULL: notifies exit */
     uint32_t n_virtio;
     struct sm_balloon *balloon;
     struct sm_vsock *vsock;

@@ -1,6 +1,7 @@
 /* vm.c — the public C ABI: VM lifecycle, I/O dispatch, console, balloon, device info. */
 #define _GNU_SOURCE
 #include "sm_internal.h"
+#include "doorbells.h"
 #include "event_loop.h"
 #include "devices/cmos_rtc.h"
 #include "devices/device.h"
@@ -345,6 +346,11 @@ static int add_virtio(struct sm_vm *vm, const char *name, const sm_virtio_ops *o
         return SM_ERR_OUT_OF_MEMORY;
     }
     vm->virtio[vm->n_virtio++] = t;
+    if (!vm->queue_notify_exits && sm_doorbells_available(vm)) {
+        vm->doorbells[slot] = sm_doorbells_attach(vm, t, err, err_len);
+        if (!vm->doorbells[slot])
+            return SM_ERR_DEVICE_SETUP;
+    }
     size_t used = strlen(vm->virtio_fragment);
     snprintf(vm->virtio_fragment + used, sizeof(vm->virtio_fragment) - used,
              "%svirtio_mmio.device=4K@0x%llx:%u", used ? " " : "", (unsigned long long)base, irq);
@@ -490,6 +496,7 @@ int sm_vm_create_internal(const sm_vm_config *c, int memory_fd, sm_vm **out, cha
     vm->state = SM_STATE_CREATED;
     vm->n_vcpus = c->vcpus;
     vm->strict_unhandled_exits = c->strict_unhandled_exits;
+    vm->queue_notify_exits = c->queue_notify_exits;
 
     rc = sm_kvm_open(vm, err, err_len);
     if (rc == SM_OK && memory_fd < 0 &&
@@ -652,8 +659,10 @@ void sm_vm_destroy(sm_vm *vm)
     sm_vcpu_join_all(vm);
     if (vm->loop)
         sm_event_loop_stop(vm->loop);
-    for (uint32_t i = 0; i < vm->n_virtio; i++)
+    for (uint32_t i = 0; i < vm->n_virtio; i++) {
         sm_virtio_mmio_destroy(vm->virtio[i]);
+        sm_doorbells_destroy(vm->doorbells[i]);   /* their fds leave the stopped loop */
+    }
     vm->n_virtio = 0;
     if (vm->loop)
         sm_event_loop_destroy(vm->loop);

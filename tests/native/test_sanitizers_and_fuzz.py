@@ -37,6 +37,7 @@ def test_probes_under_asan_ubsan():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(ROOT / "tests" / "native" / "test_probes.py"),
+         str(ROOT / "tests" / "native" / "test_doorbells.py"),
          str(ROOT / "tests" / "native" / "test_exits.py"),
          str(ROOT / "tests" / "native" / "test_virtio_fs.py"),
          str(ROOT / "tests" / "native" / "test_snapshot_native.py"),

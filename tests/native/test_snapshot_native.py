@@ -516,6 +516,9 @@ def test_blk_restores_continue_on_their_own_disks(native, blk_snapshot, tmp_path
             assert not device["broken"], device["broken_reason"]
             assert (c["write_requests"], c["flush_requests"], c["read_requests"]) == (1, 1, 2)
             assert c["malformed_requests"] == 0 and c["io_errors"] == 0
+            # the restored queue's doorbell (a host-side KVM object) is armed anew: its four
+            # notifies come without an exit
+            assert c["queue_notifications"] == c["doorbell_notifications"] == 4, c
         finally:
             vm.close()
         data = copy.read_bytes()

@@ -3,7 +3,8 @@
  * checks an out-of-range read fails with IOERR; with ro=1 checks that writes fail. With
  * snap=1 it then stops at a snapshot point (see probe_snapshot_point) and does a second
  * round on the same queue: writes and reads back the sector after the pattern, and checks
- * the pattern still reads back as before. */
+ * the pattern still reads back as before. With reset=1, after the first round it resets the
+ * device, notifies the reset queue (to be ignored), sets it up again and reads back. */
 #include "probe.h"
 
 #define VIRTIO_ID_BLOCK 2
@@ -115,6 +116,31 @@ static int second_round(const uint8_t *first, uint64_t seed, int expect_ro)
     return 0;
 }
 
+/* reset=1: reset the device, notify queue 0 while it is reset (the device must ignore it),
+ * set it up again and read the first round's sectors back on the new queue. */
+static int reset_round(uint64_t base, const uint8_t *first)
+{
+    mmio_write32(base + VIRTIO_MMIO_STATUS, 0);
+    mmio_write32(base + VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    if (mmio_read32(base + VIRTIO_MMIO_STATUS) != 0) {
+        put_line("PROBE blk FAIL a notify while reset changed the device status");
+        return 1;
+    }
+    if (!virtio_negotiate(base, BLK_F_FLUSH | BLK_F_RO) || virtq_setup(&q, base, 0, 128)) {
+        put_line("PROBE blk FAIL negotiation or queue setup after the reset");
+        return 1;
+    }
+    virtio_driver_ok(base);
+    uint8_t *again = alloc_pages(1);
+    if (request(T_IN, IO_START_SECTOR, again, IO_SECTORS * SECTOR_BYTES, 1) != S_OK ||
+        memcmp(first, again, IO_SECTORS * SECTOR_BYTES) != 0) {
+        put_line("PROBE blk FAIL reading the first round back after the reset");
+        return 1;
+    }
+    put_line("reset round done");
+    return 0;
+}
+
 int probe_main(void)
 {
     int expect_ro = (int)cmdline_get_u64("ro", 0);
@@ -188,6 +214,8 @@ int probe_main(void)
         return 1;
     }
     put_line("read past the end refused");
+    if (cmdline_get_u64("reset", 0) && reset_round(base, first))
+        return 1;
     if (cmdline_get_u64("snap", 0)) {
         put_queue_position();
         if (probe_snapshot_point("blk")) {

@@ -21,7 +21,7 @@
 #define REG_QUEUE_NUM_MAX 0x034
 #define REG_QUEUE_NUM 0x038
 #define REG_QUEUE_READY 0x044
-#define REG_QUEUE_NOTIFY 0x050
+#define REG_QUEUE_NOTIFY SM_VIRTIO_MMIO_QUEUE_NOTIFY
 #define REG_INTERRUPT_STATUS 0x060
 #define REG_INTERRUPT_ACK 0x064
 #define REG_STATUS 0x070
@@ -100,6 +100,8 @@ void sm_virtio_mmio_signal_config_locked(sm_virtio_mmio *t)
         sm_irq_line_pulse(&t->irq);
 }
 
+static void sync_doorbells_locked(sm_virtio_mmio *t);
+
 void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
 {
     if (t->broken)
@@ -110,6 +112,7 @@ void sm_virtio_mmio_mark_broken_locked(sm_virtio_mmio *t, const char *fmt, ...)
     vsnprintf(t->broken_reason, sizeof(t->broken_reason), fmt, ap);
     va_end(ap);
     t->status |= SM_VIRTIO_STATUS_DEVICE_NEEDS_RESET;
+    sync_doorbells_locked(t);   /* a broken device's notifies exit again and are counted */
     sm_device_report_broken(&t->reporter, t->name, t->broken_reason);
     sm_virtio_mmio_signal_config_locked(t);
 }
@@ -251,6 +254,85 @@ static void notify_locked(sm_virtio_mmio *t, uint32_t queue)
     t->ops->queue_notify(t->dev, (uint16_t)queue);
 }
 
+/* ---- doorbells (sm_virtio_doorbells) ------------------------------------------------ */
+
+static int queue_live_locked(const sm_virtio_mmio *t, uint16_t queue)
+{
+    return queue < t->ops->num_queues && t->activated && !t->broken && t->queues[queue].ready;
+}
+
+/* A doorbell that rang: what the guest's QueueNotify write would have done, unless the queue
+ * stopped being live since (a ring the event loop took just before a reset or QueueReady=0:
+ * dropped, as the guest's own teardown drops its buffers). */
+static void ring_locked(sm_virtio_mmio *t, uint16_t queue)
+{
+    if (t->broken || queue_live_locked(t, queue)) {
+        t->counters.doorbell_notifications++;
+        notify_locked(t, queue);
+    } else {
+        t->counters.stale_doorbells++;
+    }
+}
+
+/* Arm the doorbell of every live queue, disarm the others. */
+static void sync_doorbells_locked(sm_virtio_mmio *t)
+{
+    if (!t->doorbells.arm)
+        return;
+    for (uint16_t q = 0; q < t->ops->num_queues; q++) {
+        uint32_t bit = 1u << q;
+        int live = queue_live_locked(t, q);
+        if (live && !(t->doorbells_armed & bit)) {
+            if (t->doorbells.arm(t->doorbells.ctx, q) == 0)
+                t->doorbells_armed |= bit;
+        } else if (!live && (t->doorbells_armed & bit)) {
+            t->doorbells_armed &= ~bit;
+            t->doorbells.disarm(t->doorbells.ctx, q);
+        }
+    }
+}
+
+/* Handle every ring not yet taken, doorbells staying armed (a snapshot must not miss one). */
+static void take_rings_locked(sm_virtio_mmio *t)
+{
+    for (uint16_t q = 0; q < t->ops->num_queues; q++)
+        if ((t->doorbells_armed & (1u << q)) && t->doorbells.take(t->doorbells.ctx, q))
+            ring_locked(t, q);
+}
+
+/* Before a write that may change which queues are live: disarm every doorbell (later
+ * notifies exit), then handle what rang before it, in the guest's order: notify, then the
+ * write. */
+static void quiesce_doorbells_locked(sm_virtio_mmio *t)
+{
+    for (uint16_t q = 0; q < t->ops->num_queues; q++) {
+        uint32_t bit = 1u << q;
+        if (!(t->doorbells_armed & bit))
+            continue;
+        t->doorbells_armed &= ~bit;
+        t->doorbells.disarm(t->doorbells.ctx, q);
+        if (t->doorbells.take(t->doorbells.ctx, q))
+            ring_locked(t, q);
+    }
+}
+
+void sm_virtio_mmio_set_doorbells(sm_virtio_mmio *t, sm_virtio_doorbells doorbells)
+{
+    pthread_mutex_lock(&t->lock);
+    if (doorbells.arm && doorbells.disarm && doorbells.take)
+        t->doorbells = doorbells;
+    sync_doorbells_locked(t);
+    pthread_mutex_unlock(&t->lock);
+}
+
+void sm_virtio_mmio_doorbell(sm_virtio_mmio *t, uint16_t queue)
+{
+    pthread_mutex_lock(&t->lock);
+    if (t->doorbells.take && queue < t->ops->num_queues && t->doorbells.take(t->doorbells.ctx, queue))
+        ring_locked(t, queue);
+    pthread_mutex_unlock(&t->lock);
+}
+
 static uint32_t read_register_locked(sm_virtio_mmio *t, uint64_t offset)
 {
     sm_virtqueue *q;
@@ -307,10 +389,18 @@ static void write_register_locked(sm_virtio_mmio *t, uint64_t offset, uint32_t v
     case REG_QUEUE_DEVICE_HIGH:
         set_queue_field_locked(t, (uint32_t)offset, v);
         break;
-    case REG_QUEUE_READY: write_queue_ready_locked(t, v); break;
+    case REG_QUEUE_READY:
+        quiesce_doorbells_locked(t);
+        write_queue_ready_locked(t, v);
+        sync_doorbells_locked(t);
+        break;
     case REG_QUEUE_NOTIFY: notify_locked(t, v); break;
     case REG_INTERRUPT_ACK: t->interrupt_status &= ~v; break;
-    case REG_STATUS: write_status_locked(t, v); break;
+    case REG_STATUS:
+        quiesce_doorbells_locked(t);
+        write_status_locked(t, v);
+        sync_doorbells_locked(t);
+        break;
     case REG_SHM_SEL: break;
     default: t->counters.bad_register_accesses++; break;
     }
@@ -376,6 +466,8 @@ void sm_virtio_mmio_info(sm_virtio_mmio *t, sm_device_info *out)
     SM_ADD_COUNTER(activations);
     SM_ADD_COUNTER(feature_negotiation_failures);
     SM_ADD_COUNTER(notifications_while_broken);
+    SM_ADD_COUNTER(doorbell_notifications);
+    SM_ADD_COUNTER(stale_doorbells);
 #undef SM_ADD_COUNTER
     if (t->ops->counters)
         t->ops->counters(t->dev, out, &n);
@@ -400,6 +492,7 @@ int sm_virtio_mmio_save(sm_virtio_mmio *t, sm_virtio_mmio_state *s, uint8_t **ex
     memset(s, 0, sizeof(*s));
     *extra = NULL;
     pthread_mutex_lock(&t->lock);
+    take_rings_locked(t);   /* a notify the guest made before the pause is in the snapshot */
     snprintf(s->name, sizeof(s->name), "%s", t->name);
     s->device_id = t->ops->device_id;
     s->n_queues = t->ops->num_queues;
@@ -516,6 +609,7 @@ int sm_virtio_mmio_restore(sm_virtio_mmio *t, const sm_virtio_mmio_state *s, con
         goto out;
     }
     rc = 0;
+    sync_doorbells_locked(t);   /* host-side kernel objects: armed anew for the live queues */
 out:
     pthread_mutex_unlock(&t->lock);
     return rc;

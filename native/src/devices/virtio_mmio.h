@@ -2,7 +2,9 @@
  * transport per device; the device (balloon, blk, vsock, fs) plugs in through sm_virtio_ops.
  * The transport is handed its interrupt line, guest memory and a reporter (device.h) when it
  * is created, and passes them on: a device reaches guest RAM through t->mem and interrupts
- * the guest through sm_virtio_mmio_signal_*_locked. */
+ * the guest through sm_virtio_mmio_signal_*_locked. The machine may also give the transport
+ * doorbells (sm_virtio_doorbells: queue notifies without a vCPU exit); the devices never see
+ * them: their queue_notify runs under the transport's lock whichever way the notify came. */
 #ifndef SM_VIRTIO_MMIO_H
 #define SM_VIRTIO_MMIO_H
 
@@ -15,6 +17,7 @@
 
 #define SM_VIRTIO_MMIO_MAGIC_VALUE 0x74726976u /* "virt" */
 #define SM_VIRTIO_MMIO_VERSION 2
+#define SM_VIRTIO_MMIO_QUEUE_NOTIFY 0x050       /* register offset: a doorbell's address */
 #define SM_VIRTIO_VENDOR_ID 0x554d4551u         /* "QEMU", what Linux expects nothing of */
 #define SM_VIRTIO_MAX_QUEUES 4
 #define SM_VIRTIO_F_VERSION_1_BIT 32
@@ -63,7 +66,22 @@ typedef struct sm_virtio_mmio_counters {
     uint64_t activations;
     uint64_t feature_negotiation_failures;
     uint64_t notifications_while_broken;
+    uint64_t doorbell_notifications;  /* of queue_notifications: rung without a vCPU exit */
+    uint64_t stale_doorbells;         /* rung before the queue stopped being live: dropped */
 } sm_virtio_mmio_counters;
+
+/* Doorbells: a machine that can take a QueueNotify write without a vCPU exit to the VMM
+ * (KVM's ioeventfd: a 4-byte write of the queue's index at QueueNotify) offers these. The
+ * transport arms a queue's doorbell while the queue is live (after DRIVER_OK, ready, device
+ * not broken) and disarms it before that changes, taking any ring first; the machine calls
+ * sm_virtio_mmio_doorbell when one may have rung. Every other write to QueueNotify (another
+ * value, another size, a queue not live) still exits and is handled as an MMIO write. */
+typedef struct sm_virtio_doorbells {
+    int (*arm)(void *ctx, uint16_t queue);      /* 0, or -1: that queue keeps the MMIO exit */
+    void (*disarm)(void *ctx, uint16_t queue);
+    int (*take)(void *ctx, uint16_t queue);     /* 1 if it rang since last taken (consumes) */
+    void *ctx;
+} sm_virtio_doorbells;
 
 struct sm_virtio_mmio;
 
@@ -140,6 +158,8 @@ typedef struct sm_virtio_mmio {
     uint32_t config_generation;
     int activated;
     sm_virtqueue queues[SM_VIRTIO_MAX_QUEUES];
+    sm_virtio_doorbells doorbells;   /* all NULL: every notify is an MMIO exit */
+    uint32_t doorbells_armed;        /* bit per queue */
 
     int broken;
     char broken_reason[SM_VIRTIO_BROKEN_REASON_BYTES];
@@ -152,6 +172,12 @@ sm_virtio_mmio *sm_virtio_mmio_create(const char *name, uint64_t base_gpa, const
 void sm_virtio_mmio_destroy(sm_virtio_mmio *t);
 void sm_virtio_mmio_access(sm_virtio_mmio *t, uint64_t offset, uint8_t *data, uint32_t len,
                            int is_write);
+
+/* Before the guest runs: the machine's doorbells for this transport's queues. */
+void sm_virtio_mmio_set_doorbells(sm_virtio_mmio *t, sm_virtio_doorbells doorbells);
+/* From the machine, when queue's doorbell may have rung: takes the ring under the lock and
+ * handles it as the guest's QueueNotify write would have been. */
+void sm_virtio_mmio_doorbell(sm_virtio_mmio *t, uint16_t queue);
 
 /* For devices, with t->lock held: */
 void sm_virtio_mmio_signal_used_locked(sm_virtio_mmio *t);

@@ -27,6 +27,9 @@ from ...errors import EngineError, VmStoppedError
 #: Module the cffi build produces; SUPERMACHINE_NATIVE_MODULE=_native_asan selects the
 #: sanitizer build (needs LD_PRELOAD of libasan).
 NATIVE_MODULE_ENV = "SUPERMACHINE_NATIVE_MODULE"
+#: SUPERMACHINE_NATIVE_QUEUE_NOTIFY_EXITS=1: VMs created without KVM ioeventfds unless told
+#: otherwise (``queue_notify_exits``), so a benchmark can time the fallback path end to end.
+QUEUE_NOTIFY_EXITS_ENV = "SUPERMACHINE_NATIVE_QUEUE_NOTIFY_EXITS"
 PROBE_DIR = Path(__file__).resolve().parents[2] / "_probes"
 PAGE_BYTES = 4096
 MIB_TO_4K_PAGES = 256
@@ -120,7 +123,7 @@ class NativeVm:
                  volumes: Sequence[tuple] = (),
                  vsock_uds_path: str | os.PathLike | None = None, vsock_guest_cid: int = 3,
                  strict_unhandled_exits: bool = False,
-                 mounts: Sequence[tuple] = ()):
+                 mounts: Sequence[tuple] = (), queue_notify_exits: bool | None = None):
         ffi, lib = _load()
         self._ffi, self._lib = ffi, lib
         keep = []  # cffi char[] objects must outlive sm_vm_create
@@ -129,7 +132,8 @@ class NativeVm:
                            balloon_deflate_on_oom=balloon_deflate_on_oom,
                            balloon_stats_interval_s=balloon_stats_interval_s, volumes=volumes,
                            vsock_uds_path=vsock_uds_path, vsock_guest_cid=vsock_guest_cid,
-                           strict_unhandled_exits=strict_unhandled_exits, mounts=mounts)
+                           strict_unhandled_exits=strict_unhandled_exits, mounts=mounts,
+                           queue_notify_exits=queue_notify_exits)
         out = ffi.new("sm_vm **")
         err = ffi.new("char[512]")
         rc = lib.sm_vm_create(cfg, out, err, 512)
@@ -144,9 +148,12 @@ class NativeVm:
     @staticmethod
     def _config(ffi, lib, keep: list, *, kernel, memory_mib, vcpus, initrd, cmdline, balloon,
                 balloon_deflate_on_oom, balloon_stats_interval_s, volumes, vsock_uds_path,
-                vsock_guest_cid, strict_unhandled_exits, mounts):
+                vsock_guest_cid, strict_unhandled_exits, mounts, queue_notify_exits=None):
         """The sm_vm_config of a create or a restore (a restore ignores the boot fields). Its
-        strings are appended to ``keep``, which must outlive the core call."""
+        strings are appended to ``keep``, which must outlive the core call.
+        ``queue_notify_exits``: no KVM ioeventfds, every virtio queue notify exits to the core's
+        vCPU thread (the fallback; tests and benchmarks compare the two paths); None: as
+        $SUPERMACHINE_NATIVE_QUEUE_NOTIFY_EXITS says (1: yes)."""
         cfg = ffi.new("sm_vm_config *")
 
         def cstr(value):
@@ -183,13 +190,17 @@ class NativeVm:
             cfg.fs[i].tag = cstr(mount[1])
             cfg.fs[i].read_only = int(bool(mount[2]))
         cfg.n_fs = len(mounts)
+        if queue_notify_exits is None:
+            queue_notify_exits = os.environ.get(QUEUE_NOTIFY_EXITS_ENV) == "1"
+        cfg.queue_notify_exits = int(bool(queue_notify_exits))
         return cfg
 
     @classmethod
     def restore(cls, path: str | os.PathLike, *, start: bool = True, balloon: bool = False,
                 balloon_deflate_on_oom: bool = False, balloon_stats_interval_s: int = 0,
                 volumes: Sequence[tuple] = (), vsock_uds_path: str | os.PathLike | None = None,
-                vsock_guest_cid: int = 3, mounts: Sequence[tuple] = ()) -> NativeVm:
+                vsock_guest_cid: int = 3, mounts: Sequence[tuple] = (),
+                queue_notify_exits: bool | None = None) -> NativeVm:
         """A VM from a snapshot directory written by :meth:`snapshot`. Guest RAM is a
         copy-on-write mapping of its memory.bin, so VMs restored from one snapshot share the
         unmodified pages. ``start=False`` leaves it created; :meth:`start` runs it.
@@ -212,7 +223,8 @@ class NativeVm:
                           cmdline=None, balloon=balloon, balloon_deflate_on_oom=balloon_deflate_on_oom,
                           balloon_stats_interval_s=balloon_stats_interval_s, volumes=volumes,
                           vsock_uds_path=vsock_uds_path, vsock_guest_cid=vsock_guest_cid,
-                          strict_unhandled_exits=False, mounts=mounts)
+                          strict_unhandled_exits=False, mounts=mounts,
+                          queue_notify_exits=queue_notify_exits)
         out = ffi.new("sm_vm **")
         err = ffi.new("char[512]")
         rc = lib.sm_vm_restore(os.fsencode(path), cfg, int(bool(start)), out, err, 512)
