@@ -173,7 +173,10 @@ class NativeVm:
         cfg.balloon_stats_interval_s = int(balloon_stats_interval_s)
         volumes = list(volumes)
         if len(volumes) > lib.SM_MAX_BLK_DEVICES:
-            raise NativeCoreError(f"at most {lib.SM_MAX_BLK_DEVICES} block devices", "SM_ERR_INVALID_ARGUMENT")
+            # An OCI image's root disk is one of them: 8 volumes and an image are one too many.
+            raise NativeCoreError(f"at most {lib.SM_MAX_BLK_DEVICES} block devices (volumes, and "
+                                  f"an OCI image's root disk), {len(volumes)} given",
+                                  "SM_ERR_INVALID_ARGUMENT")
         for i, volume in enumerate(volumes):  # (path, read_only[, serial])
             cfg.blk[i].path = cstr(volume[0])
             cfg.blk[i].read_only = int(bool(volume[1]))
