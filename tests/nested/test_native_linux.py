@@ -741,8 +741,9 @@ def test_vm_cell_from_a_named_native_snapshot(capsys):
 ON_CPU = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; cut -d' ' -f39 /proc/self/stat"
 
 
-# VmConfig caps vcpus at the host's CPUs: the 2-vCPU guest runs in an L1 with 2 CPUs.
-@pytest.mark.parametrize("vcpus", [1, pytest.param(2, marks=pytest.mark.l1_cpus(2))])
+# VmConfig caps vcpus at the host's CPUs: an n-vCPU guest runs in an L1 with n CPUs.
+@pytest.mark.parametrize("vcpus", [1, pytest.param(2, marks=pytest.mark.l1_cpus(2)),
+                                   pytest.param(4, marks=pytest.mark.l1_cpus(4))])
 def test_guest_sees_its_vcpus(image, vcpus):
     with start_native(image, NATIVE.with_vcpus(vcpus), name=f"nested-cpus{vcpus}") as vm:
         assert vm.vcpus == vcpus
