@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_jupyter.errors import VmError
+from supermachine_jupyter.errors import ImageError, VmError
 from supermachine_jupyter.guest.oci import ImageRef, OciError, pull
 
-from .oci_registry import BUSYBOX_CONFIG, push
+from .oci_registry import BUSYBOX_CONFIG, PYTHON_CONFIG, push
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -274,8 +274,9 @@ def test_missing_auth_file_is_named(oci_registry, cache, tmp_path):
 
 # --- errors --------------------------------------------------------------------------------
 
-def test_errors_are_vm_errors():
-    assert issubclass(OciError, VmError)
+def test_errors_are_image_errors():
+    # ImageError: what %%vm --image turns into a one-line message in the cell
+    assert issubclass(OciError, ImageError) and issubclass(OciError, VmError)
 
 
 @pytest.mark.parametrize("ref", ["-rf", "--authfile=/etc/passwd", "", "Upper/case:1",
@@ -512,8 +513,8 @@ def test_conversion_as_a_non_root_user_keeps_the_images_owners(oci_registry):
 
 def test_python_image(oci_registry, cache):
     image = pull(oci_registry.ref("python"), tls_verify=False, cache_dir=cache)
-    assert image.cmd == ("python3",)
-    assert "PATH=/usr/local/bin:/usr/bin:/bin" in image.env
+    assert (image.entrypoint, image.cmd) == (PYTHON_CONFIG["entrypoint"], PYTHON_CONFIG["cmd"])
+    assert image.env == PYTHON_CONFIG["env"] and image.user == PYTHON_CONFIG["user"]
     usr_bin = ext4_ls(image.rootfs, "/usr/bin")
     assert "python3" in usr_bin
     assert ext4_cat(image.rootfs, "/usr/lib/python3.11/os.py").startswith(b'r"""OS routines')
