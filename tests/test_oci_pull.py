@@ -417,11 +417,17 @@ def test_disk_full_while_converting(oci_registry, tmp_path, size, stage):
 
 # --- interrupts ----------------------------------------------------------------------------
 
-def _start_python_pull(ref: str, cache: Path) -> subprocess.Popen:
+def _start_python_pull(ref: str, cache: Path, hold_at: str) -> subprocess.Popen:
+    """A pull in a child process that stops for a minute in the progress line holding
+    ``hold_at``, so the test's signal lands in that stage however fast the machine is."""
     code = textwrap.dedent(f"""
+        import time
         from supermachine_jupyter.guest.oci import pull
-        pull({ref!r}, tls_verify=False, cache_dir={str(cache)!r},
-             progress=lambda line: print(line, flush=True))
+        def progress(line):
+            print(line, flush=True)
+            if {hold_at!r} in line:
+                time.sleep(60)
+        pull({ref!r}, tls_verify=False, cache_dir={str(cache)!r}, progress=progress)
         print("DONE", flush=True)
     """)
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
@@ -440,7 +446,7 @@ def _wait_for(proc: subprocess.Popen, word: str) -> list[str]:
 @pytest.mark.parametrize("stage", ["layer", "unpacking", "converting"])
 def test_interrupt_leaves_no_cache_entry(oci_registry, cache, stage):
     ref = oci_registry.ref("python")
-    proc = _start_python_pull(ref, cache)
+    proc = _start_python_pull(ref, cache, stage)
     _wait_for(proc, stage)
     os.killpg(proc.pid, signal.SIGINT)               # what Jupyter's interrupt does
     rest = proc.communicate(timeout=60)[0]
@@ -453,7 +459,7 @@ def test_interrupt_leaves_no_cache_entry(oci_registry, cache, stage):
 
 def test_killed_pull_leaves_no_entry_and_is_swept(oci_registry, cache):
     ref = oci_registry.ref("python")
-    proc = _start_python_pull(ref, cache)
+    proc = _start_python_pull(ref, cache, "unpacking")
     _wait_for(proc, "unpacking")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
