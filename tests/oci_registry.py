@@ -13,9 +13,15 @@ built with ``umoci`` and pushed with ``skopeo`` on first ``ref(name)``):
 - ``arm64only``: a single linux/arm64 image;
 - ``python``: Debian's python3-minimal + dash from ``mmdebstrap --variant=extract`` (a 35 MB
   tarball, ~10 s to build, cached in the user cache keyed by everything that went into it, so
-  only the first run of a machine builds it), plus a small layer with /etc/passwd, /root,
-  /proc, /sys, /run. Its /dev holds empty files where the tarball had device nodes (umoci
-  --rootless): the guest mounts devtmpfs over it.
+  only the first run of a machine builds it), plus a small layer with what the boot tests
+  look at (``APP_TREE``: user ``alice`` 1000 in group ``staff`` 50, the working dir /srv/app
+  with a service script, /root, /proc, /sys, /run); its config (``PYTHON_CONFIG``) has Env
+  with GREETING, WorkingDir /srv/app, User alice, and runs the service (Entrypoint python3,
+  Cmd /srv/app/service.py: it counts its starts and beats a heartbeat, "START BEAT", in
+  /var/lib/app, the data dir a volume goes on). Its /dev holds empty files where the tarball had device nodes
+  (umoci --rootless): the guest mounts devtmpfs over it.
+- ``toolless``: ``APP_TREE`` and the same Env/WorkingDir/User, and not a single program (as a
+  distroless image without a shell).
 
 The conftest fixtures ``oci_registry`` / ``oci_auth_registry`` (session-scoped) hand these out:
 ``reg.ref("busybox")`` is the pullable reference (plain HTTP: pull with ``tls_verify=False`` or
@@ -46,6 +52,51 @@ BUSYBOX_CONFIG = {
     "user": "app",
     "entrypoint": ("/bin/sh", "-c"),
     "cmd": ("echo $GREETING",),
+}
+
+# alice's images (python, toolless): who runs their commands, where, with what Env.
+APP_CONFIG = {
+    "env": ("PATH=/usr/local/bin:/usr/bin:/bin", "GREETING=hello from the image"),
+    "working_dir": "/srv/app",
+    "user": "alice",
+}
+SERVICE_DATA_DIR = "/var/lib/app"
+# The Python image's service: counts its starts in the data dir, then beats a heartbeat there.
+SERVICE_PY = f"""\
+import os, time
+data = {SERVICE_DATA_DIR!r}
+with open(os.path.join(data, "starts"), "a") as f:
+    f.write("start\\n")
+with open(os.path.join(data, "starts")) as f:
+    starts = len(f.read().split())
+print("service up as", os.getuid(), "in", os.getcwd(), "start", starts, flush=True)
+beat = 0
+while True:
+    beat += 1
+    with open(os.path.join(data, "heartbeat.tmp"), "w") as f:
+        f.write(f"{{starts}} {{beat}}")
+    os.replace(os.path.join(data, "heartbeat.tmp"), os.path.join(data, "heartbeat"))
+    time.sleep(0.2)
+"""
+PYTHON_CONFIG = {**APP_CONFIG, "entrypoint": ("python3",), "cmd": ("/srv/app/service.py",)}
+# The tree every one of alice's images has (see _write_tree).
+APP_TREE: dict[str, tuple[int, int, int, bytes | str | None]] = {
+    "/etc": (0o755, 0, 0, None),
+    "/etc/passwd": (0o644, 0, 0, (b"root:x:0:0:root:/root:/bin/sh\n"
+                                  b"alice:x:1000:1000:Alice:/home/alice:/bin/sh\n"
+                                  b"nobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")),
+    "/etc/group": (0o644, 0, 0, (b"root:x:0:\nstaff:x:50:alice\nalice:x:1000:\n"
+                                 b"nogroup:x:65534:\n")),
+    "/home": (0o755, 0, 0, None),
+    "/home/alice": (0o755, 1000, 1000, None),
+    "/srv": (0o755, 0, 0, None),
+    "/srv/app": (0o755, 0, 0, None),
+    "/srv/app/README": (0o644, 0, 0, b"the image's working directory\n"),
+    "/root": (0o700, 0, 0, None),
+    "/proc": (0o555, 0, 0, None),
+    "/sys": (0o555, 0, 0, None),
+    "/run": (0o755, 0, 0, None),
+    "/tmp": (0o1777, 0, 0, None),
 }
 
 # The Python image: what mmdebstrap installs and how; the cache key is a hash of this.
@@ -234,10 +285,7 @@ def build_busybox_layout(workdir: Path, layout: Path, *, arch: str = "amd64", ta
                          marker: str | None = None, whiteout: bool = True) -> None:
     """A busybox-static image in the OCI layout ``layout`` under ``tag`` (see module doc)."""
     busybox = Path("/bin/busybox")
-    if not layout.exists():
-        _run(["umoci", "init", "--layout", str(layout)])
-    image = _umoci_image(layout, tag)
-    _run(["umoci", "new", "--image", image])
+    image = _new_image(layout, tag)
     src = Path(tempfile.mkdtemp(dir=workdir, prefix="src-"))
     files: dict[str, tuple[int, int, int, bytes | str | None]] = {
         "/bin": (0o755, 0, 0, None),
@@ -262,16 +310,7 @@ def build_busybox_layout(workdir: Path, layout: Path, *, arch: str = "amd64", ta
     _run(["umoci", "insert", "--rootless", "--image", image, str(src), "/"])
     if whiteout:
         _run(["umoci", "insert", "--rootless", "--image", image, "--whiteout", "/etc/deleted-by-layer-2"])
-    cfg = BUSYBOX_CONFIG
-    argv = ["umoci", "config", "--image", image, "--os", "linux", "--architecture", arch,
-            "--config.workingdir", cfg["working_dir"], "--config.user", cfg["user"]]
-    for env in cfg["env"]:
-        argv += ["--config.env", env]
-    for part in cfg["entrypoint"]:
-        argv += ["--config.entrypoint", part]
-    for part in cfg["cmd"]:
-        argv += ["--config.cmd", part]
-    _run(argv)
+    _umoci_config(image, BUSYBOX_CONFIG, arch)
     shutil.rmtree(src)
 
 
@@ -302,29 +341,48 @@ def python_rootfs_tar(cache_root: Path, progress=print) -> Path:
     return out
 
 
-def build_python_layout(workdir: Path, layout: Path, tar: Path, tag: str = "latest") -> None:
+def _umoci_config(image: str, config: dict, arch: str = "amd64") -> None:
+    argv = ["umoci", "config", "--image", image, "--os", "linux", "--architecture", arch,
+            "--config.workingdir", config["working_dir"], "--config.user", config["user"]]
+    for env in config["env"]:
+        argv += ["--config.env", env]
+    for part in config.get("entrypoint", ()):
+        argv += ["--config.entrypoint", part]
+    for part in config.get("cmd", ()):
+        argv += ["--config.cmd", part]
+    _run(argv)
+
+
+def _insert_tree(workdir: Path, image: str, files: dict) -> None:
+    """One more layer holding ``files`` (see ``_write_tree``)."""
+    src = Path(tempfile.mkdtemp(dir=workdir, prefix="src-"))
+    _write_tree(src, files)
+    _run(["umoci", "insert", "--rootless", "--image", image, str(src), "/"])
+    shutil.rmtree(src)
+
+
+def _new_image(layout: Path, tag: str) -> str:
     if not layout.exists():
         _run(["umoci", "init", "--layout", str(layout)])
     image = _umoci_image(layout, tag)
     _run(["umoci", "new", "--image", image])
+    return image
+
+
+def build_python_layout(workdir: Path, layout: Path, tar: Path, tag: str = "latest") -> None:
+    image = _new_image(layout, tag)
     _run(["umoci", "raw", "add-layer", "--image", image, str(tar)])
     # extract ran no maintainer scripts: no /etc/passwd (base-passwd's postinst writes it), no
     # /root, /proc, /sys; a second small layer adds them as a real image would have them
-    src = Path(tempfile.mkdtemp(dir=workdir, prefix="src-"))
-    _write_tree(src, {
-        "/etc": (0o755, 0, 0, None),
-        "/etc/passwd": (0o644, 0, 0, (b"root:x:0:0:root:/root:/bin/sh\n"
-                                       b"nobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n")),
-        "/etc/group": (0o644, 0, 0, b"root:x:0:\nnogroup:x:65534:\n"),
-        "/root": (0o700, 0, 0, None),
-        "/proc": (0o555, 0, 0, None),
-        "/sys": (0o555, 0, 0, None),
-        "/run": (0o755, 0, 0, None),
-    })
-    _run(["umoci", "insert", "--rootless", "--image", image, str(src), "/"])
-    shutil.rmtree(src)
-    _run(["umoci", "config", "--image", image, "--os", "linux", "--architecture", "amd64",
-          "--config.env", "PATH=/usr/local/bin:/usr/bin:/bin", "--config.cmd", "python3"])
+    _insert_tree(workdir, image, {**APP_TREE, "/srv/app/service.py":
+                                  (0o644, 0, 0, SERVICE_PY.encode())})
+    _umoci_config(image, PYTHON_CONFIG)
+
+
+def build_toolless_layout(workdir: Path, layout: Path, tag: str = "latest") -> None:
+    image = _new_image(layout, tag)
+    _insert_tree(workdir, image, APP_TREE)
+    _umoci_config(image, APP_CONFIG)
 
 
 def push(registry: Registry, layout: Path, tag: str, name: str, dest_tag: str = "latest") -> None:
@@ -359,7 +417,7 @@ def push_multi_platform(registry: Registry, workdir: Path, name: str = "multi") 
                           "application/vnd.oci.image.index.v1+json")
 
 
-TEST_IMAGES = ("busybox", "arm64only", "multi", "python")
+TEST_IMAGES = ("busybox", "arm64only", "multi", "python", "toolless")
 
 
 class TestImages:
@@ -392,6 +450,9 @@ class TestImages:
             tar = python_rootfs_tar(self.cache_root or default_test_cache(), self.progress)
             build_python_layout(self.workdir, layout, tar, tag="python")
             push(self.registry, layout, "python", "python")
+        elif name == "toolless":
+            build_toolless_layout(self.workdir, layout, tag="toolless")
+            push(self.registry, layout, "toolless", "toolless")
         self.pushed.add(name)
 
 

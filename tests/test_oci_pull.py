@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from supermachine_jupyter.errors import VmError
+from supermachine_jupyter.errors import ImageError, VmError
 from supermachine_jupyter.guest.oci import ImageRef, OciError, pull
 
-from .oci_registry import BUSYBOX_CONFIG, push
+from .oci_registry import BUSYBOX_CONFIG, PYTHON_CONFIG, push
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -274,8 +274,9 @@ def test_missing_auth_file_is_named(oci_registry, cache, tmp_path):
 
 # --- errors --------------------------------------------------------------------------------
 
-def test_errors_are_vm_errors():
-    assert issubclass(OciError, VmError)
+def test_errors_are_image_errors():
+    # ImageError: what %%vm --image turns into a one-line message in the cell
+    assert issubclass(OciError, ImageError) and issubclass(OciError, VmError)
 
 
 @pytest.mark.parametrize("ref", ["-rf", "--authfile=/etc/passwd", "", "Upper/case:1",
@@ -416,11 +417,17 @@ def test_disk_full_while_converting(oci_registry, tmp_path, size, stage):
 
 # --- interrupts ----------------------------------------------------------------------------
 
-def _start_python_pull(ref: str, cache: Path) -> subprocess.Popen:
+def _start_python_pull(ref: str, cache: Path, hold_at: str) -> subprocess.Popen:
+    """A pull in a child process that stops for a minute in the progress line holding
+    ``hold_at``, so the test's signal lands in that stage however fast the machine is."""
     code = textwrap.dedent(f"""
+        import time
         from supermachine_jupyter.guest.oci import pull
-        pull({ref!r}, tls_verify=False, cache_dir={str(cache)!r},
-             progress=lambda line: print(line, flush=True))
+        def progress(line):
+            print(line, flush=True)
+            if {hold_at!r} in line:
+                time.sleep(60)
+        pull({ref!r}, tls_verify=False, cache_dir={str(cache)!r}, progress=progress)
         print("DONE", flush=True)
     """)
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
@@ -439,7 +446,7 @@ def _wait_for(proc: subprocess.Popen, word: str) -> list[str]:
 @pytest.mark.parametrize("stage", ["layer", "unpacking", "converting"])
 def test_interrupt_leaves_no_cache_entry(oci_registry, cache, stage):
     ref = oci_registry.ref("python")
-    proc = _start_python_pull(ref, cache)
+    proc = _start_python_pull(ref, cache, stage)
     _wait_for(proc, stage)
     os.killpg(proc.pid, signal.SIGINT)               # what Jupyter's interrupt does
     rest = proc.communicate(timeout=60)[0]
@@ -452,7 +459,7 @@ def test_interrupt_leaves_no_cache_entry(oci_registry, cache, stage):
 
 def test_killed_pull_leaves_no_entry_and_is_swept(oci_registry, cache):
     ref = oci_registry.ref("python")
-    proc = _start_python_pull(ref, cache)
+    proc = _start_python_pull(ref, cache, "unpacking")
     _wait_for(proc, "unpacking")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
@@ -512,8 +519,8 @@ def test_conversion_as_a_non_root_user_keeps_the_images_owners(oci_registry):
 
 def test_python_image(oci_registry, cache):
     image = pull(oci_registry.ref("python"), tls_verify=False, cache_dir=cache)
-    assert image.cmd == ("python3",)
-    assert "PATH=/usr/local/bin:/usr/bin:/bin" in image.env
+    assert (image.entrypoint, image.cmd) == (PYTHON_CONFIG["entrypoint"], PYTHON_CONFIG["cmd"])
+    assert image.env == PYTHON_CONFIG["env"] and image.user == PYTHON_CONFIG["user"]
     usr_bin = ext4_ls(image.rootfs, "/usr/bin")
     assert "python3" in usr_bin
     assert ext4_cat(image.rootfs, "/usr/lib/python3.11/os.py").startswith(b'r"""OS routines')

@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import VmError
+from ..errors import ImageError
 from .assets import cache_dir as _user_cache_dir
 from .rootfs import ImageRootfs
 
@@ -81,7 +81,7 @@ _REF_RE = re.compile(
     r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$")
 
 
-class OciError(VmError):
+class OciError(ImageError):
     """An OCI image could not be pulled or converted; the message names the image, the cause
     and what to do."""
 
