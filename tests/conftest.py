@@ -7,8 +7,17 @@ it); ``shared_vm`` is one VM for the whole session, for tests that leave no trac
 from __future__ import annotations
 
 import shutil
+import signal
 
 import pytest
+
+
+def pytest_configure(config):
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored
+    # (and so would every process it starts): the interrupt tests need it delivered, as in a
+    # Jupyter kernel.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _need_qemu() -> None:
