@@ -32,6 +32,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import VmConfig
     from .image import Image
+    from .vm import program_command
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -48,8 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     image = (Image.from_oci(args.image, pull=args.pull, progress=say) if args.image
              else Image.default(say))
     # As %%vm INTERPRETER: the program runs with the script on its stdin.
-    command = ({"argv": shlex.split(args.interpreter), "stdin": args.script.encode()}
-               if args.interpreter else {"script": args.script})
+    command = program_command(args.script, shlex.split(args.interpreter or ""))
     with image.start(config, progress=say, snapshot_cache=False if args.fresh else None) as vm:
         how = "restored" if vm.restored_from else "booted"
         say(f"{vm.name} {how} in {vm.boot_seconds:.2f} s")

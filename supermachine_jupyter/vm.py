@@ -89,6 +89,21 @@ class ExecResult:
                 f"stdout={_clip(self.stdout)!r}, stderr={_clip(self.stderr)!r})")
 
 
+#: The environment of a program the user runs and watches (a %%vm cell, ``run`` on the
+#: command line): output streams as it is printed, and Python (a python3 cell, or one a shell
+#: script starts) buffers a pipe's output unless told not to.
+STREAMING_ENV = {"PYTHONUNBUFFERED": "1"}
+
+
+def program_command(program: str, interpreter: list[str] | None = None) -> dict:
+    """``Vm.run`` arguments for a program the user wrote (a ``%%vm`` cell, ``run``'s script):
+    ``/bin/sh -c`` it, or the interpreter's argv with the program on its stdin (as IPython's
+    ``%%script`` does); with ``STREAMING_ENV``."""
+    if not interpreter:
+        return {"script": program, "env": dict(STREAMING_ENV)}
+    return {"argv": list(interpreter), "stdin": program.encode(), "env": dict(STREAMING_ENV)}
+
+
 def _shell_quote(text: str) -> str:
     return shlex.quote(text)
 
@@ -705,4 +720,4 @@ class Vm:
         return self._ended.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
-__all__ = ["Vm", "ExecResult", "stop_command", "wait_command", "EngineError"]
+__all__ = ["Vm", "ExecResult", "stop_command", "wait_command", "program_command", "EngineError"]

@@ -296,7 +296,8 @@ def test_vm_image_cells_stream_restore_and_keep_named_vms(ip, py_image, oci_regi
     before = len(oci_registry.requests())
     clock = TimedStdout()
     with redirect_stdout(clock):
-        ip.run_cell_magic("vm", f"--image {ref} --engine qemu python3 -u",
+        # plain python3: cells stream without -u (PYTHONUNBUFFERED)
+        ip.run_cell_magic("vm", f"--image {ref} --engine qemu python3",
                           "import os, sys, time\n"
                           "print('py', sys.version_info[0], os.getcwd(), os.getuid())\n"
                           "time.sleep(2)\nprint('done')\n")

@@ -48,7 +48,7 @@ from .. import snapshots
 from ..config import ENGINES, MountSpec, VmConfig, VolumeSpec
 from ..errors import VmError
 from ..launch import snapshot_label
-from ..vm import ExecResult, Vm
+from ..vm import ExecResult, Vm, program_command
 from ..widgets.format import FAILED_MARK, OK_MARK, PROGRESS_MARK, WARNING_MARK, clock
 
 _MISSING = object()
@@ -219,14 +219,6 @@ class _StreamWriter:
         target = getattr(sys, self._stream_name)
         target.write(text)
         target.flush()
-
-
-def cell_command(cell: str, interpreter: list[str] | None) -> dict:
-    """``Vm.run`` arguments for a cell: ``/bin/sh -c`` the cell, or the interpreter's argv
-    with the cell on its stdin (IPython's ``%%script`` does the same)."""
-    if not interpreter:
-        return {"script": cell}
-    return {"argv": list(interpreter), "stdin": cell.encode()}
 
 
 def _parse_volume(text: str) -> VolumeSpec:
@@ -576,7 +568,7 @@ class VmMagics(Magics):
                   interpreter: list[str] | None = None) -> ExecResult:
         # Vm.run owns deadline, kill on timeout and the Ctrl-C escalation (vm.wait_command);
         # here an interrupt ends the cell with the command's result, not a traceback.
-        result = vm.run(**cell_command(script, interpreter), timeout=timeout, on_stdout=out,
+        result = vm.run(**program_command(script, interpreter), timeout=timeout, on_stdout=out,
                         on_stderr=err, max_output_bytes=out._keep_bytes, raise_interrupt=False)
         if result.interrupted:
             sys.stderr.write(f"\n^C interrupted: guest command stopped ({result.describe()}); "
@@ -752,7 +744,7 @@ class BackgroundRun:
 
         def run() -> None:
             try:
-                self.result = vm.run(**cell_command(script, interpreter), timeout=timeout,
+                self.result = vm.run(**program_command(script, interpreter), timeout=timeout,
                                      on_stdout=out, on_stderr=err,
                                      max_output_bytes=out._keep_bytes)
             except Exception as exc:  # noqa: BLE001 - kept for %vm jobs, the thread ends
