@@ -510,6 +510,19 @@ def _disk_full(ref: str, where: Path, detail: str) -> OciError:
                     f"disk; nothing was cached ({detail.strip()[-300:]})")
 
 
+#: Free space below which a failed tool is taken to have run out of disk: umoci sometimes
+#: dies of ENOSPC with a Go stack dump that never says so.
+NEARLY_FULL_BYTES = 256 * 1024
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL_BYTES
+
+
 def _run(argv: list[str], *, cwd: Path, ref: str, what: str,
          stdin: str | None = None) -> None:
     done = subprocess.run(argv, check=False, cwd=cwd, capture_output=True, text=True, input=stdin,
@@ -517,7 +530,7 @@ def _run(argv: list[str], *, cwd: Path, ref: str, what: str,
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip()
         if "no space left on device" in detail.lower() or "could not allocate block" \
-                in detail.lower():
+                in detail.lower() or _nearly_full(cwd):
             raise _DiskFull(detail)
         raise OciError(f"image {ref!r}: {what} failed ({argv[0]} exit {done.returncode}): "
                        f"{detail[-800:]}")
