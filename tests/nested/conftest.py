@@ -11,7 +11,8 @@ CPU can (``tools/nested_kvm.py``, DESIGN.md). So, in the host's pytest run:
   the host's own root and venv, chrooted inside L1 — once per L1 size: L1 has one CPU, and
   the few tests marked ``l1_cpus(n)`` (an n-vCPU guest: VmConfig caps vcpus at the host's
   CPUs) run in a short L1 boot with n. With two CPUs, L1 itself crashed or hung in most runs of
-  the whole tier (``tools/nested_kvm.py``, ``L1_VCPUS``), so as little as possible runs there;
+  the whole tier, with one it only hangs now and then (``tools/nested_kvm.py``, ``L1_VCPUS``),
+  so as little as possible runs with more;
 * each stand-in then passes, fails or skips as its inner test did, with the inner report and
   output. If L1 cannot be built or booted, each stand-in fails saying why. If L1 itself
   crashes or hangs (its kvm_amd under emulated SVM has been seen to panic), the tests it did not
