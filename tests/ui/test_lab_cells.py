@@ -20,11 +20,10 @@ import json
 import re
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 from tests.helpers import engine_pids
-from tests.ui.test_lab_experience import _open, _run, _vms
+from tests.ui.test_lab_experience import _open, _run, _stop_all, _vms
 from tests.ui.test_sidebar import (
     DOCS,
     TOKEN,
@@ -32,6 +31,7 @@ from tests.ui.test_sidebar import (
     _notebook,
     _screenshot,
     _set_theme,
+    _show_failure,
 )
 
 INTERRUPT_CELLS = [
@@ -62,18 +62,6 @@ TOKENS_JS = """cell => [...cell.querySelectorAll('.cm-content .cm-line span')]
 THEME_COLOUR_JS = """name => { const probe = document.createElement('span');
     probe.style.color = `var(${name})`; document.body.appendChild(probe);
     const colour = getComputedStyle(probe).color; probe.remove(); return colour; }"""
-
-
-def _stop_all(lab) -> None:
-    """Stop every VM the page's kernel left (a failure must not leave VMs behind)."""
-    for vm in _vms(lab).values():
-        request = urllib.request.Request(
-            f"{lab['base']}/supermachine/api/vms/{vm['id']}/stop", method="POST",
-            headers={"Authorization": f"token {TOKEN}"})
-        try:
-            urllib.request.urlopen(request, timeout=60).close()
-        except OSError:
-            pass
 
 
 def _console(page) -> list[str]:
@@ -164,9 +152,7 @@ def test_interrupt_ends_the_cell_and_keeps_the_named_vm(lab, browser, tmp_path):
         assert engine_pids("qemu-system", parent=after["pid"]) == engines
         assert not _page_errors(messages), _page_errors(messages)
     except Exception:
-        page.screenshot(path=str(tmp_path / "failure.png"))
-        print("\n".join(messages[-40:]))
-        print(Path(lab["log"]).read_text()[-4000:])
+        _show_failure(page, tmp_path, messages, lab)
         raise
     finally:
         _stop_all(lab)
@@ -255,8 +241,7 @@ def test_vm_cell_bodies_are_highlighted_as_shell(lab, browser, tmp_path):
         vm_cell.locator(".cm-content[data-language='shell']").wait_for(timeout=10_000)
         assert not _page_errors(messages), _page_errors(messages)
     except Exception:
-        page.screenshot(path=str(tmp_path / "failure.png"))
-        print("\n".join(messages[-40:]))
+        _show_failure(page, tmp_path, messages)
         raise
     finally:
         page.close()

@@ -32,6 +32,7 @@ from tests.ui.test_sidebar import (
     _notebook,
     _screenshot,
     _set_theme,
+    _show_failure,
 )
 
 CLASS_A = [
@@ -138,6 +139,18 @@ def _luminance(rgb: tuple[int, int, int]) -> float:
 
 def _vms(lab) -> dict[str, dict]:
     return {vm["name"]: vm for vm in _api(lab["base"], "/supermachine/api/vms")["vms"]}
+
+
+def _stop_all(lab) -> None:
+    """Stop every VM the page's kernel left (a failure must not leave VMs behind)."""
+    for vm in _vms(lab).values():
+        request = urllib.request.Request(
+            f"{lab['base']}/supermachine/api/vms/{vm['id']}/stop", method="POST",
+            headers={"Authorization": f"token {TOKEN}"})
+        try:
+            urllib.request.urlopen(request, timeout=60).close()
+        except OSError:
+            pass
 
 
 def test_a_class_with_two_notebooks(lab, browser, tmp_path):
@@ -304,17 +317,8 @@ def test_a_class_with_two_notebooks(lab, browser, tmp_path):
                   or ("supermachine" in m and m.startswith("error"))]
         assert not errors, errors
     except Exception:
-        page.screenshot(path=str(tmp_path / "failure.png"))
-        print("\n".join(messages[-40:]))
-        print(Path(lab["log"]).read_text()[-4000:])
+        _show_failure(page, tmp_path, messages, lab)
         raise
     finally:
-        for vm in _vms(lab).values():     # a failure must not leave VMs behind
-            request = urllib.request.Request(
-                f"{lab['base']}/supermachine/api/vms/{vm['id']}/stop", method="POST",
-                headers={"Authorization": f"token {TOKEN}"})
-            try:
-                urllib.request.urlopen(request, timeout=60).close()
-            except OSError:
-                pass
+        _stop_all(lab)
         page.close()

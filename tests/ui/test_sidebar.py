@@ -132,6 +132,15 @@ def _screenshot(page, tmp_path: Path, name: str) -> None:
         shutil.copy(path, DOCS / name)
 
 
+def _show_failure(page, tmp_path: Path, messages: list[str], lab: dict | None = None) -> None:
+    """What a failed UI test leaves to look at: a screenshot, the page's last console
+    messages and (given ``lab``) the end of JupyterLab's log."""
+    page.screenshot(path=str(tmp_path / "failure.png"))
+    print("\n".join(messages[-40:]))
+    if lab is not None:
+        print(Path(lab["log"]).read_text()[-4000:])
+
+
 def _set_theme(page, theme: str) -> None:
     page.evaluate("theme => window.jupyterapp.commands.execute('apputils:change-theme', "
                   "{theme})", theme)
@@ -220,9 +229,7 @@ def test_sidebar_lists_a_notebook_vm_and_stops_it(lab, browser, tmp_path):
                   and m.startswith("error")]
         assert not errors, errors
     except Exception:
-        page.screenshot(path=str(tmp_path / "failure.png"))
-        print("\n".join(messages[-40:]))
-        print(Path(lab["log"]).read_text()[-4000:])
+        _show_failure(page, tmp_path, messages, lab)
         raise
     finally:
         page.close()
